@@ -1,0 +1,17 @@
+# The two commands of the README. Both install mmjax (and its test extra) first.
+PYTHON ?= python3
+WORKDIR ?= runs/demo
+
+.PHONY: install demo test test-fast
+
+install:
+	$(PYTHON) -m pip install -q -e ".[test]"
+
+demo: install
+	mmjax train --config configs/demo.py --workdir $(WORKDIR)
+
+test: install
+	$(PYTHON) -m pytest -q
+
+test-fast: install
+	$(PYTHON) -m pytest -q -m "not slow"

@@ -1,0 +1,67 @@
+"""`mmjax train --config C --workdir W [--config.KEY=VALUE ...]` (also `python -m mmjax`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+
+def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separates `--config.a.b=v` / `--config.a.b v` overrides from the other arguments."""
+    rest, overrides = [], []
+    argv = list(argv)
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            if "=" in arg:
+                overrides.append(arg[2:])
+            elif i + 1 < len(argv):
+                overrides.append(f"{arg[2:]}={argv[i + 1]}")
+                i += 1
+            else:
+                overrides.append(arg[2:])
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmjax", description="Sharded multimodal contrastive pretraining.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train (or resume) a config in a workdir",
+                       epilog="Any config key can be overridden: --config.train.steps=200")
+    t.add_argument("--config", required=True, help="a configs/*.py file (optionally file.py:arg)")
+    t.add_argument("--workdir", required=True, help="where checkpoints, metrics and logs go")
+    t.add_argument("--quiet", action="store_true", help="no progress lines")
+    t.add_argument("--stop-at-step", type=int, default=None,
+                   help="stop after this step with a checkpoint written; the learning-rate schedule "
+                        "still spans train.steps, so a later run on the workdir continues it")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    rest, overrides = _split_overrides(argv)
+    args = _parser().parse_args(rest)
+
+    from mmjax import config as config_lib
+    from mmjax.checkpoint import CheckpointMismatchError
+
+    try:
+        config = config_lib.load_config_file(args.config)
+        config = config_lib.apply_overrides(config, overrides)
+        if args.command == "train":
+            from mmjax.train import train
+
+            train(config, args.workdir, stop_at_step=args.stop_at_step, verbose=not args.quiet)
+    except (config_lib.ConfigError, CheckpointMismatchError) as e:
+        print(f"mmjax: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,383 @@
+"""Configuration: defaults, loading `get_config(arg)` files, command-line overrides, validation.
+
+A config is data: a locked `ml_collections.ConfigDict` whose every key exists in `base_config()`.
+Config files in `configs/` start from `base_config()` and change values; a key that is not in the
+defaults is a typo and is reported with the nearest valid key. `validate(config, ...)` runs before
+anything compiles and reports every problem at once, each naming its key.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import math
+import os
+from typing import Any, Sequence
+
+import ml_collections
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis name -> mesh axis (or tuple of mesh axes, or None). The vocabulary is the one every
+# module uses; changing parallelism is an edit of this table, never of a model.
+DEFAULT_RULES = (
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_kv", None),
+    ("act_joint", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("patch", None),
+    ("length", None),
+    ("joint", None),
+    ("layers", None),
+    ("channels", None),
+)
+
+
+class ConfigError(ValueError):
+    """One or more config problems; the message lists each with its key and a fix."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid config ({len(self.problems)} problem(s)):\n{lines}")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All keys mmjax knows, with defaults. Config files override values, never add keys."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.task = "contrastive"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "digits"
+    c.data.data_dir = ""  # "" -> $MMJAX_DATA_DIR or ~/.cache/mmjax/tfds
+    c.data.num_workers = 0
+    c.data.augment = True
+    c.data.image_mean = (0.5, 0.5, 0.5)
+    c.data.image_std = (0.5, 0.5, 0.5)
+
+    c.model = ml_collections.ConfigDict()
+    m = c.model
+    m.embed_dim = 64
+    m.dtype = "float32"
+    m.param_dtype = "float32"
+    m.remat = "none"
+    m.scan_layers = False
+    m.loss = "softmax"
+    m.logit_scale_init = math.log(1 / 0.07)
+    m.logit_scale_max = math.log(100.0)
+    m.logit_bias_init = ml_collections.FieldReference(None, field_type=float)
+    m.image = ml_collections.ConfigDict(
+        dict(image_size=32, patch_size=4, channels=3, width=64, depth=2, num_heads=4,
+             mlp_dim=256, pool="cls"))
+    m.text = ml_collections.ConfigDict(
+        dict(vocab_size=384, max_len=32, width=64, depth=2, num_heads=4, mlp_dim=256,
+             causal=True, pool="eot", tokenizer="bytes"))
+
+    c.optim = ml_collections.ConfigDict()
+    o = c.optim
+    o.lr = 1e-3
+    o.end_lr_factor = 0.0
+    o.warmup_steps = 50
+    o.decay = "cosine"
+    o.b1 = 0.9
+    o.b2 = 0.98
+    o.eps = 1e-6
+    o.weight_decay = 0.1
+    o.clip_norm = ml_collections.FieldReference(1.0, field_type=float)
+    o.wd_rules = (
+        (r".*(bias|scale|embedding|pos_embed|cls)", 0.0),
+        (r"logit_.*", 0.0),
+        (r".*", 1.0),
+    )
+    o.freeze_rules = ()  # regexes of parameter paths that get no update and no optimizer state
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000
+    c.train.batch_size = 64
+    c.train.log_every = 10
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.rules = DEFAULT_RULES
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 200
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.zeroshot = True
+    c.eval.batch_size = 256
+    return c
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """Imports `path` (a Python file defining `get_config(arg=None)`) and returns its locked config."""
+    if ":" in path and not os.path.exists(path):
+        path, arg = path.split(":", 1)
+    if not os.path.isfile(path):
+        raise ConfigError([f"--config: file {path!r} does not exist"])
+    spec = importlib.util.spec_from_file_location("mmjax_user_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError([f"--config: {path!r} defines no get_config(arg) function"])
+    config = module.get_config(arg) if arg is not None else module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError([f"--config: get_config() in {path!r} must return an ml_collections.ConfigDict"])
+    return conform(config)
+
+
+def conform(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Copies `config` onto `base_config()`: unknown keys are errors (with a suggestion)."""
+    base = base_config()
+    problems: list[str] = []
+    _merge(base, config.to_dict(), "", problems)
+    if problems:
+        raise ConfigError(problems)
+    base.lock()
+    return base
+
+
+def _merge(dst: ml_collections.ConfigDict, src: dict, prefix: str, problems: list[str]) -> None:
+    for key, value in src.items():
+        full = f"{prefix}{key}"
+        if key not in dst:
+            problems.append(_unknown_key_message(full, dst, prefix))
+            continue
+        if isinstance(dst[key], ml_collections.ConfigDict):
+            if not isinstance(value, dict):
+                problems.append(f"{full}: expected a section (dict), got {type(value).__name__}")
+                continue
+            _merge(dst[key], value, full + ".", problems)
+            continue
+        try:
+            dst[key] = _coerce(dst[key], value, full)
+        except (TypeError, ValueError) as e:
+            problems.append(str(e))
+
+
+def _unknown_key_message(full: str, section: ml_collections.ConfigDict, prefix: str) -> str:
+    known = [f"{prefix}{k}" for k in section.keys()]
+    close = difflib.get_close_matches(full, known, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; known keys here: {', '.join(sorted(known))}"
+    return f"unknown config key '{full}'{hint}"
+
+
+def _field_type(config: ml_collections.ConfigDict, key: str):
+    ref = config.get_ref(key)
+    return ref.get_type()
+
+
+def _coerce(current: Any, value: Any, key: str) -> Any:
+    """Returns `value` converted to the type of the default `current`, or raises naming `key`."""
+    if current is None or value is None:
+        return value
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        raise TypeError(f"{key}: expected true/false, got {value!r}")
+    if isinstance(current, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise TypeError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if isinstance(current, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if isinstance(current, str):
+        if not isinstance(value, str):
+            raise TypeError(f"{key}: expected a string, got {value!r}")
+        return value
+    if isinstance(current, (tuple, list)):
+        if not isinstance(value, (tuple, list)):
+            raise TypeError(f"{key}: expected a list, got {value!r}")
+        return tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    """Applies `config.a.b=value` strings (the `--config.a.b=value` flags, without the dashes).
+
+    Values are parsed as Python literals when possible (`2`, `0.5`, `True`, `(1, 2)`), otherwise kept as
+    strings. Every unknown key or wrongly-typed value is reported together.
+    """
+    problems: list[str] = []
+    config.unlock()
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"override {item!r}: expected --config.KEY=VALUE")
+            continue
+        dotted, raw = item.split("=", 1)
+        dotted = dotted.removeprefix("config.")
+        value = _parse_literal(raw)
+        parts = dotted.split(".")
+        section = config
+        prefix = ""
+        ok = True
+        for p in parts[:-1]:
+            if p not in section or not isinstance(section[p], ml_collections.ConfigDict):
+                problems.append(_unknown_key_message(prefix + p, section, prefix))
+                ok = False
+                break
+            section = section[p]
+            prefix += p + "."
+        if not ok:
+            continue
+        leaf = parts[-1]
+        if leaf not in section or isinstance(section[leaf], ml_collections.ConfigDict):
+            problems.append(_unknown_key_message(dotted, section, prefix))
+            continue
+        current = section[leaf]
+        if current is None:
+            ftype = _field_type(section, leaf)
+            if ftype is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if raw.lower() in ("none", "null"):
+                value = None
+            if value is not None and ftype is not None and not isinstance(value, ftype):
+                problems.append(f"{dotted}: expected {ftype.__name__}, got {raw!r}")
+                continue
+        elif isinstance(current, str):
+            value = raw  # strings are taken verbatim: `--config.data.name=digits`
+        try:
+            section[leaf] = _coerce(current, value, dotted)
+        except (TypeError, ValueError) as e:
+            problems.append(str(e))
+    config.lock()
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _parse_literal(raw: str) -> Any:
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    if raw.lower() in ("none", "null"):
+        return None
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
+    """Axis sizes for (data, fsdp, tensor); one -1 takes "the rest". Raises ConfigError if impossible."""
+    sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+    problems = []
+    if sum(s == -1 for s in sizes) > 1:
+        problems.append("mesh: at most one of mesh.data/fsdp/tensor may be -1 ('the rest')")
+    if any(s == 0 or s < -1 for s in sizes):
+        problems.append(f"mesh: axis sizes must be positive or -1, got "
+                        f"{dict(zip(MESH_AXES, sizes))}")
+    if problems:
+        raise ConfigError(problems)
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ConfigError([f"mesh: fixed axes {dict(zip(MESH_AXES, sizes))} (product {known}) do not "
+                               f"divide the {num_devices} devices"])
+        sizes = [num_devices // known if s == -1 else s for s in sizes]
+    if math.prod(sizes) != num_devices:
+        raise ConfigError([f"mesh: mesh.data*mesh.fsdp*mesh.tensor = {math.prod(sizes)} but there are "
+                           f"{num_devices} devices; set the sizes so their product is {num_devices} "
+                           f"(or make one of them -1)"])
+    return tuple(sizes)
+
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1) -> tuple[int, ...]:
+    """Checks everything knowable before compiling. Returns the resolved mesh shape.
+
+    Raises ConfigError listing every problem, each naming the key and what would fix it.
+    """
+    problems: list[str] = []
+    mesh_shape = None
+    try:
+        mesh_shape = resolve_mesh_shape(config.mesh, num_devices)
+    except ConfigError as e:
+        problems += e.problems
+
+    t, m, o = config.train, config.model, config.optim
+    if t.steps <= 0:
+        problems.append(f"train.steps must be positive, got {t.steps}")
+    if t.batch_size <= 0:
+        problems.append(f"train.batch_size must be positive, got {t.batch_size}")
+    if mesh_shape is not None and t.batch_size > 0:
+        batch_shards = mesh_shape[0] * mesh_shape[1]
+        if t.batch_size % batch_shards:
+            problems.append(
+                f"train.batch_size={t.batch_size} is not divisible by the batch-sharded mesh axes "
+                f"data*fsdp={batch_shards}; use a multiple of {batch_shards}")
+    if t.batch_size % process_count:
+        problems.append(f"train.batch_size={t.batch_size} is not divisible by the {process_count} processes")
+    if config.task != "contrastive":
+        problems.append(f"task: unknown task {config.task!r}; choose 'contrastive'")
+    if m.loss not in ("softmax", "sigmoid"):
+        problems.append(f"model.loss: unknown loss {m.loss!r}; choose 'softmax' or 'sigmoid'")
+    for key in ("dtype", "param_dtype"):
+        if m[key] not in _DTYPES:
+            problems.append(f"model.{key}: {m[key]!r} is not one of {_DTYPES}")
+    if m.remat not in ("none", "full", "dots"):
+        problems.append(f"model.remat: {m.remat!r}; choose 'none', 'full' or 'dots'")
+    img = m.image
+    if img.image_size % img.patch_size:
+        problems.append(f"model.image.image_size={img.image_size} is not divisible by "
+                        f"model.image.patch_size={img.patch_size}")
+    if img.pool not in ("cls", "mean"):
+        problems.append(f"model.image.pool: {img.pool!r}; choose 'cls' or 'mean'")
+    if m.text.pool not in ("eot", "cls"):
+        problems.append(f"model.text.pool: {m.text.pool!r}; choose 'eot' or 'cls'")
+    for tower in ("image", "text"):
+        sec = m[tower]
+        if sec.width % sec.num_heads:
+            problems.append(f"model.{tower}.width={sec.width} is not divisible by "
+                            f"model.{tower}.num_heads={sec.num_heads}")
+    if m.text.tokenizer == "bytes" and m.text.vocab_size < 259:
+        problems.append(f"model.text.vocab_size={m.text.vocab_size} is smaller than the byte tokenizer's "
+                        f"vocabulary (259); set model.text.vocab_size >= 259")
+    if len(config.data.image_mean) != img.channels or len(config.data.image_std) != img.channels:
+        problems.append(f"data.image_mean/image_std must have model.image.channels={img.channels} entries")
+    if o.decay not in ("cosine", "linear", "constant"):
+        problems.append(f"optim.decay: {o.decay!r}; choose 'cosine', 'linear' or 'constant'")
+    if o.warmup_steps > t.steps:
+        problems.append(f"optim.warmup_steps={o.warmup_steps} is longer than train.steps={t.steps}")
+    if o.lr <= 0:
+        problems.append(f"optim.lr must be positive, got {o.lr}")
+    if config.checkpoint.every_steps <= 0:
+        problems.append(f"checkpoint.every_steps must be positive, got {config.checkpoint.every_steps}")
+    if config.checkpoint.keep <= 0:
+        problems.append(f"checkpoint.keep must be positive, got {config.checkpoint.keep}")
+    if config.data.name != "digits":
+        problems.append(f"data.name: unknown dataset {config.data.name!r}; available: 'digits'")
+    if config.data.data_dir and not os.path.isdir(os.path.dirname(os.path.abspath(config.data.data_dir))):
+        problems.append(f"data.data_dir: parent folder of {config.data.data_dir!r} does not exist")
+    used = [a for _, axes in config.sharding.rules for a in
+            ((axes,) if isinstance(axes, str) else (axes or ()))]
+    for a in used:
+        if a not in MESH_AXES:
+            problems.append(f"sharding.rules: mesh axis {a!r} is not one of {MESH_AXES}")
+    if problems:
+        raise ConfigError(problems)
+    return mesh_shape
+
+
+def data_dir(config) -> str:
+    """Where TFDS datasets are prepared and read."""
+    if config.data.data_dir:
+        return os.path.abspath(os.path.expanduser(config.data.data_dir))
+    return os.environ.get("MMJAX_DATA_DIR", os.path.expanduser("~/.cache/mmjax/tfds"))

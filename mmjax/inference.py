@@ -1,0 +1,82 @@
+"""`mmjax.load(workdir)`: a trained model as two functions, images -> vectors and text -> vectors.
+
+    import mmjax
+    model = mmjax.load("W")                  # latest checkpoint in W
+    img = model.encode_image(uint8_images)   # [N,H,W,C] or [N,H,W], any size -> [N, D], unit norm
+    txt = model.encode_text(["a photo of the number seven"])
+    probs = softmax(model.logit_scale * img @ txt.T)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from mmjax import config as config_lib
+from mmjax import sharding as shd
+from mmjax.checkpoint import Checkpointer
+from mmjax.data.image import preprocess_images
+from mmjax.data.tokenizers import get_tokenizer
+from mmjax.evaluate import TowerEncoder
+from mmjax.state import StateFactory
+
+
+class LoadedModel:
+    """A restored model with its own preprocessing and tokenizer. Outputs are numpy float32."""
+
+    def __init__(self, config, factory: StateFactory, params, step: int, batch_size: int = 256):
+        self.config = config
+        self.step = step
+        self.tokenizer = get_tokenizer(config.model.text)
+        self._encoder = TowerEncoder(factory.model, params, factory.mesh, factory.rules, batch_size)
+        scale = np.exp(np.asarray(jax.device_get(params["logit_scale"]), np.float32))
+        self.logit_scale = float(np.minimum(scale, np.exp(config.model.logit_scale_max)))
+        self.logit_bias = (float(np.asarray(jax.device_get(params["logit_bias"])))
+                           if "logit_bias" in params else None)
+
+    def preprocess(self, images: np.ndarray) -> np.ndarray:
+        img = self.config.model.image
+        return preprocess_images(np.asarray(images), img.image_size, img.channels,
+                                 self.config.data.image_mean, self.config.data.image_std)
+
+    def encode_image(self, images: np.ndarray) -> np.ndarray:
+        """images: uint8 [N,H,W,C] or [N,H,W], any H, W. Returns L2-normalised [N, D]."""
+        images = np.asarray(images)
+        if images.ndim not in (3, 4):
+            raise ValueError(f"encode_image expects [N,H,W] or [N,H,W,C] images, got shape {images.shape}")
+        return self._encoder.encode_image(self.preprocess(images))
+
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        """texts: list of strings. Returns L2-normalised [N, D]."""
+        if isinstance(texts, str):
+            raise TypeError("encode_text expects a list of strings, got a single string; wrap it in [ ]")
+        return self._encoder.encode_text(self.tokenizer.encode(list(texts)))
+
+
+def load(workdir: str, step: int | None = None, devices=None) -> LoadedModel:
+    """Restores the checkpoint at `step` (default: latest) of a training workdir for inference."""
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{workdir!r} is not an mmjax workdir: no config.json in it")
+    with open(config_path) as f:
+        config = config_lib.conform(config_lib.ml_collections.ConfigDict(json.load(f)))
+    devices = list(jax.devices()[:1] if devices is None else devices)
+    config.unlock()
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = len(devices), 1, 1
+    config.lock()
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    steps = ckpt.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"no checkpoints in {ckpt.directory}")
+    if step is None:
+        step = max(steps)
+    elif step not in steps:
+        raise ValueError(f"no checkpoint at step {step} in {ckpt.directory}; available: {sorted(steps)}")
+    factory = StateFactory(config, shd.make_mesh(config.mesh, devices))
+    state = ckpt.restore(step, factory.abstract)
+    ckpt.close()
+    return LoadedModel(config, factory, state.params, step)

@@ -1,0 +1,252 @@
+"""Transformer building blocks with logical partitioning on every parameter.
+
+Every parameter is created through `nn.with_logical_partitioning` with names from the project vocabulary
+(`embed`, `mlp`, `heads`, `kv`, `vocab`, `patch`, `length`, `joint`, `layers`); activations are constrained with
+`act_*` names. Compute runs in `dtype`, parameters are stored in `param_dtype`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+ACT_TOKENS = ('act_batch', 'act_length', 'act_embed')
+ACT_HEADS = ('act_batch', 'act_length', 'act_heads', 'act_kv')
+ACT_MLP = ('act_batch', 'act_length', 'act_mlp')
+ACT_POOLED = ('act_batch', 'act_embed')
+
+REMAT_POLICIES = {
+    'full': None,  # save nothing, recompute the whole block
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+}
+
+default_kernel_init = nn.initializers.lecun_normal()
+
+
+def partitioned(init: Initializer, names: Sequence[str]) -> Initializer:
+    """`init` whose value is boxed as `nn.LogicallyPartitioned` with logical axis `names`."""
+    return nn.with_logical_partitioning(init, tuple(names))
+
+
+def _flat_init(init: Initializer, n_in: int) -> Initializer:
+    """Applies a 2-D initializer (fan_in x fan_out) to a kernel whose first `n_in` axes are inputs."""
+    def fn(key, shape, dtype=jnp.float32):
+        fan_in = math.prod(shape[:n_in])
+        return init(key, (fan_in, math.prod(shape[n_in:])), dtype).reshape(shape)
+    return fn
+
+
+class Dense(nn.Module):
+    """Linear map contracting the trailing `axis` dims of x with a kernel [*in_dims, *features].
+
+    The kernel has logical axes `names` (input axes then output axes); the bias gets the output axes.
+    (Own implementation rather than nn.DenseGeneral: that one boxes a flattened kernel during init, which breaks
+    its logical constraint under an active mesh.)
+    """
+    features: int | tuple[int, ...]
+    names: tuple[str, ...]
+    axis: int | tuple[int, ...] = -1
+    use_bias: bool = True
+    kernel_init: Initializer = default_kernel_init
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., *in_dims] -> [..., *features] in `dtype`."""
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        axes = sorted(a % x.ndim for a in ((self.axis,) if isinstance(self.axis, int) else self.axis))
+        if axes != list(range(x.ndim - len(axes), x.ndim)):
+            raise ValueError(f'Dense contracts trailing axes only; got axis={self.axis} for rank {x.ndim}')
+        if len(self.names) != len(axes) + len(features):
+            raise ValueError(f'names {self.names} do not match {len(axes)} input and {len(features)} output axes')
+        in_shape = tuple(x.shape[a] for a in axes)
+        kernel = self.param('kernel', partitioned(_flat_init(self.kernel_init, len(axes)), self.names),
+                            in_shape + features, self.param_dtype)
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                                ((tuple(axes), tuple(range(len(axes)))), ((), ())))
+        if self.use_bias:
+            bias = self.param('bias', partitioned(nn.initializers.zeros_init(), self.names[len(axes):]),
+                              features, self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def dense(features: int | Sequence[int], names: Sequence[str], *, axis: int | Sequence[int] = -1,
+          use_bias: bool = True, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+          kernel_init: Initializer = default_kernel_init, name: str | None = None) -> Dense:
+    """`Dense` with logical kernel axes `names` (input axes then output axes)."""
+    return Dense(features if isinstance(features, int) else tuple(features), tuple(names),
+                 axis=axis if isinstance(axis, int) else tuple(axis), use_bias=use_bias, kernel_init=kernel_init,
+                 dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+def layer_norm(*, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               name: str | None = None) -> nn.LayerNorm:
+    """`nn.LayerNorm` over the last axis with `('embed',)` scale and bias."""
+    return nn.LayerNorm(
+        epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
+        scale_init=partitioned(nn.initializers.ones_init(), ('embed',)),
+        bias_init=partitioned(nn.initializers.zeros_init(), ('embed',)),
+        name=name)
+
+
+class Embed(nn.Module):
+    """Token embedding: int [...] -> [..., features] from an ('vocab', 'embed') table initialised N(0, std).
+
+    The table is gathered replicated along 'embed' (an all-gather, as FSDP does for every weight): gathering
+    straight from an 'embed'-sharded table makes XLA's partitioner rematerialise the whole activation.
+    """
+    num_embeddings: int
+    features: int
+    std: float = 0.02
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        """ids int [B,L] -> [B,L,features] in `dtype`."""
+        table = self.param('embedding', partitioned(nn.initializers.normal(self.std), ('vocab', 'embed')),
+                           (self.num_embeddings, self.features), self.param_dtype)
+        table = constrain(table.astype(self.dtype), ('vocab', None))
+        return constrain(jnp.take(table, ids, axis=0), ACT_TOKENS)
+
+
+def constrain(x: jax.Array, names: Sequence[str]) -> jax.Array:
+    """Logical sharding constraint (a no-op when no axis rules are active)."""
+    return nn.with_logical_constraint(x, tuple(names))
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head dot-product attention, used for both self- and cross-attention.
+
+    Attributes:
+      num_heads: number of heads H.
+      head_dim: per-head width K; defaults to E // H of the query input.
+      out_features: output width; defaults to E of the query input.
+    """
+    num_heads: int
+    head_dim: int | None = None
+    out_features: int | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_q: jax.Array, x_kv: jax.Array | None = None,
+                 mask: jax.Array | None = None) -> jax.Array:
+        """Attend from `x_q` [B,Lq,E] to `x_kv` [B,Lk,Ekv] (`x_q` itself when None).
+
+        `mask` is bool, broadcastable to [B,H,Lq,Lk] (shape [B,1|H,Lq|1,Lk]); True = may attend.
+        Returns [B,Lq,out_features].
+        """
+        x_kv = x_q if x_kv is None else x_kv
+        width = x_q.shape[-1]
+        if self.head_dim is None and width % self.num_heads:
+            raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
+        head_dim = self.head_dim or width // self.num_heads
+        out_features = self.out_features or width
+        proj = functools.partial(dense, (self.num_heads, head_dim), ('embed', 'heads', 'kv'),
+                                 dtype=self.dtype, param_dtype=self.param_dtype)
+        q = constrain(proj(name='query')(x_q), ACT_HEADS)
+        k = constrain(proj(name='key')(x_kv), ACT_HEADS)
+        v = constrain(proj(name='value')(x_kv), ACT_HEADS)
+
+        q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
+        logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
+        if mask is not None:
+            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        out = constrain(jnp.einsum('bhqk,bkhd->bqhd', weights, v), ACT_HEADS)
+        return dense(out_features, ('heads', 'kv', 'embed'), axis=(-2, -1), dtype=self.dtype,
+                     param_dtype=self.param_dtype, name='out')(out)
+
+
+class Mlp(nn.Module):
+    """Two-layer GELU MLP: [..., E] -> [..., mlp_dim] -> [..., E]."""
+    mlp_dim: int
+    gelu_approximate: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B,L,E] -> [B,L,E]."""
+        width = x.shape[-1]
+        h = dense(self.mlp_dim, ('embed', 'mlp'), dtype=self.dtype, param_dtype=self.param_dtype,
+                  name='fc_in')(x)
+        h = constrain(nn.gelu(h, approximate=self.gelu_approximate), ACT_MLP)
+        return dense(width, ('mlp', 'embed'), dtype=self.dtype, param_dtype=self.param_dtype,
+                     name='fc_out')(h)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x)).
+
+    With `scan_carry=True` the call returns `(x, None)` so the block can be the body of `nn.scan`.
+    """
+    num_heads: int
+    mlp_dim: int
+    gelu_approximate: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    scan_carry: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None):
+        """x [B,L,E], mask bool [B,1|H,L,L] or None -> [B,L,E] (or `(x, None)` when `scan_carry`)."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = layer_norm(name='ln_attn', **kw)(x)
+        x = x + MultiHeadAttention(self.num_heads, name='attn', **kw)(h, None, mask)
+        x = constrain(x, ACT_TOKENS)
+        h = layer_norm(name='ln_mlp', **kw)(x)
+        x = x + Mlp(self.mlp_dim, self.gelu_approximate, name='mlp', **kw)(h)
+        x = constrain(x, ACT_TOKENS)
+        return (x, None) if self.scan_carry else x
+
+
+class Encoder(nn.Module):
+    """Stack of `depth` identical `EncoderBlock`s.
+
+    Params live under 'block_{i}' (unrolled) or under 'blocks' with a leading 'layers' axis of size `depth`
+    (`scan=True`). `remat` is 'none' | 'full' | 'dots' (jax.checkpoint per block; 'dots' saves matmul outputs).
+    """
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    remat: str = 'none'
+    scan: bool = False
+    gelu_approximate: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """x [B,L,E], mask bool [B,1|H,L,L] or None -> [B,L,E]."""
+        block_cls = EncoderBlock
+        if self.remat != 'none':
+            if self.remat not in REMAT_POLICIES:
+                raise ValueError(f"model.remat must be one of 'none', {sorted(REMAT_POLICIES)}; "
+                                 f'got {self.remat!r}')
+            block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
+        kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, gelu_approximate=self.gelu_approximate,
+                  dtype=self.dtype, param_dtype=self.param_dtype)
+        x = constrain(x, ACT_TOKENS)
+        if self.scan:
+            blocks = nn.scan(
+                block_cls, variable_axes={'params': 0}, split_rngs={'params': True},
+                in_axes=nn.broadcast, length=self.depth,
+                metadata_params={nn.PARTITION_NAME: 'layers'},
+            )(scan_carry=True, name='blocks', **kw)
+            x, _ = blocks(x, mask)
+            return x
+        for i in range(self.depth):
+            x = block_cls(name=f'block_{i}', **kw)(x, mask)
+        return x

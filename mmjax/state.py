@@ -1,0 +1,98 @@
+"""The train state, born sharded.
+
+`StateFactory` holds what is needed to create or restore a TrainState on a mesh: the model, the
+optimizer, the abstract (shape-only) state with its shardings. Training, evaluation and the
+inference API all restore checkpoints through it, so a checkpoint restores onto any mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from mmjax import sharding as shd
+from mmjax.models import build_model
+from mmjax.optim import build_optimizer
+
+
+@flax.struct.dataclass
+class TrainState:
+    """step: int32 scalar; params: model parameters; opt_state: the optax state."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def strip_boxes(tree):
+    """Replaces logical-axis boxes by their values, without the sharding constraint `nn.unbox` adds
+    (which needs a trace; this also works on abstract trees)."""
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree,
+                        is_leaf=is_box)
+
+
+def dummy_batch(config, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes of one model input batch, for initialisation and ahead-of-time compilation."""
+    img, txt = config.model.image, config.model.text
+    return {
+        "image": jax.ShapeDtypeStruct((batch_size, img.image_size, img.image_size, img.channels),
+                                      jnp.float32),
+        "text": jax.ShapeDtypeStruct((batch_size, txt.max_len), jnp.int32),
+    }
+
+
+@dataclasses.dataclass
+class StateFactory:
+    """Builds the model and optimizer from `config` and knows the state's shardings on `mesh`."""
+
+    config: Any
+    mesh: Mesh
+    model: nn.Module = dataclasses.field(init=False)
+    tx: optax.GradientTransformation = dataclasses.field(init=False)
+    schedule: Callable = dataclasses.field(init=False)
+    rules: tuple = dataclasses.field(init=False)
+    shardings: Any = dataclasses.field(init=False)
+    abstract: Any = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        self.rules = shd.logical_rules(self.config)
+        self.model = build_model(self.config.model)
+        batch_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        self._init_batch = dummy_batch(self.config, batch_shards)
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            abstract_params = jax.eval_shape(self._init_params, jax.random.key(0))
+            self.tx, self.schedule = build_optimizer(self.config.optim, strip_boxes(abstract_params),
+                                                     self.config.train.steps)
+            boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
+        self.shardings = shd.tree_shardings(boxed, self.mesh, self.rules)
+        self.abstract = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            strip_boxes(boxed), self.shardings)
+
+    def _init_params(self, rng):
+        batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in self._init_batch.items()}
+        return self.model.init(rng, batch)["params"]
+
+    def _init_boxed(self, rng) -> TrainState:
+        """The state with logical-axis boxes kept, so the optimizer state inherits them."""
+        params = self._init_params(rng)
+        opt_state = self.tx.init(params)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+
+    def init(self, seed: int) -> TrainState:
+        """A freshly initialised state, each array created directly in its shards."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            init = jax.jit(lambda r: nn.unbox(self._init_boxed(r)), out_shardings=self.shardings)
+            return init(jax.random.key(seed))
+
+    def param_count(self) -> int:
+        return int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.abstract.params)))

@@ -1,0 +1,11 @@
+"""Every test process sees 8 CPU devices, so single- and multi-device runs can be compared."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402  (after the flags above)
+
+jax.config.update("jax_num_cpu_devices", 8)

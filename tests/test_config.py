@@ -1,0 +1,83 @@
+"""Config loading, overrides and validation: bad input is reported before anything compiles."""
+
+import os
+
+import pytest
+
+from mmjax import config as config_lib
+from mmjax.config import ConfigError
+
+HERE = os.path.dirname(__file__)
+TINY = os.path.join(HERE, "tiny_config.py")
+ROOT = os.path.dirname(HERE)
+
+
+def tiny():
+    return config_lib.load_config_file(TINY)
+
+
+def test_every_shipped_config_loads_and_validates_on_8_devices():
+    for name in os.listdir(os.path.join(ROOT, "configs")):
+        if name.endswith(".py"):
+            c = config_lib.load_config_file(os.path.join(ROOT, "configs", name))
+            config_lib.validate(c, num_devices=8)
+
+
+def test_overrides_are_typed():
+    c = config_lib.apply_overrides(tiny(), ["config.train.steps=200", "config.mesh.fsdp=2",
+                                            "config.optim.lr=3e-4", "config.data.name=digits",
+                                            "config.model.logit_bias_init=-10"])
+    assert c.train.steps == 200 and c.mesh.fsdp == 2 and c.optim.lr == 3e-4
+    assert c.model.logit_bias_init == -10.0
+
+
+def test_unknown_override_key_names_it_and_suggests():
+    with pytest.raises(ConfigError, match=r"train\.stepz.*did you mean 'train\.steps'"):
+        config_lib.apply_overrides(tiny(), ["config.train.stepz=3"])
+
+
+def test_unknown_key_in_config_file(tmp_path):
+    path = tmp_path / "bad.py"
+    path.write_text("import ml_collections\n"
+                    "from mmjax.config import base_config\n"
+                    "def get_config(arg=None):\n"
+                    "    c = base_config().to_dict()\n"
+                    "    c['optim']['learning_rate'] = 0.1\n"
+                    "    return ml_collections.ConfigDict(c)\n")
+    with pytest.raises(ConfigError, match="optim.learning_rate"):
+        config_lib.load_config_file(str(path))
+
+
+def test_wrong_type_override_names_key():
+    with pytest.raises(ConfigError, match="train.steps: expected an integer"):
+        config_lib.apply_overrides(tiny(), ["config.train.steps=lots"])
+
+
+def test_batch_not_divisible_by_data_parallel_size():
+    c = config_lib.apply_overrides(tiny(), ["config.train.batch_size=12", "config.mesh.data=8"])
+    with pytest.raises(ConfigError, match=r"train.batch_size=12 is not divisible.*data\*fsdp=8"):
+        config_lib.validate(c, num_devices=8)
+
+
+def test_mesh_product_must_equal_device_count():
+    c = config_lib.apply_overrides(tiny(), ["config.mesh.data=2", "config.mesh.fsdp=2",
+                                            "config.mesh.tensor=1"])
+    with pytest.raises(ConfigError, match="product is 8"):
+        config_lib.validate(c, num_devices=8)
+
+
+def test_all_problems_reported_together():
+    c = config_lib.apply_overrides(tiny(), ["config.model.image.patch_size=5",
+                                            "config.optim.warmup_steps=100",
+                                            "config.model.loss=triplet"])
+    with pytest.raises(ConfigError) as err:
+        config_lib.validate(c, num_devices=1)
+    text = str(err.value)
+    for key in ("model.image.image_size", "optim.warmup_steps", "model.loss"):
+        assert key in text
+
+
+def test_minus_one_takes_the_rest():
+    c = config_lib.apply_overrides(tiny(), ["config.mesh.data=-1", "config.mesh.fsdp=2",
+                                            "config.mesh.tensor=2"])
+    assert config_lib.resolve_mesh_shape(c.mesh, 8) == (2, 2, 2)
