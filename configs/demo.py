@@ -19,18 +19,18 @@ def get_config(arg=None):
 
     c.model.embed_dim = 64
     c.model.loss = "softmax"
-    c.model.image.update(image_size=32, patch_size=4, channels=3, width=64, depth=2, num_heads=4,
+    c.model.image.update(image_size=32, patch_size=8, channels=3, width=64, depth=2, num_heads=4,
                          mlp_dim=256, pool="cls")
     c.model.text.update(vocab_size=384, max_len=40, width=64, depth=2, num_heads=4, mlp_dim=256,
                         causal=True, pool="eot", tokenizer="bytes")
 
     c.optim.lr = 2e-3
-    c.optim.warmup_steps = 100
+    c.optim.warmup_steps = 50
     c.optim.decay = "cosine"
     c.optim.weight_decay = 0.05
 
-    c.train.steps = 1500
+    c.train.steps = 800
     c.train.batch_size = 128
     c.train.log_every = 50
-    c.checkpoint.every_steps = 500
+    c.checkpoint.every_steps = 200
     return c

@@ -22,10 +22,10 @@ Dtype = Any
 # Config section / batch key -> encoder module class. The batch key equals the section name.
 ENCODERS: dict[str, type[nn.Module]] = {'image': ViT, 'text': TextTransformer}
 
-# Encoder fields taken from `config.model` itself unless the tower's section sets them.
 # Tower-section keys read by the data layer, not the encoder (e.g. which tokenizer feeds the text tower).
 _DATA_FIELDS = ('tokenizer',)
 
+# Encoder fields taken from `config.model` itself unless the tower's section sets them.
 _MODEL_LEVEL_FIELDS = ('remat', 'scan_layers', 'gelu_approximate', 'dtype', 'param_dtype')
 
 
