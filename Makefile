@@ -5,6 +5,8 @@ WORKDIR ?= runs/demo
 .PHONY: install demo test test-fast
 
 install:
+	@command -v espeak-ng >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq espeak-ng) \
+	  || echo "mmjax: could not install espeak-ng (it synthesises the spoken-digits audio); install it with your package manager"
 	$(PYTHON) -m pip install -q -e ".[test]"
 
 demo: install

@@ -23,10 +23,11 @@ setup(
         "numpy>=2.0",
         "pillow>=10",
         "scikit-learn>=1.5",  # ships the embedded digits dataset
+        "scipy>=1.11",  # audio resampling
         "tensorboardX>=2.6",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "librosa>=0.10"],  # librosa: reference for the JAX log-mel
     },
     entry_points={"console_scripts": ["mmjax=mmjax.cli:main"]},
 )

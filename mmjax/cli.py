@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="a configs/*.py file (optionally file.py:arg)")
     t.add_argument("--workdir", required=True, help="where checkpoints, metrics and logs go")
     t.add_argument("--quiet", action="store_true", help="no progress lines")
+    t.add_argument("--coordinator", default=None,
+                   help="host:port of process 0, for a multi-process run (or MMJAX_COORDINATOR); "
+                        "TPU VMs and SLURM jobs are detected without it")
+    t.add_argument("--num-processes", type=int, default=None, help="(or MMJAX_NUM_PROCESSES)")
+    t.add_argument("--process-id", type=int, default=None, help="(or MMJAX_PROCESS_ID)")
     t.add_argument("--stop-at-step", type=int, default=None,
                    help="stop after this step with a checkpoint written; the learning-rate schedule "
                         "still spans train.steps, so a later run on the workdir continues it")
@@ -48,18 +53,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(rest)
 
     from mmjax import config as config_lib
-    from mmjax.checkpoint import CheckpointMismatchError
+    from mmjax import distributed
+    from mmjax.checkpoint import CheckpointMismatchError, CheckpointWriteError
+    from mmjax.health import NonFiniteError
 
     try:
+        # Config problems are found before joining a cluster or compiling anything.
         config = config_lib.load_config_file(args.config)
         config = config_lib.apply_overrides(config, overrides)
         if args.command == "train":
+            distributed.initialize(args.coordinator, args.num_processes, args.process_id)
             from mmjax.train import train
 
             train(config, args.workdir, stop_at_step=args.stop_at_step, verbose=not args.quiet)
-    except (config_lib.ConfigError, CheckpointMismatchError) as e:
+    except (config_lib.ConfigError, CheckpointMismatchError, ValueError) as e:
         print(f"mmjax: error: {e}", file=sys.stderr)
         return 2
+    except (CheckpointWriteError, NonFiniteError) as e:
+        print(f"mmjax: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -73,6 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.remat = "none"
     m.scan_layers = False
     m.loss = "softmax"
+    m.loss_impl = "plain"  # 'plain' (B x B logits) | 'chunked' (ring over data*fsdp, memory ~ B*d)
+    m.loss_chunk_size = 1024  # rows per tile of the chunked loss; must divide the per-device batch
     m.logit_scale_init = math.log(1 / 0.07)
     m.logit_scale_max = math.log(100.0)
     m.logit_bias_init = ml_collections.FieldReference(None, field_type=float)
@@ -105,6 +107,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.steps = 1000
     c.train.batch_size = 64
     c.train.log_every = 10
+    c.train.max_nonfinite_steps = 5  # stop after this many consecutive non-finite steps
+    c.train.spike_factor = 3.0  # report a loss above this x its running mean (0 disables)
+    c.train.spike_window = 50
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.sharding = ml_collections.ConfigDict()
@@ -329,6 +334,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         problems.append(f"task: unknown task {config.task!r}; choose 'contrastive'")
     if m.loss not in ("softmax", "sigmoid"):
         problems.append(f"model.loss: unknown loss {m.loss!r}; choose 'softmax' or 'sigmoid'")
+    if m.loss_impl not in ("plain", "chunked"):
+        problems.append(f"model.loss_impl: {m.loss_impl!r}; choose 'plain' or 'chunked'")
+    elif m.loss_impl == "chunked" and mesh_shape is not None and t.batch_size > 0:
+        per_device = t.batch_size // (mesh_shape[0] * mesh_shape[1])
+        if per_device % m.loss_chunk_size:
+            problems.append(f"model.loss_chunk_size={m.loss_chunk_size} does not divide the per-device "
+                            f"batch {per_device} (train.batch_size / (data*fsdp)); pick a divisor")
     for key in ("dtype", "param_dtype"):
         if m[key] not in _DTYPES:
             problems.append(f"model.{key}: {m[key]!r} is not one of {_DTYPES}")
@@ -358,6 +370,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         problems.append(f"optim.warmup_steps={o.warmup_steps} is longer than train.steps={t.steps}")
     if o.lr <= 0:
         problems.append(f"optim.lr must be positive, got {o.lr}")
+    if t.max_nonfinite_steps <= 0:
+        problems.append(f"train.max_nonfinite_steps must be positive, got {t.max_nonfinite_steps}")
     if config.checkpoint.every_steps <= 0:
         problems.append(f"checkpoint.every_steps must be positive, got {config.checkpoint.every_steps}")
     if config.checkpoint.keep <= 0:

@@ -68,7 +68,7 @@ def load(workdir: str, step: int | None = None, devices=None) -> LoadedModel:
     config.unlock()
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = len(devices), 1, 1
     config.lock()
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False, read_only=True)
     steps = ckpt.all_steps()
     if not steps:
         raise FileNotFoundError(f"no checkpoints in {ckpt.directory}")

@@ -16,15 +16,19 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import optax
 
+from mmjax import chunked_losses
 from mmjax import config as config_lib
 from mmjax import losses
 from mmjax import sharding as shd
+from mmjax import distributed
 from mmjax.checkpoint import Checkpointer
 from mmjax.data import pipeline
 from mmjax.data.tokenizers import get_tokenizer
 from mmjax.evaluate import TowerEncoder, zeroshot_eval
+from mmjax.health import HealthMonitor, PreemptionGuard
 from mmjax.metrics import MetricsWriter, Progress
 from mmjax.state import StateFactory, TrainState
 
@@ -34,20 +38,39 @@ MAX_STEPS_IN_FLIGHT = 8
 MODEL_INPUTS = ("image", "text")
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule, loss_name: str):
-    """A pure step: (state, global batch) -> (new state, metrics dict of scalars)."""
+def make_loss_fn(model_cfg, mesh):
+    """outputs -> (loss, metrics): the plain loss, or the chunked ring loss over the batch axes."""
+    if model_cfg.loss_impl == "chunked":
+        def loss(outputs):
+            return chunked_losses.contrastive_loss_chunked(outputs, model_cfg.loss, mesh,
+                                                           model_cfg.loss_chunk_size)
+        return loss
+    return lambda outputs: losses.contrastive_loss(outputs, model_cfg.loss)
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule, contrastive_loss):
+    """A pure step: (state, global batch) -> (new state, metrics dict of scalars).
+
+    contrastive_loss: model outputs -> (loss, metrics), from `make_loss_fn`.
+    """
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         def loss_fn(params):
             outputs = model.apply({"params": params}, batch, train=True)
-            loss, metrics = losses.contrastive_loss(outputs, loss_name)
+            loss, metrics = contrastive_loss(outputs)
             return loss, (metrics, outputs["logit_scale"])
 
         (loss, (metrics, scale)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads), logit_scale=scale,
-                       lr=schedule(state.step))
+        # A non-finite loss or gradient skips the update: params and optimizer state stay as they were.
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        params = jax.tree.map(keep, params, state.params)
+        opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, logit_scale=scale,
+                       lr=schedule(state.step), skipped=(~finite).astype(jnp.int32))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
@@ -61,12 +84,15 @@ def train(config, workdir: str, devices: Sequence[jax.Device] | None = None,
           stop_at_step: int | None = None, verbose: bool = True) -> dict[str, Any]:
     """Trains `config` in `workdir` (resuming if it holds checkpoints). Returns the last metrics.
 
-    stop_at_step: end early after this step, with a checkpoint written (for tests and preemption).
+    stop_at_step: end early after this step, with a checkpoint written (for tests and time-boxed jobs).
+    Raises ConfigError / CheckpointMismatchError before compiling, CheckpointWriteError when storage
+    fails, NonFiniteError after `train.max_nonfinite_steps` non-finite steps in a row.
     """
     devices = list(jax.devices() if devices is None else devices)
     config_lib.validate(config, len(devices), jax.process_count())
     is_main = jax.process_index() == 0
     log = print if (verbose and is_main) else (lambda *a, **k: None)
+    warn = print if is_main else (lambda *a, **k: None)  # problems are shown even when quiet
     os.makedirs(workdir, exist_ok=True)
 
     mesh = shd.make_mesh(config.mesh, devices)
@@ -75,20 +101,20 @@ def train(config, workdir: str, devices: Sequence[jax.Device] | None = None,
         f"{jax.process_count()} process(es); {factory.param_count() / 1e6:.2f}M parameters")
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
-                        async_save=config.checkpoint.async_save)
+                        async_save=config.checkpoint.async_save, log=warn)
     loader_iter = iter(pipeline.make_train_loader(config, jax.process_index(), jax.process_count()))
-    latest = ckpt.latest_step()
+    latest, state = ckpt.restore_latest(factory.abstract, loader_iter, log=warn)
     if latest is not None:
-        log(f"mmjax: resuming from {ckpt.directory}/{latest}")
-        state = ckpt.restore(latest, factory.abstract, loader_iter)
+        log(f"mmjax: resumed from {ckpt.directory}/{latest}")
     else:
         state = factory.init(config.seed)
+    config_json = config_to_json(config)
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config_to_json(config), f, indent=2)
+            json.dump(config_json, f, indent=2)
 
     step_fn = jax.jit(
-        make_train_step(factory.model, factory.tx, factory.schedule, config.model.loss),
+        make_train_step(factory.model, factory.tx, factory.schedule, make_loss_fn(config.model, mesh)),
         in_shardings=(factory.shardings, shd.batch_sharding(mesh)),
         out_shardings=(factory.shardings, shd.replicated(mesh)),
         donate_argnums=0,
@@ -98,37 +124,65 @@ def train(config, workdir: str, devices: Sequence[jax.Device] | None = None,
     start = int(jax.device_get(state.step))
     writer = MetricsWriter(workdir, enabled=is_main)
     progress = Progress(total, config.train.batch_size, start, enabled=verbose and is_main)
-    config_json = config_to_json(config)
+    health = HealthMonitor(config.train.max_nonfinite_steps, config.train.spike_factor,
+                           config.train.spike_window, config.train.batch_size, log=warn)
     last: dict[str, Any] = {}
-    wait_time = 0.0
-    with jax.set_mesh(mesh), nn.logical_axis_rules(factory.rules):
-        for step in range(start + 1, end + 1):
-            t0 = time.perf_counter()
-            host_batch = next(loader_iter)
-            wait_time += time.perf_counter() - t0
-            batch = shd.global_batch({k: host_batch[k] for k in MODEL_INPUTS}, mesh)
-            state, metrics = step_fn(state, batch)
-            if step == start + 1:
-                jax.block_until_ready(metrics)
-                progress.mark_compiled(step)
-                wait_time = 0.0
-            if step % config.train.log_every == 0 or step == end:
-                metrics = jax.device_get(metrics)
-                sps = progress.samples_per_second(step)
-                extra = {"samples_per_second": sps} if sps == sps else {}
-                last = writer.write(step, {**metrics, **extra})
-                progress.log(step, metrics)
-            elif step % MAX_STEPS_IN_FLIGHT == 0:
-                jax.block_until_ready(metrics)
-            if step % config.checkpoint.every_steps == 0 or step == end:
-                ckpt.save(step, state, loader_iter, config_json)
-    ckpt.wait()
-    if end == total and config.eval.zeroshot:
-        results = run_zeroshot(config, factory, state.params, mesh)
-        last.update(writer.write(end, results))
-        log("mmjax: " + ", ".join(f"{k} = {v:.4f}" for k, v in results.items()))
-    ckpt.close()
-    writer.close()
+    pending: list[tuple[int, Any]] = []  # (step, device metrics) not yet read on the host
+    wait_time, step_time = 0.0, 0.0
+    step = start
+    try:
+        with PreemptionGuard(log=warn) as guard, jax.set_mesh(mesh), \
+                nn.logical_axis_rules(factory.rules):
+            for step in range(start + 1, end + 1):
+                t0 = time.perf_counter()
+                host_batch = next(loader_iter)
+                t1 = time.perf_counter()
+                batch = shd.global_batch({k: host_batch[k] for k in MODEL_INPUTS}, mesh)
+                state, metrics = step_fn(state, batch)
+                pending.append((step, metrics))
+                if step == start + 1:
+                    jax.block_until_ready(metrics)
+                    progress.mark_compiled(step)
+                else:
+                    wait_time += t1 - t0
+                    step_time += time.perf_counter() - t0
+                is_log = step % config.train.log_every == 0 or step == end
+                is_save = step % config.checkpoint.every_steps == 0 or step == end
+                # Read metrics back (a sync point) at logs, saves, and at least every few steps.
+                if is_log or is_save or len(pending) >= MAX_STEPS_IN_FLIGHT:
+                    fetched = jax.device_get([m for _, m in pending])
+                    for (s, _), m in zip(pending, fetched):
+                        health.observe(s, m)
+                    pending = []
+                    if is_log:
+                        sps = progress.samples_per_second(step)
+                        extra = dict(health.counters())
+                        if sps == sps:
+                            extra["samples_per_second"] = sps
+                        if step_time > 0:
+                            extra["input_wait_fraction"] = wait_time / step_time
+                        last = writer.write(step, {**fetched[-1], **extra})
+                        progress.log(step, fetched[-1])
+                    stop = (distributed.any_process(guard.requested)
+                            if jax.process_count() > 1 else guard.requested)
+                else:
+                    stop = guard.requested if jax.process_count() == 1 else False
+                if is_save or stop:
+                    ckpt.save(step, state, loader_iter, config_json, force=stop)
+                if stop:
+                    ckpt.wait()
+                    warn(f"mmjax: preempted: stopped after step {step}/{total}; checkpoint "
+                         f"{ckpt.directory}/{step} is durable. Run the same command to resume.")
+                    ckpt.close()
+                    return last
+            ckpt.wait()
+            if end == total and config.eval.zeroshot:
+                results = run_zeroshot(config, factory, state.params, mesh)
+                last.update(writer.write(end, results))
+                log("mmjax: " + ", ".join(f"{k} = {v:.4f}" for k, v in results.items()))
+            ckpt.close()
+    finally:
+        writer.close()
     return last
 
 

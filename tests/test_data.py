@@ -191,28 +191,47 @@ def test_batches_shapes_and_captions_match_labels(data_dir):
     assert len(texts) > 20  # captions vary
 
 
-def test_processes_see_disjoint_shards_covering_the_epoch(data_dir):
+def concat_batches(parts):
+    """[process][batch] host batches -> [batch] global batches (processes concatenated in order)."""
+    return [{k: np.concatenate([p[g][k] for p in parts]) for k in parts[0][g]} for g in range(len(parts[0]))]
+
+
+def test_process_batches_concatenate_to_the_global_batch(data_dir):
+    cfg = make_config(data_dir)
+    reference = take(pipeline.make_train_loader(cfg, 0, 1), 3)
+    for n in (2, 4):
+        parts = [take(pipeline.make_train_loader(cfg, p, n), 3) for p in range(n)]
+        assert all(b['image'].shape[0] == 16 // n for part in parts for b in part)
+        assert_same_batches(concat_batches(parts), reference)  # images, texts, labels, example for example
+        assert not np.array_equal(parts[0][0]['image'], parts[1][0]['image'])
+
+
+def test_host_batches_hold_this_process_positions_of_the_global_stream(data_dir):
+    cfg = make_config(data_dir)
+    records = pipeline.shuffled_records(pipeline.make_source(cfg, 'train'), cfg.seed)
+    labels = np.array([records[k]['label'] for k in range(3 * 16)], np.int32)
+    for p in range(2):  # process p reads positions [g*16 + 8p, g*16 + 8p + 8) of global batch g
+        it = pipeline.make_train_loader(cfg, p, 2)
+        for g in range(3):
+            np.testing.assert_array_equal(next(it)['label'], labels[g * 16 + 8 * p: g * 16 + 8 * p + 8])
+
+
+def test_epochs_cover_the_split_and_reshuffle(data_dir):
     cfg = make_config(data_dir)
     source = pipeline.make_source(cfg, 'train')
-    per_process = NUM_TRAIN // 2
-    seen = []
-    for process_index in (0, 1):
-        loader = grain.DataLoader(
-            data_source=source, sampler=pipeline.make_sampler(cfg, len(source), process_index, 2),
-            operations=[pipeline.DecodeExample()], read_options=pipeline.READ_OPTIONS)
-        it = iter(loader)
-        first_epoch = [int(next(it)['index']) for _ in range(per_process)]
-        second_epoch = [int(next(it)['index']) for _ in range(per_process)]
-        assert len(set(first_epoch)) == per_process
-        assert set(second_epoch) == set(first_epoch) and second_epoch != first_epoch  # reshuffled
-        seen.append(set(first_epoch))
-    assert not seen[0] & seen[1]
-    assert len(seen[0] | seen[1]) == 2 * per_process  # everything but the dropped remainder
-    assert all(i % 5 for i in seen[0] | seen[1])
-    b0 = next(pipeline.make_train_loader(cfg, 0, 2))
-    b1 = next(pipeline.make_train_loader(cfg, 1, 2))
-    assert b0['image'].shape[0] == b1['image'].shape[0] == 8
-    assert not np.array_equal(b0['image'], b1['image'])
+    records = pipeline.shuffled_records(source, cfg.seed)
+    epochs = [[int(records[e * NUM_TRAIN + i]['index']) for i in range(NUM_TRAIN)] for e in range(2)]
+    all_indices = {int(source[i]['index']) for i in range(NUM_TRAIN)}
+    assert set(epochs[0]) == set(epochs[1]) == all_indices and len(epochs[0]) == NUM_TRAIN
+    assert epochs[0] != epochs[1]  # every epoch is a new permutation
+    other = pipeline.shuffled_records(source, cfg.seed + 1)
+    other_first = [int(other[i]['index']) for i in range(NUM_TRAIN)]
+    assert other_first not in epochs  # seed s + 1 is not seed s one epoch later
+    it = pipeline.make_train_loader(cfg, 0, 1)
+    assert it.get_state() == {'examples_seen': 0, 'epoch': 0}
+    it.set_state({'examples_seen': 2 * NUM_TRAIN - 8, 'epoch': 1})
+    next(it)
+    assert it.get_state() == {'examples_seen': 2 * NUM_TRAIN + 8, 'epoch': 2}
 
 
 def test_resume_from_iterator_state_continues_identically(data_dir):
@@ -226,15 +245,53 @@ def test_resume_from_iterator_state_continues_identically(data_dir):
     assert_same_batches(take(resumed, 3), reference[4:])
 
 
+def test_resume_on_another_process_count(data_dir):
+    cfg = make_config(data_dir)
+    reference = take(pipeline.make_train_loader(cfg, 0, 1), 5)
+    its = [pipeline.make_train_loader(cfg, p, 2) for p in range(2)]
+    for it in its:
+        take(it, 2)
+    states = [it.get_state() for it in its]
+    assert states[0] == states[1]  # one state, whatever the process
+    one = pipeline.make_train_loader(cfg, 0, 1)
+    one.set_state(states[0])
+    assert_same_batches(take(one, 2), reference[2:4])
+    quarters = [pipeline.make_train_loader(cfg, p, 4) for p in range(4)]
+    for q in quarters:
+        q.set_state(one.get_state())
+    assert_same_batches(concat_batches([take(q, 1) for q in quarters]), reference[4:])
+
+
 def test_resume_crosses_epoch_boundary(data_dir):
-    cfg = make_config(data_dir, **{'train.batch_size': 256})
+    cfg = make_config(data_dir, **{'train.batch_size': 32})
     it = pipeline.make_train_loader(cfg, 0, 1)
-    take(it, 5)  # 1,280 of 1,437 examples
+    it.set_state({'examples_seen': NUM_TRAIN - 72, 'epoch': 0})
+    take(it, 2)  # up to 8 examples before the end of epoch 0
     state = it.get_state()
-    expected = take(it, 2)  # spans the end of epoch 1
+    expected = take(it, 2)  # spans the end of epoch 0
     resumed = pipeline.make_train_loader(cfg, 0, 1)
     resumed.set_state(state)
     assert_same_batches(take(resumed, 2), expected)
+
+
+def test_checkpoint_round_trip_with_worker_across_epoch_boundary(data_dir, tmp_path):
+    """Through grain's checkpoint handler (what PyGrainCheckpointSave/Restore call), with a worker process."""
+    from etils import epath
+    cfg = make_config(data_dir, **{'train.batch_size': 32, 'data.num_workers': 1})
+    near_the_end = {'examples_seen': NUM_TRAIN - 40, 'epoch': 0}
+    reference = pipeline.make_train_loader(make_config(data_dir, **{'train.batch_size': 32}), 0, 1)
+    reference.set_state(near_the_end)
+    reference = take(reference, 3)
+    handler = grain.PyGrainCheckpointHandler()
+    it = pipeline.make_train_loader(cfg, 0, 1)
+    it.set_state(near_the_end)
+    assert_same_batches(take(it, 1), reference[:1])
+    handler.save(epath.Path(tmp_path), it)
+    it.close()
+    resumed = handler.restore(epath.Path(tmp_path), pipeline.make_train_loader(cfg, 0, 1))
+    assert resumed.get_state() == {'examples_seen': NUM_TRAIN - 8, 'epoch': 0}
+    assert_same_batches(take(resumed, 2), reference[1:])  # the first spans the end of epoch 0
+    resumed.close()
 
 
 def test_seed_determines_stream(data_dir):
@@ -250,6 +307,7 @@ def test_worker_processes_give_the_same_stream(data_dir):
     reference = take(pipeline.make_train_loader(make_config(data_dir), 0, 1), 3)
     it = pipeline.make_train_loader(make_config(data_dir, **{'data.num_workers': 1}), 0, 1)
     assert_same_batches(take(it, 3), reference)
+    it.close()
 
 
 def test_config_errors(data_dir):
@@ -261,3 +319,5 @@ def test_config_errors(data_dir):
         pipeline.make_train_loader(make_config(data_dir, **{'data.image_mean': (0.5, 0.5)}), 0, 1)
     with pytest.raises(ValueError, match='process_index'):
         pipeline.make_train_loader(make_config(data_dir), 2, 2)
+    with pytest.raises(ValueError, match='seed'):
+        pipeline.make_train_loader(make_config(data_dir, seed=-1), 0, 1)

@@ -9,7 +9,7 @@ import pytest
 from mmjax import config as config_lib
 from mmjax import sharding as shd
 from mmjax.state import StateFactory
-from mmjax.train import make_train_step
+from mmjax.train import make_loss_fn, make_train_step
 
 from test_config import tiny
 
@@ -38,7 +38,8 @@ def _one_step(config, devices):
     mesh = shd.make_mesh(config.mesh, devices)
     factory = StateFactory(config, mesh)
     state = factory.init(config.seed)
-    step = jax.jit(make_train_step(factory.model, factory.tx, factory.schedule, config.model.loss),
+    step = jax.jit(make_train_step(factory.model, factory.tx, factory.schedule,
+                                   make_loss_fn(config.model, mesh)),
                    in_shardings=(factory.shardings, shd.batch_sharding(mesh)),
                    out_shardings=(factory.shardings, shd.replicated(mesh)))
     with jax.set_mesh(mesh), nn.logical_axis_rules(factory.rules):
@@ -64,14 +65,19 @@ def test_step_on_8_devices_equals_1_device(reference, name):
         np.testing.assert_allclose(b, a, atol=1e-5, rtol=0, err_msg=jax.tree_util.keystr(path))
 
 
-def test_sigmoid_loss_step_on_8_devices_equals_1_device():
-    def cfg(layout):
+@pytest.mark.parametrize("loss", ["softmax", "sigmoid"])
+def test_chunked_loss_step_on_8_devices_equals_plain_on_1_device(loss):
+    def cfg(layout, impl):
         c = _config(layout)
-        return config_lib.apply_overrides(c, ["config.model.loss=sigmoid",
-                                              "config.model.logit_bias_init=-10.0"])
-    _, ref, _ = _one_step(cfg((1, 1, 1)), jax.devices()[:1])
-    _, got, _ = _one_step(cfg((2, 2, 2)), jax.devices())
+        return config_lib.apply_overrides(c, [f"config.model.loss={loss}",
+                                              "config.model.logit_bias_init=-10.0",
+                                              f"config.model.loss_impl={impl}",
+                                              "config.model.loss_chunk_size=2"])
+    ref_params, ref, _ = _one_step(cfg((1, 1, 1), "plain"), jax.devices()[:1])
+    params, got, _ = _one_step(cfg((2, 2, 2), "chunked"), jax.devices())
     np.testing.assert_allclose(got["loss"], ref["loss"], atol=1e-5, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(params)):
+        np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
 
 
 def test_param_shardings_follow_logical_rules():

@@ -1,9 +1,15 @@
-"""grain input pipeline: TFDS array_record source -> shard by process -> shuffle -> decode -> caption,
-augment, tokenize -> batch.
+"""grain input pipeline: one global example stream, identical on every process, cut into per-process slices.
 
-The iterator returned by `make_train_loader` has `get_state()` / `set_state()`; restoring a state into a
-fresh loader built from the same config continues with exactly the same batches. Randomness (shuffle,
-caption choice, augmentation) derives only from `config.seed` and the record's position in the stream.
+    TFDS array_record source -> global shuffle (config.seed, a new permutation every epoch) -> repeat forever
+    -> decode -> caption, augment, tokenize (RNG keyed by the GLOBAL stream position)
+    -> global batch g = stream positions [g*B, (g+1)*B); process p of n takes [g*B + p*b, g*B + (p+1)*b), b = B/n
+    -> batch -> `config.data.num_workers` worker processes.
+
+Every process builds the same global stream and reads (decodes, augments) only its own positions, by index
+arithmetic. So the global batches, example for example (images, captions, augmentations), do not depend on
+the number of processes or workers: concatenating the host batches of processes 0..n-1 gives the 1-process
+batch. The iterator state is the number of global examples consumed (plus the epoch, for information), the
+same on every process, so a run can resume on another process count, worker count or global batch size.
 
 Config keys read: config.seed, config.train.batch_size, config.data.{name, data_dir, num_workers, augment,
 image_mean, image_std}, config.model.image.{image_size, channels}, config.model.text.{tokenizer, vocab_size,
@@ -26,9 +32,9 @@ from mmjax.data import digits
 from mmjax.data.image import preprocess_images, random_affine
 from mmjax.data.tokenizers import Tokenizer, get_tokenizer
 
-# grain's default (16 threads, 500-record prefetch) costs ~2x here: records are small and the per-record
-# transforms hold the GIL, so one reader thread with a short buffer keeps up and contends less.
-READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=64)
+# Elements of the iterator are whole host batches: one reader thread (per worker process) computes the next
+# few in the background; the per-record transforms hold the GIL, so more threads only contend.
+READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
 
 # name (config.data.name) -> dataset module (see mmjax/data/digits.py for what a module provides).
 DATASETS = {'digits': digits}
@@ -53,13 +59,44 @@ def make_source(config, split: str):
     return _dataset(config).data_source(resolve_data_dir(config), split)
 
 
-def make_sampler(config, num_records: int, process_index: int, process_count: int) -> grain.IndexSampler:
-    """Infinite shuffled sampler over this process's shard (equal shards, the remainder is dropped)."""
-    return grain.IndexSampler(
-        num_records=num_records,
-        shard_options=grain.ShardOptions(shard_index=process_index, shard_count=process_count,
-                                         drop_remainder=True),
-        shuffle=True, num_epochs=None, seed=int(config.seed))
+@dataclasses.dataclass(frozen=True)
+class BatchedReads:
+    """A data source with a `__getitems__` (TFDS) exposed through grain's batched-read hook `_getitems`, so a
+    batch costs one array_record read instead of one per record."""
+
+    source: Any
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.source[index]
+
+    def _getitems(self, indices) -> list[Any]:
+        return list(self.source.__getitems__([int(i) for i in indices]))
+
+
+def stream_seeds(seed: int) -> tuple[int, int]:
+    """config.seed -> (shuffle seed, caption/augmentation seed), independent 32-bit seeds.
+
+    Hashed, because grain's shuffle uses `shuffle_seed + epoch` for epoch `epoch`: raw seeds s and s + 1
+    would give the same permutations one epoch apart.
+    """
+    if int(seed) != seed or seed < 0:
+        raise ValueError(f'config.seed={seed!r} must be a non-negative integer')
+    shuffle_seed, map_seed = np.random.SeedSequence(int(seed)).generate_state(2, dtype=np.uint32)
+    return int(shuffle_seed), int(map_seed)
+
+
+def shuffled_records(source, seed: int) -> grain.MapDataset:
+    """Endless MapDataset of raw records: element k is record perm_e[k % N] of epoch e = k // N, N = len(source),
+    with a different permutation perm_e for every epoch."""
+    shuffle_seed, _ = stream_seeds(seed)
+    if hasattr(source, '__getitems__'):
+        source = BatchedReads(source)
+    # shuffle then repeat: ShuffleMapDataset maps index k to epoch k // N with its own seed, so each epoch of
+    # the repeat is a new permutation (repeat then shuffle would shuffle an infinite index range).
+    return grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat(None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,39 +150,110 @@ def _mark_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def make_train_loader(config, process_index: int = 0, process_count: int = 1) -> grain.PyGrainDatasetIterator:
-    """Endless iterator of this process's batches (supports `get_state()` / `set_state(state)`).
-
-    Yields {'image': float32 [b,H,W,C], 'text': int32 [b,L], 'label': int32 [b]} with
-    b = config.train.batch_size // process_count, H = W = config.model.image.image_size,
-    C = config.model.image.channels, L = config.model.text.max_len.
-    """
-    if not 0 <= process_index < process_count:
-        raise ValueError(f'process_index={process_index} must be in [0, process_count={process_count})')
-    host_batch = _host_batch_size(config, process_count)
-    dataset = _dataset(config)
-    source = make_source(config, 'train')
+def global_stream(config, source) -> grain.MapDataset:
+    """Endless MapDataset of model-ready examples; element k is global stream position k, the same on every
+    process: {'image': float32 [H,W,C], 'text': int32 [L], 'label': int32}."""
+    _, map_seed = stream_seeds(config.seed)
     img = config.model.image
     size, channels = int(img.image_size), int(img.channels)
     mean = tuple(np.ravel(config.data.image_mean).tolist())
     std = tuple(np.ravel(config.data.image_std).tolist())
     preprocess_images(np.zeros((1, size, size), np.uint8), size, channels, mean, std)  # config errors now
-    operations = [
-        DecodeExample(),
-        CaptionAugmentTokenize(
-            caption_fn=dataset.caption, tokenizer=get_tokenizer(config.model.text),
-            augment=bool(config.data.augment), image_size=size, channels=channels, mean=mean, std=std),
-        grain.Batch(batch_size=host_batch, drop_remainder=True),
-    ]
-    if config.data.num_workers > 0:
-        _mark_absl_flags_parsed()
-    loader = grain.DataLoader(
-        data_source=source,
-        sampler=make_sampler(config, len(source), process_index, process_count),
-        operations=operations,
-        worker_count=int(config.data.num_workers),
-        read_options=READ_OPTIONS)
-    return iter(loader)
+    transform = CaptionAugmentTokenize(
+        caption_fn=_dataset(config).caption, tokenizer=get_tokenizer(config.model.text),
+        augment=bool(config.data.augment), image_size=size, channels=channels, mean=mean, std=std)
+    # random_map seeds each element's RNG with (map_seed, its index here) = the global position.
+    return shuffled_records(source, config.seed).map(DecodeExample()).random_map(transform, seed=map_seed)
+
+
+def host_batches(stream: grain.MapDataset, start: int, global_batch: int, process_index: int,
+                 process_count: int) -> grain.MapDataset:
+    """MapDataset of this process's batches of `stream[start:]`: element g is positions
+    [start + g*B + p*b, start + g*B + (p+1)*b) with B = global_batch, b = B / process_count, p = process_index.
+
+    Lazy: only this process's positions are ever read."""
+    host_batch = global_batch // process_count
+    return stream[start:].batch(host_batch, drop_remainder=True)[process_index::process_count]
+
+
+class TrainIterator(grain.DatasetIterator):
+    """Endless iterator of one process's host batches, resumable on any process / worker count.
+
+    State: {'examples_seen': global examples consumed (all processes together), 'epoch': examples_seen // N}.
+    It is the same on every process. `set_state` rebuilds the pipeline at that position (lazily: the workers
+    start at the first `next` or `start_prefetch`).
+    """
+
+    def __init__(self, config, process_index: int, process_count: int):
+        super().__init__()
+        self._inner: grain.DatasetIterator | None = None
+        if not 0 <= process_index < process_count:
+            raise ValueError(f'process_index={process_index} must be in [0, process_count={process_count})')
+        self._host_batch = _host_batch_size(config, process_count)
+        self._global_batch = self._host_batch * process_count
+        self._process_index, self._process_count = process_index, process_count
+        self._num_workers = int(config.data.num_workers)
+        if self._num_workers < 0:
+            raise ValueError(f'config.data.num_workers={self._num_workers} must be >= 0')
+        source = make_source(config, 'train')
+        self._num_records = len(source)
+        self._stream = global_stream(config, source)
+        self._examples_seen = 0
+
+    def _start(self) -> grain.DatasetIterator:
+        if self._inner is None:
+            batches = host_batches(self._stream, self._examples_seen, self._global_batch, self._process_index,
+                                   self._process_count).to_iter_dataset(READ_OPTIONS)
+            if self._num_workers > 0:
+                _mark_absl_flags_parsed()
+                batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers))
+            self._inner = iter(batches)
+        return self._inner
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        self._assert_not_closed()
+        batch = next(self._start())
+        self._examples_seen += self._global_batch
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {'examples_seen': self._examples_seen, 'epoch': self._examples_seen // self._num_records}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        examples_seen = int(state['examples_seen'])
+        if examples_seen < 0:
+            raise ValueError(f'iterator state {state} has a negative examples_seen')
+        self._stop_inner()
+        self._examples_seen = examples_seen
+
+    def start_prefetch(self) -> None:
+        self._assert_not_closed()
+        self._start().start_prefetch()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._stop_inner()
+        super().close()
+
+    def _stop_inner(self) -> None:
+        if self._inner is not None:
+            inner, self._inner = self._inner, None
+            inner.close()
+
+    def __str__(self) -> str:
+        return (f'TrainIterator(process {self._process_index}/{self._process_count}, '
+                f'host batch {self._host_batch}, examples_seen={self._examples_seen})')
+
+
+def make_train_loader(config, process_index: int = 0, process_count: int = 1) -> TrainIterator:
+    """Endless iterator of this process's batches (supports `get_state()` / `set_state(state)`).
+
+    Yields {'image': float32 [b,H,W,C], 'text': int32 [b,L], 'label': int32 [b]} with
+    b = config.train.batch_size // process_count, H = W = config.model.image.image_size,
+    C = config.model.image.channels, L = config.model.text.max_len. Batch g of process p holds global
+    stream positions [g*B + p*b, g*B + (p+1)*b), B = config.train.batch_size.
+    """
+    return TrainIterator(config, process_index, process_count)
 
 
 def load_eval_split(config, split: str = 'test') -> dict[str, np.ndarray]:

@@ -14,13 +14,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from mmjax.models.audio import AudioTransformer
 from mmjax.models.encoders import TextTransformer, ViT
 from mmjax.models.heads import ProjectionHead, l2_normalize, logit_bias, logit_scale
 
 Dtype = Any
 
 # Config section / batch key -> encoder module class. The batch key equals the section name.
-ENCODERS: dict[str, type[nn.Module]] = {'image': ViT, 'text': TextTransformer}
+ENCODERS: dict[str, type[nn.Module]] = {'image': ViT, 'text': TextTransformer, 'audio': AudioTransformer}
 
 # Tower-section keys read by the data layer, not the encoder (e.g. which tokenizer feeds the text tower).
 _DATA_FIELDS = ('tokenizer',)
