@@ -25,9 +25,15 @@ setup(
         "scikit-learn>=1.5",  # ships the embedded digits dataset
         "scipy>=1.11",  # audio resampling
         "tensorboardX>=2.6",
+        "matplotlib>=3.8",  # mmjax eval figures
+        "tqdm>=4.60",  # progress bars (eval, dataset preparation)
+        "regex>=2023",  # CLIP BPE tokenizer
     ],
     extras_require={
-        "test": ["pytest>=8", "librosa>=0.10"],  # librosa: reference for the JAX log-mel
+        # librosa: reference for the JAX log-mel; sentencepiece/tokenizers: the file tokenizers
+        "test": ["pytest>=8", "librosa>=0.10", "sentencepiece>=0.2", "tokenizers>=0.19"],
+        "text": ["sentencepiece>=0.2", "tokenizers>=0.19"],
+        "tpu": ["libtpu==0.0.42.*"],  # for `mmjax compile` (AOT for TPU topologies); pinned by jax 0.10.2
     },
     entry_points={"console_scripts": ["mmjax=mmjax.cli:main"]},
 )

@@ -44,6 +44,22 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--stop-at-step", type=int, default=None,
                    help="stop after this step with a checkpoint written; the learning-rate schedule "
                         "still spans train.steps, so a later run on the workdir continues it")
+    c = sub.add_parser("compile", help="compile the train step ahead of time for a TPU topology "
+                                          "(needs libtpu) and report per-chip memory and FLOPs",
+                       epilog="Exit status 1 when the step does not fit the chip's HBM.")
+    c.add_argument("--config", required=True, help="a configs/*.py file (optionally file.py:arg)")
+    c.add_argument("--topology", required=True, help="v4-N, v5p-N (N TensorCores), v5e-N, v6e-N (N chips)")
+    c.add_argument("--num-slices", type=int, default=1, help="slices joined over DCN (mesh.data spans them)")
+    c.add_argument("--json", default=None, help="also write the report as JSON to this file")
+    e = sub.add_parser("eval", help="evaluate checkpoints of a workdir (zero-shot, retrieval, linear "
+                                    "probe) into W/eval/<step>.json and PNGs")
+    e.add_argument("--config", required=True, help="a configs/*.py file: data settings, eval.batch_size")
+    e.add_argument("--workdir", required=True, help="a training workdir (read-only on its checkpoints)")
+    which = e.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, default=None, help="this checkpoint (default: the latest)")
+    which.add_argument("--all", action="store_true", help="every checkpoint in the workdir")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.add_argument("--no-plots", action="store_true", help="write no PNGs")
     return p
 
 
@@ -66,6 +82,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             from mmjax.train import train
 
             train(config, args.workdir, stop_at_step=args.stop_at_step, verbose=not args.quiet)
+        elif args.command == "compile":
+            from mmjax import compile as compile_lib
+
+            compile_lib.use_cpu_host()
+
+            return compile_lib.run(config, args.topology, args.num_slices, args.json)
+        elif args.command == "eval":
+            from mmjax import eval_cmd
+
+            eval_cmd.main(config, args)
     except (config_lib.ConfigError, CheckpointMismatchError, ValueError) as e:
         print(f"mmjax: error: {e}", file=sys.stderr)
         return 2

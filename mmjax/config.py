@@ -17,6 +17,10 @@ from typing import Any, Sequence
 
 import ml_collections
 
+TASKS = ("contrastive", "classification", "itm_mlm")
+FUSION_MODES = ("concat", "weighted", "gated", "xattn")  # == mmjax.models.fusion.FUSION_MODES
+SPECIAL_TOKEN_IDS = (0, 1, 2)  # pad, BOS, EOT of the byte tokenizer
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis name -> mesh axis (or tuple of mesh axes, or None). The vocabulary is the one every
@@ -84,6 +88,16 @@ def base_config() -> ml_collections.ConfigDict:
     m.text = ml_collections.ConfigDict(
         dict(vocab_size=384, max_len=32, width=64, depth=2, num_heads=4, mlp_dim=256,
              causal=True, pool="eot", tokenizer="bytes"))
+    # task 'classification': FusionClassifier (co-attention layers, a fusion module, an MLP head).
+    m.fusion = ml_collections.ConfigDict(
+        dict(mode="concat", num_layers=1, num_heads=4, mlp_dim=256, hidden=128, num_classes=2,
+             proj_dim=ml_collections.FieldReference(None, field_type=int), per_feature=True))
+    # task 'itm_mlm': ContrastiveModel + image-conditioned text layers with ITM and MLM heads.
+    m.itm_mlm = ml_collections.ConfigDict(dict(num_layers=1, num_heads=4, mlp_dim=256, pool="eot"))
+
+    # task 'itm_mlm': loss = contrastive + itm_weight * ITM + mlm_weight * MLM (BERT masking).
+    c.objectives = ml_collections.ConfigDict(
+        dict(itm_weight=1.0, mlm_weight=1.0, mask_prob=0.15, mask_id=259))
 
     c.optim = ml_collections.ConfigDict()
     o = c.optim
@@ -99,6 +113,7 @@ def base_config() -> ml_collections.ConfigDict:
     o.wd_rules = (
         (r".*(bias|scale|embedding|pos_embed|cls)", 0.0),
         (r"logit_.*", 0.0),
+        (r".*(_gate|alpha_logit)", 0.0),  # fusion gates and mixing weights
         (r".*", 1.0),
     )
     o.freeze_rules = ()  # regexes of parameter paths that get no update and no optimizer state
@@ -330,8 +345,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
                 f"data*fsdp={batch_shards}; use a multiple of {batch_shards}")
     if t.batch_size % process_count:
         problems.append(f"train.batch_size={t.batch_size} is not divisible by the {process_count} processes")
-    if config.task != "contrastive":
-        problems.append(f"task: unknown task {config.task!r}; choose 'contrastive'")
+    if config.task not in TASKS:
+        problems.append(f"task: unknown task {config.task!r}; choose one of {TASKS}")
+    elif config.task != "contrastive" and m.loss_impl != "plain":
+        problems.append(f"model.loss_impl={m.loss_impl!r} is only supported with task 'contrastive'; "
+                        f"use 'plain' for task {config.task!r}")
+    if config.task == "classification":
+        problems += _fusion_problems(m)
+    if config.task == "itm_mlm":
+        problems += _itm_mlm_problems(config)
     if m.loss not in ("softmax", "sigmoid"):
         problems.append(f"model.loss: unknown loss {m.loss!r}; choose 'softmax' or 'sigmoid'")
     if m.loss_impl not in ("plain", "chunked"):
@@ -388,6 +410,59 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     if problems:
         raise ConfigError(problems)
     return mesh_shape
+
+
+def _fusion_problems(m) -> list[str]:
+    f, problems = m.fusion, []
+    if f.mode not in FUSION_MODES:
+        problems.append(f"model.fusion.mode: {f.mode!r}; choose one of {FUSION_MODES}")
+    if f.num_classes <= 0:
+        problems.append(f"model.fusion.num_classes must be positive, got {f.num_classes}")
+    elif f.num_classes < 2:
+        problems.append(f"model.fusion.num_classes={f.num_classes}: the image-caption pairs have labels 0/1; "
+                        f"use >= 2")
+    for key in ("num_layers", "hidden", "mlp_dim", "num_heads"):
+        if f[key] < (0 if key == "num_layers" else 1):
+            problems.append(f"model.fusion.{key} must be positive, got {f[key]}")
+    if f.num_heads >= 1:
+        for tower in ("image", "text"):
+            if m[tower].width % f.num_heads:
+                problems.append(f"model.{tower}.width={m[tower].width} is not divisible by "
+                                f"model.fusion.num_heads={f.num_heads}")
+    if f.proj_dim is not None and f.proj_dim <= 0:
+        problems.append(f"model.fusion.proj_dim must be positive or None, got {f.proj_dim}")
+    if (f.mode in ("concat", "weighted", "gated") and f.proj_dim is None
+            and m.image.width != m.text.width):
+        problems.append(f"model.fusion.mode={f.mode!r} fuses pooled features of mismatched widths "
+                        f"model.text.width={m.text.width} and model.image.width={m.image.width}; set "
+                        f"model.fusion.proj_dim to project both to one width (or make the widths equal)")
+    return problems
+
+
+def _itm_mlm_problems(config) -> list[str]:
+    m, o, problems = config.model, config.objectives, []
+    h = m.itm_mlm
+    if h.num_layers < 1:
+        problems.append(f"model.itm_mlm.num_layers must be positive, got {h.num_layers}")
+    if h.num_heads < 1 or m.text.width % h.num_heads:
+        problems.append(f"model.text.width={m.text.width} is not divisible by "
+                        f"model.itm_mlm.num_heads={h.num_heads}")
+    if h.pool not in ("eot", "cls"):
+        problems.append(f"model.itm_mlm.pool: {h.pool!r}; choose 'eot' or 'cls'")
+    if not 0 <= o.mask_id < m.text.vocab_size:
+        problems.append(f"objectives.mask_id={o.mask_id} must be < model.text.vocab_size="
+                        f"{m.text.vocab_size} (and >= 0)")
+    elif o.mask_id in SPECIAL_TOKEN_IDS or (m.text.tokenizer == "bytes" and 3 <= o.mask_id < 259):
+        problems.append(f"objectives.mask_id={o.mask_id} is a token the tokenizer emits; use an id in "
+                        f"[259, model.text.vocab_size)")
+    if not 0.0 < o.mask_prob <= 1.0:
+        problems.append(f"objectives.mask_prob must be in (0, 1], got {o.mask_prob}")
+    for key in ("itm_weight", "mlm_weight"):
+        if o[key] < 0:
+            problems.append(f"objectives.{key} must be >= 0, got {o[key]}")
+    if config.train.batch_size < 2:
+        problems.append("train.batch_size must be >= 2 for task 'itm_mlm' (ITM negatives come from the batch)")
+    return problems
 
 
 def data_dir(config) -> str:

@@ -19,7 +19,7 @@ import optax
 from jax.sharding import Mesh
 
 from mmjax import sharding as shd
-from mmjax.models import build_model
+from mmjax.models import build_fusion_classifier, build_itm_mlm_model, build_model
 from mmjax.optim import build_optimizer
 
 
@@ -50,6 +50,22 @@ def dummy_batch(config, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     }
 
 
+# config.task -> model builder (config.model -> nn.Module).
+MODEL_BUILDERS = {
+    "contrastive": build_model,
+    "classification": build_fusion_classifier,
+    "itm_mlm": build_itm_mlm_model,
+}
+
+
+def build_task_model(config) -> nn.Module:
+    """The model of `config.task`: ContrastiveModel, FusionClassifier or ContrastiveItmMlmModel."""
+    task = config.get("task", "contrastive")
+    if task not in MODEL_BUILDERS:
+        raise ValueError(f"task: unknown task {task!r}; choose one of {tuple(MODEL_BUILDERS)}")
+    return MODEL_BUILDERS[task](config.model)
+
+
 @dataclasses.dataclass
 class StateFactory:
     """Builds the model and optimizer from `config` and knows the state's shardings on `mesh`."""
@@ -65,9 +81,11 @@ class StateFactory:
 
     def __post_init__(self):
         self.rules = shd.logical_rules(self.config)
-        self.model = build_model(self.config.model)
+        self.model = build_task_model(self.config)
         batch_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        self._init_batch = dummy_batch(self.config, batch_shards)
+        # ITM mines its negatives inside the batch, so that model needs at least 2 examples to initialise.
+        per_shard = 2 if self.config.get("task") == "itm_mlm" else 1
+        self._init_batch = dummy_batch(self.config, batch_shards * per_shard)
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             abstract_params = jax.eval_shape(self._init_params, jax.random.key(0))
             self.tx, self.schedule = build_optimizer(self.config.optim, strip_boxes(abstract_params),

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import optax
 
 from mmjax import chunked_losses
+from mmjax import objectives
+from mmjax import task_eval
 from mmjax import config as config_lib
 from mmjax import losses
 from mmjax import sharding as shd
@@ -36,6 +38,9 @@ from mmjax.state import StateFactory, TrainState
 # collectives in flight, which deadlock multi-process CPU runs past ~30).
 MAX_STEPS_IN_FLIGHT = 8
 MODEL_INPUTS = ("image", "text")
+# config.task -> the batch keys the step reads.
+TASK_INPUTS = {"contrastive": MODEL_INPUTS, "classification": ("image", "text", "label"),
+               "itm_mlm": MODEL_INPUTS}
 
 
 def make_loss_fn(model_cfg, mesh):
@@ -48,19 +53,67 @@ def make_loss_fn(model_cfg, mesh):
     return lambda outputs: losses.contrastive_loss(outputs, model_cfg.loss)
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule, contrastive_loss):
+def contrastive_objective(contrastive_loss):
+    """outputs -> (loss, metrics) as an objective(model, params, batch, step) -> (loss, metrics)."""
+
+    def objective(model, params, batch, step):
+        del step
+        outputs = model.apply({"params": params}, batch, train=True)
+        loss, metrics = contrastive_loss(outputs)
+        return loss, dict(metrics, logit_scale=outputs["logit_scale"])
+
+    return objective
+
+
+def make_objective(config, mesh):
+    """The loss of `config.task`: objective(model, params, global batch, step) -> (loss, metrics of scalars).
+
+    contrastive: `make_loss_fn` on the ContrastiveModel outputs (metrics include 'logit_scale').
+    classification: softmax CE of the FusionClassifier on batch['label'] ('loss', 'accuracy').
+    itm_mlm: contrastive + itm_weight * ITM + mlm_weight * MLM; MLM masking and ITM negative sampling draw
+        from jax.random.fold_in(key(config.seed), step), so a step's randomness does not depend on the mesh.
+    """
+    task = config.task
+    if task == "classification":
+        def classify(model, params, batch, step):
+            del step
+            logits = model.apply({"params": params}, {k: batch[k] for k in ("image", "text")}, train=True)
+            return objectives.classification_loss(logits, batch["label"])
+        return classify
+    if task == "itm_mlm":
+        o, m = config.objectives, config.model
+        seed, loss_name, vocab = int(config.seed), str(m.loss), int(m.text.vocab_size)
+        mask_prob, mask_id = float(o.mask_prob), int(o.mask_id)
+        itm_weight, mlm_weight = float(o.itm_weight), float(o.mlm_weight)
+
+        def itm_mlm(model, params, batch, step):
+            r_mask, r_itm = jax.random.split(jax.random.fold_in(jax.random.key(seed), step))
+            batch = objectives.add_mlm_inputs(batch, r_mask, mask_prob, mask_id, vocab)
+            outputs = model.apply({"params": params}, batch, train=True, rngs={"itm": r_itm})
+            loss, metrics = objectives.itm_mlm_loss(outputs, batch, loss_name, itm_weight, mlm_weight)
+            return loss, dict(metrics, logit_scale=outputs["logit_scale"])
+        return itm_mlm
+    return contrastive_objective(make_loss_fn(config.model, mesh))
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule, contrastive_loss=None,
+                    objective=None):
     """A pure step: (state, global batch) -> (new state, metrics dict of scalars).
 
-    contrastive_loss: model outputs -> (loss, metrics), from `make_loss_fn`.
+    objective: (model, params, batch, step) -> (loss, metrics), from `make_objective`; or, for the contrastive
+    task, contrastive_loss: model outputs -> (loss, metrics), from `make_loss_fn`. Metrics always hold 'loss',
+    'grad_norm', 'lr', 'skipped' plus the task's own ('logit_scale' only when the model has one).
     """
+    if objective is None:
+        if contrastive_loss is None:
+            raise ValueError("make_train_step needs an objective or a contrastive_loss")
+        objective = contrastive_objective(contrastive_loss)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         def loss_fn(params):
-            outputs = model.apply({"params": params}, batch, train=True)
-            loss, metrics = contrastive_loss(outputs)
-            return loss, (metrics, outputs["logit_scale"])
+            return objective(model, params, batch, state.step)
 
-        (loss, (metrics, scale)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -69,8 +122,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
         keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
         params = jax.tree.map(keep, params, state.params)
         opt_state = jax.tree.map(keep, opt_state, state.opt_state)
-        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, logit_scale=scale,
-                       lr=schedule(state.step), skipped=(~finite).astype(jnp.int32))
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
+                       skipped=(~finite).astype(jnp.int32))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
@@ -114,7 +167,7 @@ def train(config, workdir: str, devices: Sequence[jax.Device] | None = None,
             json.dump(config_json, f, indent=2)
 
     step_fn = jax.jit(
-        make_train_step(factory.model, factory.tx, factory.schedule, make_loss_fn(config.model, mesh)),
+        make_train_step(factory.model, factory.tx, factory.schedule, objective=make_objective(config, mesh)),
         in_shardings=(factory.shardings, shd.batch_sharding(mesh)),
         out_shardings=(factory.shardings, shd.replicated(mesh)),
         donate_argnums=0,
@@ -130,6 +183,7 @@ def train(config, workdir: str, devices: Sequence[jax.Device] | None = None,
     pending: list[tuple[int, Any]] = []  # (step, device metrics) not yet read on the host
     wait_time, step_time = 0.0, 0.0
     step = start
+    inputs = TASK_INPUTS[config.task]
     try:
         with PreemptionGuard(log=warn) as guard, jax.set_mesh(mesh), \
                 nn.logical_axis_rules(factory.rules):
@@ -137,7 +191,7 @@ def train(config, workdir: str, devices: Sequence[jax.Device] | None = None,
                 t0 = time.perf_counter()
                 host_batch = next(loader_iter)
                 t1 = time.perf_counter()
-                batch = shd.global_batch({k: host_batch[k] for k in MODEL_INPUTS}, mesh)
+                batch = shd.global_batch({k: host_batch[k] for k in inputs}, mesh)
                 state, metrics = step_fn(state, batch)
                 pending.append((step, metrics))
                 if step == start + 1:
@@ -176,14 +230,29 @@ def train(config, workdir: str, devices: Sequence[jax.Device] | None = None,
                     ckpt.close()
                     return last
             ckpt.wait()
-            if end == total and config.eval.zeroshot:
-                results = run_zeroshot(config, factory, state.params, mesh)
-                last.update(writer.write(end, results))
-                log("mmjax: " + ", ".join(f"{k} = {v:.4f}" for k, v in results.items()))
+            if end == total:
+                results = final_eval(config, factory, state.params, mesh)
+                if results:
+                    last.update(writer.write(end, results))
+                    log("mmjax: " + ", ".join(f"{k} = {v:.4f}" for k, v in results.items()))
             ckpt.close()
     finally:
         writer.close()
     return last
+
+
+def final_eval(config, factory: StateFactory, params, mesh) -> dict[str, float]:
+    """End-of-training evaluation of `config.task`: contrastive -> zero-shot (when config.eval.zeroshot);
+    classification -> held-out pair accuracy ('classify/accuracy'); itm_mlm -> zero-shot (when
+    config.eval.zeroshot) plus held-out 'itm/accuracy' and 'mlm/accuracy'."""
+    results: dict[str, float] = {}
+    if config.task in ("contrastive", "itm_mlm") and config.eval.zeroshot:
+        results.update(run_zeroshot(config, factory, params, mesh))
+    if config.task == "classification":
+        results.update(task_eval.classification_eval(config, factory.model, params, mesh, factory.rules))
+    if config.task == "itm_mlm":
+        results.update(task_eval.itm_mlm_eval(config, factory.model, params, mesh, factory.rules))
+    return results
 
 
 def run_zeroshot(config, factory: StateFactory, params, mesh) -> dict[str, float]:

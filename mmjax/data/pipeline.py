@@ -152,16 +152,22 @@ def _mark_absl_flags_parsed() -> None:
 
 def global_stream(config, source) -> grain.MapDataset:
     """Endless MapDataset of model-ready examples; element k is global stream position k, the same on every
-    process: {'image': float32 [H,W,C], 'text': int32 [L], 'label': int32}."""
+    process: {'image': float32 [H,W,C], 'text': int32 [L], 'label': int32}. With config.task ==
+    'classification' the examples are image-caption pairs (pairs.PairAugmentTokenize: 'label' = 1 if the
+    caption matches, plus 'digit')."""
     _, map_seed = stream_seeds(config.seed)
     img = config.model.image
     size, channels = int(img.image_size), int(img.channels)
     mean = tuple(np.ravel(config.data.image_mean).tolist())
     std = tuple(np.ravel(config.data.image_std).tolist())
     preprocess_images(np.zeros((1, size, size), np.uint8), size, channels, mean, std)  # config errors now
-    transform = CaptionAugmentTokenize(
-        caption_fn=_dataset(config).caption, tokenizer=get_tokenizer(config.model.text),
-        augment=bool(config.data.augment), image_size=size, channels=channels, mean=mean, std=std)
+    fields = dict(caption_fn=_dataset(config).caption, tokenizer=get_tokenizer(config.model.text),
+                  augment=bool(config.data.augment), image_size=size, channels=channels, mean=mean, std=std)
+    if config.get('task') == 'classification':  # image-caption matching pairs, see mmjax/data/pairs.py
+        from mmjax.data import pairs
+        transform = pairs.make_transform(config, **fields)
+    else:
+        transform = CaptionAugmentTokenize(**fields)
     # random_map seeds each element's RNG with (map_seed, its index here) = the global position.
     return shuffled_records(source, config.seed).map(DecodeExample()).random_map(transform, seed=map_seed)
 

@@ -91,10 +91,38 @@ def _byte_tokenizer(text_cfg) -> Tokenizer:
     return ByteTokenizer(max_len=text_cfg.max_len)
 
 
+def _tokenizer_path(text_cfg, name: str) -> str:
+    path = text_cfg.get('tokenizer_path', '') or ''
+    if not path:
+        raise ValueError(f'config.model.text.tokenizer={name!r} needs config.model.text.tokenizer_path '
+                         f'(the model / tokenizer.json / merges file)')
+    return path
+
+
+def _sentencepiece_tokenizer(text_cfg) -> Tokenizer:
+    from mmjax.data.subword import SentencePieceTokenizer  # lazy: optional package `sentencepiece`
+    return SentencePieceTokenizer(_tokenizer_path(text_cfg, 'sentencepiece'), max_len=text_cfg.max_len)
+
+
+def _hf_tokenizer(text_cfg) -> Tokenizer:
+    from mmjax.data.subword import HFTokenizer  # lazy: optional package `tokenizers`
+    return HFTokenizer(_tokenizer_path(text_cfg, 'hf'), max_len=text_cfg.max_len)
+
+
+def _clip_bpe_tokenizer(text_cfg) -> Tokenizer:
+    from mmjax.data.bpe import ClipBpeTokenizer  # lazy: imports this module
+    return ClipBpeTokenizer(_tokenizer_path(text_cfg, 'clip_bpe'), max_len=text_cfg.max_len,
+                            max_merges=text_cfg.get('bpe_max_merges', None))
+
+
 # name (`config.model.text.tokenizer`) -> constructor taking `config.model.text`. 'byte' aliases 'bytes'.
+# The file-based ones read `config.model.text.tokenizer_path` (and 'clip_bpe' optionally `bpe_max_merges`).
 TOKENIZERS: dict[str, Callable[..., Tokenizer]] = {
     'bytes': _byte_tokenizer,
     'byte': _byte_tokenizer,
+    'sentencepiece': _sentencepiece_tokenizer,
+    'hf': _hf_tokenizer,
+    'clip_bpe': _clip_bpe_tokenizer,
 }
 
 

@@ -22,7 +22,7 @@ from mmjax import objectives
 from mmjax.models.encoders import PAD_ID, TextTransformer, ViT, last_nonpad_index
 from mmjax.models.fusion import FUSION_MODES, CoAttention, CrossAttention, build_fusion, masked_mean
 from mmjax.models.layers import ACT_POOLED, ACT_TOKENS, EncoderBlock, constrain, dense, layer_norm
-from mmjax.models.model import ContrastiveModel, _encoder_kwargs, build_model
+from mmjax.models.model import ContrastiveModel, encoder_kwargs, build_model
 
 Dtype = Any
 Kwargs = tuple[tuple[str, Any], ...]
@@ -124,7 +124,7 @@ def build_fusion_classifier(model_cfg: ml_collections.ConfigDict) -> FusionClass
     if fusion['mode'] not in FUSION_MODES:
         raise ValueError(f'config model.fusion.mode must be one of {FUSION_MODES}; got {fusion["mode"]!r}')
     return FusionClassifier(
-        image_kwargs=_encoder_kwargs(model_cfg, 'image'), text_kwargs=_encoder_kwargs(model_cfg, 'text'),
+        image_kwargs=encoder_kwargs(model_cfg, 'image'), text_kwargs=encoder_kwargs(model_cfg, 'text'),
         gelu_approximate=bool(model_cfg.get('gelu_approximate', False) or False),
         dtype=jnp.dtype(model_cfg.get('dtype', 'float32')),
         param_dtype=jnp.dtype(model_cfg.get('param_dtype', 'float32')), **fusion)
@@ -251,6 +251,22 @@ class ContrastiveItmMlmModel(ContrastiveModel):
         if self.bias is not None:
             result['logit_bias'] = self.bias
         return result
+
+    def pair_logits(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """Scores given (image, text) pairs, for evaluation.
+
+        batch {'image': float32 [B,H,W,C], 'text': int32 [B,L], optional 'mlm_text': int32 [B,L]} ->
+        {'itm_logits': float32 [B] (match logit of image i with text i),
+         'mlm_logits': float32 [B,L,V] (of the image-fused 'mlm_text', or 'text' when absent)}.
+        """
+        outputs = self.tower_outputs({k: batch[k] for k in ('image', 'text')})
+        img, txt = outputs['image'], outputs['text']
+        text_mask = batch['text'] != PAD_ID
+        heads = self.itm_mlm
+        itm_logits = heads.itm(heads.fuse(img['tokens'], txt['tokens'], text_mask), text_mask)
+        mlm_tokens = (self.tower_modules['text'].encoder(batch['mlm_text'])[0] if 'mlm_text' in batch
+                      else txt['tokens'])
+        return {'itm_logits': itm_logits, 'mlm_logits': heads.mlm(heads.fuse(img['tokens'], mlm_tokens, text_mask))}
 
 
 ITM_MLM_KEYS = {'num_layers': None, 'num_heads': None, 'mlp_dim': None, 'pool': 'optional'}

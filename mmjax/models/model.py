@@ -113,7 +113,7 @@ def _require(cfg: ml_collections.ConfigDict, key: str, where: str) -> Any:
     return cfg[key]
 
 
-def _encoder_kwargs(model_cfg: ml_collections.ConfigDict, name: str) -> tuple[tuple[str, Any], ...]:
+def encoder_kwargs(model_cfg: ml_collections.ConfigDict, name: str) -> tuple[tuple[str, Any], ...]:
     """Plain, hashable encoder kwargs from `model_cfg[name]` plus the model-level fields."""
     cls = ENCODERS[name]
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in ('parent', 'name')}
@@ -137,7 +137,7 @@ def _encoder_kwargs(model_cfg: ml_collections.ConfigDict, name: str) -> tuple[tu
 
 def build_model(model_cfg: ml_collections.ConfigDict) -> ContrastiveModel:
     """`config.model` -> ContrastiveModel with one tower per present section of `ENCODERS` (in that order)."""
-    towers = tuple((name, ENCODERS[name], _encoder_kwargs(model_cfg, name))
+    towers = tuple((name, ENCODERS[name], encoder_kwargs(model_cfg, name))
                    for name in ENCODERS if name in model_cfg and model_cfg[name] is not None)
     if len(towers) < 2:
         raise ValueError(f'config.model needs at least two towers among {list(ENCODERS)}; '

@@ -1,0 +1,124 @@
+"""Tasks beyond contrastive (config.task): classification on image-caption pairs and contrastive + ITM + MLM.
+
+A classification step is the same on 1 and 8 devices; both tasks train end to end through `train()` and write
+their metrics; bad task settings are refused naming their keys."""
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from mmjax import config as config_lib
+from mmjax import sharding as shd
+from mmjax.config import ConfigError
+from mmjax.data import pairs
+from mmjax.metrics import read_metrics
+from mmjax.state import StateFactory
+from mmjax.train import make_objective, make_train_step, train
+
+from test_config import tiny
+
+
+def _task_config(task, *overrides, data_dir=None):
+    c = tiny()
+    extra = [f"config.task={task}", "config.model.fusion.num_heads=2", "config.model.fusion.mlp_dim=32",
+             "config.model.fusion.hidden=16", "config.model.itm_mlm.num_heads=2",
+             "config.model.itm_mlm.mlp_dim=32"]
+    if data_dir is not None:
+        extra.append(f"config.data.data_dir={data_dir}")
+    return config_lib.apply_overrides(c, extra + list(overrides))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def _pair_batch(config, n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    img = config.model.image
+    text = rng.integers(3, 259, size=(n, config.model.text.max_len)).astype(np.int32)
+    for i, length in enumerate(rng.integers(5, config.model.text.max_len, size=n)):
+        text[i, 0], text[i, length - 1], text[i, length:] = 1, 2, 0
+    return {"image": rng.normal(size=(n, img.image_size, img.image_size, img.channels)).astype(np.float32),
+            "text": text, "label": rng.integers(0, 2, size=n).astype(np.int32)}
+
+
+def _one_step(config, devices):
+    mesh = shd.make_mesh(config.mesh, devices)
+    factory = StateFactory(config, mesh)
+    state = factory.init(config.seed)
+    step = jax.jit(make_train_step(factory.model, factory.tx, factory.schedule,
+                                   objective=make_objective(config, mesh)),
+                   in_shardings=(factory.shardings, shd.batch_sharding(mesh)),
+                   out_shardings=(factory.shardings, shd.replicated(mesh)))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(factory.rules):
+        state, metrics = step(state, shd.global_batch(_pair_batch(config), mesh))
+    return jax.device_get(state.params), jax.device_get(metrics)
+
+
+@pytest.mark.parametrize("mode", ["gated", "xattn"])
+def test_classification_step_on_8_devices_equals_1_device(mode):
+    one = _task_config("classification", "config.mesh.data=1", f"config.model.fusion.mode={mode}")
+    eight = _task_config("classification", "config.mesh.data=2", "config.mesh.fsdp=2", "config.mesh.tensor=2",
+                         f"config.model.fusion.mode={mode}")
+    ref_params, ref_metrics = _one_step(one, jax.devices()[:1])
+    params, metrics = _one_step(eight, jax.devices())
+    assert set(metrics) == {"loss", "accuracy", "grad_norm", "lr", "skipped"}  # no logit_scale here
+    np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], atol=1e-5, rtol=1e-5)
+    flat_ref = jax.tree_util.tree_leaves_with_path(ref_params)
+    for (path, a), b in zip(flat_ref, jax.tree.leaves(params)):
+        np.testing.assert_allclose(b, a, atol=1e-5, rtol=0, err_msg=jax.tree_util.keystr(path))
+
+
+def test_classification_trains_end_to_end(tmp_path, data_dir):
+    config = _task_config("classification", "config.train.steps=4", "config.mesh.data=2", "config.mesh.fsdp=2",
+                          "config.mesh.tensor=2", data_dir=data_dir)
+    last = train(config, str(tmp_path), verbose=False)
+    records = read_metrics(str(tmp_path))
+    assert [r["step"] for r in records if "accuracy" in r] == [1, 2, 3, 4]
+    assert 0.0 <= last["classify/accuracy"] <= 1.0 and last["classify/num_examples"] == 360
+    assert "classify/accuracy" in records[-1]
+
+
+def test_itm_mlm_trains_end_to_end(tmp_path, data_dir):
+    config = _task_config("itm_mlm", "config.train.steps=3", "config.eval.zeroshot=True", data_dir=data_dir)
+    last = train(config, str(tmp_path), verbose=False)
+    step_metrics = [r for r in read_metrics(str(tmp_path)) if "itm_acc" in r]
+    assert [r["step"] for r in step_metrics] == [1, 2, 3]
+    for key in ("contrastive_loss", "itm_loss", "mlm_loss", "mlm_acc", "logit_scale"):
+        assert np.isfinite(step_metrics[-1][key]), key
+    for key in ("zeroshot/top1", "itm/accuracy", "mlm/accuracy"):
+        assert 0.0 <= last[key] <= 1.0, key
+    assert last["mlm/count"] > 0
+
+
+def test_pair_stream_is_half_matching_and_deterministic(data_dir):
+    config = _task_config("classification", data_dir=data_dir)
+    held_out = pairs.load_eval_pairs(config)
+    again = pairs.load_eval_pairs(config)
+    np.testing.assert_array_equal(held_out["text"], again["text"])
+    assert len(held_out["label"]) == 360 and 0.4 < held_out["label"].mean() < 0.6
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["config.task=captioning"], r"task: unknown task 'captioning'"),
+    (["config.task=classification", "config.model.image.width=48", "config.model.fusion.mode=gated"],
+     r"model\.fusion\.proj_dim"),
+    (["config.task=classification", "config.model.fusion.num_classes=0"], r"model\.fusion\.num_classes"),
+    (["config.task=classification", "config.model.fusion.mode=sum"], r"model\.fusion\.mode"),
+    (["config.task=itm_mlm", "config.objectives.mask_id=400"], r"objectives\.mask_id=400 must be < "
+                                                               r"model\.text\.vocab_size"),
+    (["config.task=itm_mlm", "config.model.loss_impl=chunked"], r"model\.loss_impl"),
+])
+def test_bad_task_settings_are_named(overrides, message):
+    config = config_lib.apply_overrides(tiny(), overrides)
+    with pytest.raises(ConfigError, match=message):
+        config_lib.validate(config, num_devices=8)
+
+
+def test_mismatched_widths_with_proj_dim_are_accepted():
+    config = config_lib.apply_overrides(tiny(), ["config.task=classification", "config.model.image.width=48",
+                                                 "config.model.fusion.mode=gated",
+                                                 "config.model.fusion.proj_dim=32"])
+    config_lib.validate(config, num_devices=8)
