@@ -96,18 +96,12 @@ def make_objective(config, mesh):
     return contrastive_objective(make_loss_fn(config.model, mesh))
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule, contrastive_loss=None,
-                    objective=None):
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule, objective):
     """A pure step: (state, global batch) -> (new state, metrics dict of scalars).
 
-    objective: (model, params, batch, step) -> (loss, metrics), from `make_objective`; or, for the contrastive
-    task, contrastive_loss: model outputs -> (loss, metrics), from `make_loss_fn`. Metrics always hold 'loss',
-    'grad_norm', 'lr', 'skipped' plus the task's own ('logit_scale' only when the model has one).
+    objective: (model, params, batch, step) -> (loss, metrics), from `make_objective`. Metrics always hold
+    'loss', 'grad_norm', 'lr', 'skipped' plus the task's own ('logit_scale' only when the model has one).
     """
-    if objective is None:
-        if contrastive_loss is None:
-            raise ValueError("make_train_step needs an objective or a contrastive_loss")
-        objective = contrastive_objective(contrastive_loss)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         def loss_fn(params):

@@ -9,7 +9,7 @@ import pytest
 from mmjax import config as config_lib
 from mmjax import sharding as shd
 from mmjax.state import StateFactory
-from mmjax.train import make_loss_fn, make_train_step
+from mmjax.train import make_objective, make_train_step
 
 from test_config import tiny
 
@@ -39,7 +39,7 @@ def _one_step(config, devices):
     factory = StateFactory(config, mesh)
     state = factory.init(config.seed)
     step = jax.jit(make_train_step(factory.model, factory.tx, factory.schedule,
-                                   make_loss_fn(config.model, mesh)),
+                                   make_objective(config, mesh)),
                    in_shardings=(factory.shardings, shd.batch_sharding(mesh)),
                    out_shardings=(factory.shardings, shd.replicated(mesh)))
     with jax.set_mesh(mesh), nn.logical_axis_rules(factory.rules):

@@ -49,7 +49,7 @@ def _one_step(config, devices):
     factory = StateFactory(config, mesh)
     state = factory.init(config.seed)
     step = jax.jit(make_train_step(factory.model, factory.tx, factory.schedule,
-                                   objective=make_objective(config, mesh)),
+                                   make_objective(config, mesh)),
                    in_shardings=(factory.shardings, shd.batch_sharding(mesh)),
                    out_shardings=(factory.shardings, shd.replicated(mesh)))
     with jax.set_mesh(mesh), nn.logical_axis_rules(factory.rules):
