@@ -22,6 +22,7 @@ FUSION_MODES = ("concat", "weighted", "gated", "xattn")  # == mmjax.models.fusio
 SPECIAL_TOKEN_IDS = (0, 1, 2)  # pad, BOS, EOT of the byte tokenizer
 
 MESH_AXES = ("data", "fsdp", "tensor")
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")  # == mmjax.models.layers.ACTIVATIONS
 
 # Logical axis name -> mesh axis (or tuple of mesh axes, or None). The vocabulary is the one every
 # module uses; changing parallelism is an edit of this table, never of a model.
@@ -75,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.dtype = "float32"
     m.param_dtype = "float32"
     m.remat = "none"
+    m.activation = "gelu"  # MLP nonlinearity: 'gelu' (exact) | 'gelu_tanh' | 'quick_gelu' (OpenAI CLIP)
     m.scan_layers = False
     m.loss = "softmax"
     m.loss_impl = "plain"  # 'plain' (B x B logits) | 'chunked' (ring over data*fsdp, memory ~ B*d)
@@ -366,6 +368,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     for key in ("dtype", "param_dtype"):
         if m[key] not in _DTYPES:
             problems.append(f"model.{key}: {m[key]!r} is not one of {_DTYPES}")
+    if m.activation not in ACTIVATIONS:
+        problems.append(f"model.activation: {m.activation!r}; choose one of {ACTIVATIONS}")
     if m.remat not in ("none", "full", "dots"):
         problems.append(f"model.remat: {m.remat!r}; choose 'none', 'full' or 'dots'")
     img = m.image

@@ -65,7 +65,7 @@ class AudioTransformer(nn.Module):
     input_std: float = 22.0
     remat: str = 'none'
     scan_layers: bool = False
-    gelu_approximate: bool = False
+    activation: str = 'gelu'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -138,7 +138,7 @@ class AudioTransformer(nn.Module):
 
         valid = jnp.concatenate([jnp.ones((b, 1), bool), token_mask], axis=1)  # [B, 1 + N]
         x = Encoder(self.depth, self.num_heads, self.mlp_dim, remat=self.remat, scan=self.scan_layers,
-                    gelu_approximate=self.gelu_approximate, name='transformer', **kw)(x, valid[:, None, None, :])
+                    activation=self.activation, name='transformer', **kw)(x, valid[:, None, None, :])
         x = layer_norm(name='ln_final', **kw)(x)
         x = constrain(jnp.where(valid[..., None], x, jnp.zeros((), x.dtype)), ACT_TOKENS)
         if self.pool == 'cls':

@@ -41,7 +41,7 @@ class ViT(nn.Module):
     pool: str = 'cls'
     remat: str = 'none'
     scan_layers: bool = False
-    gelu_approximate: bool = False
+    activation: str = 'gelu'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -68,7 +68,7 @@ class ViT(nn.Module):
         x = x + pos.astype(self.dtype)[None]
         x = layer_norm(name='ln_pre', **kw)(x)
         x = Encoder(self.depth, self.num_heads, self.mlp_dim, remat=self.remat, scan=self.scan_layers,
-                    gelu_approximate=self.gelu_approximate, name='transformer', **kw)(x)
+                    activation=self.activation, name='transformer', **kw)(x)
         x = constrain(layer_norm(name='ln_final', **kw)(x), ACT_TOKENS)
         pooled = x[:, 0] if self.pool == 'cls' else x.mean(axis=1)
         return x, constrain(pooled, ACT_POOLED)
@@ -99,7 +99,7 @@ class TextTransformer(nn.Module):
     vocab_multiple: int = 128
     remat: str = 'none'
     scan_layers: bool = False
-    gelu_approximate: bool = False
+    activation: str = 'gelu'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -127,7 +127,7 @@ class TextTransformer(nn.Module):
         if self.causal:
             mask = mask & jnp.tril(jnp.ones((length, length), bool))[None, None]
         x = Encoder(self.depth, self.num_heads, self.mlp_dim, remat=self.remat, scan=self.scan_layers,
-                    gelu_approximate=self.gelu_approximate, name='transformer', **kw)(x, mask)
+                    activation=self.activation, name='transformer', **kw)(x, mask)
         x = constrain(layer_norm(name='ln_final', **kw)(x), ACT_TOKENS)
         if self.pool == 'cls':
             pooled = x[:, 0]

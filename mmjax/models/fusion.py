@@ -84,14 +84,14 @@ class CrossAttention(nn.Module):
 class MlpResidual(nn.Module):
     """Pre-LN MLP with residual: x + mlp(ln(x)), [B,L,E] -> [B,L,E]."""
     mlp_dim: int
-    gelu_approximate: bool = False
+    activation: str = 'gelu'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = Mlp(self.mlp_dim, self.gelu_approximate, name='mlp', **kw)(layer_norm(name='ln', **kw)(x))
+        h = Mlp(self.mlp_dim, self.activation, name='mlp', **kw)(layer_norm(name='ln', **kw)(x))
         return constrain(x + h, ACT_TOKENS)
 
 
@@ -103,7 +103,7 @@ class CoAttention(nn.Module):
     """
     num_heads: int
     mlp_dim: int | None = None
-    gelu_approximate: bool = False
+    activation: str = 'gelu'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -115,8 +115,8 @@ class CoAttention(nn.Module):
         a_new = CrossAttention(self.num_heads, name='a_to_b', **kw)(a, b, b_mask)
         b_new = CrossAttention(self.num_heads, name='b_to_a', **kw)(b, a, a_mask)
         if self.mlp_dim is not None:
-            a_new = MlpResidual(self.mlp_dim, self.gelu_approximate, name='a_mlp', **kw)(a_new)
-            b_new = MlpResidual(self.mlp_dim, self.gelu_approximate, name='b_mlp', **kw)(b_new)
+            a_new = MlpResidual(self.mlp_dim, self.activation, name='a_mlp', **kw)(a_new)
+            b_new = MlpResidual(self.mlp_dim, self.activation, name='b_mlp', **kw)(b_new)
         return a_new, b_new
 
 
@@ -281,7 +281,7 @@ class GatedCrossAttentionBlock(nn.Module):
     """
     num_heads: int
     mlp_dim: int
-    gelu_approximate: bool = False
+    activation: str = 'gelu'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -293,7 +293,7 @@ class GatedCrossAttentionBlock(nn.Module):
             self.param(n, partitioned(nn.initializers.zeros_init(), ()), (), self.param_dtype), self.dtype))
         h = _Attend(self.num_heads, name='xattn', **kw)(x, y, y_mask)
         x = constrain(x + gate('attn_gate') * h, ACT_TOKENS)
-        h = Mlp(self.mlp_dim, self.gelu_approximate, name='mlp', **kw)(layer_norm(name='ln_mlp', **kw)(x))
+        h = Mlp(self.mlp_dim, self.activation, name='mlp', **kw)(layer_norm(name='ln_mlp', **kw)(x))
         return constrain(x + gate('ff_gate') * h, ACT_TOKENS)
 
 
@@ -307,7 +307,7 @@ class InterleavedEncoder(nn.Module):
     xattn_heads: int
     xattn_mlp_dim: int
     remat: str = 'none'
-    gelu_approximate: bool = False
+    activation: str = 'gelu'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -323,7 +323,7 @@ class InterleavedEncoder(nn.Module):
                 raise ValueError(f"model.remat must be one of 'none', {sorted(REMAT_POLICIES)}; got {self.remat!r}")
             block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat])
             xattn_cls = nn.remat(xattn_cls, policy=REMAT_POLICIES[self.remat])
-        kw = dict(gelu_approximate=self.gelu_approximate, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(activation=self.activation, dtype=self.dtype, param_dtype=self.param_dtype)
         x = constrain(x, ACT_TOKENS)
         for i in range(self.depth):
             x = block_cls(self.num_heads, self.mlp_dim, name=f'block_{i}', **kw)(x, mask)
@@ -353,7 +353,7 @@ class GatedXAttnTextEncoder(nn.Module):
     pool: str = 'eot'
     vocab_multiple: int = 128
     remat: str = 'none'
-    gelu_approximate: bool = False
+    activation: str = 'gelu'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -379,7 +379,7 @@ class GatedXAttnTextEncoder(nn.Module):
             mask = mask & jnp.tril(jnp.ones((length, length), bool))[None, None]
         x = InterleavedEncoder(self.depth, self.num_heads, self.mlp_dim, self.xattn_every,
                                self.xattn_heads or self.num_heads, self.xattn_mlp_dim or self.mlp_dim,
-                               remat=self.remat, gelu_approximate=self.gelu_approximate, name='transformer',
+                               remat=self.remat, activation=self.activation, name='transformer',
                                **kw)(x, mask, context, context_mask)
         x = constrain(layer_norm(name='ln_final', **kw)(x), ACT_TOKENS)
         if self.pool == 'cls':

@@ -21,7 +21,7 @@ import ml_collections
 from mmjax import objectives
 from mmjax.models.encoders import PAD_ID, TextTransformer, ViT, last_nonpad_index
 from mmjax.models.fusion import FUSION_MODES, CoAttention, CrossAttention, build_fusion, masked_mean
-from mmjax.models.layers import ACT_POOLED, ACT_TOKENS, EncoderBlock, constrain, dense, layer_norm
+from mmjax.models.layers import ACT_POOLED, ACT_TOKENS, EncoderBlock, activation_fn, constrain, dense, layer_norm
 from mmjax.models.model import ContrastiveModel, encoder_kwargs, build_model
 
 Dtype = Any
@@ -72,7 +72,7 @@ class FusionClassifier(nn.Module):
     num_classes: int
     proj_dim: int | None = None
     per_feature: bool = True
-    gelu_approximate: bool = False
+    activation: str = 'gelu'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -87,7 +87,7 @@ class FusionClassifier(nn.Module):
         image, _ = EncoderSlot(ViT, self.image_kwargs, name='image')(batch['image'])
         text, _ = EncoderSlot(TextTransformer, self.text_kwargs, name='text')(batch['text'], text_mask)
         for i in range(self.num_layers):
-            text, image = CoAttention(self.num_heads, self.mlp_dim, self.gelu_approximate, name=f'coattn_{i}',
+            text, image = CoAttention(self.num_heads, self.mlp_dim, self.activation, name=f'coattn_{i}',
                                       **kw)(text, image, text_mask, None)
         fusion = build_fusion(self.mode, proj_dim=self.proj_dim, num_heads=self.num_heads,
                               per_feature=self.per_feature, name='fusion', **kw)
@@ -125,7 +125,7 @@ def build_fusion_classifier(model_cfg: ml_collections.ConfigDict) -> FusionClass
         raise ValueError(f'config model.fusion.mode must be one of {FUSION_MODES}; got {fusion["mode"]!r}')
     return FusionClassifier(
         image_kwargs=encoder_kwargs(model_cfg, 'image'), text_kwargs=encoder_kwargs(model_cfg, 'text'),
-        gelu_approximate=bool(model_cfg.get('gelu_approximate', False) or False),
+        activation=str(model_cfg.get('activation', 'gelu') or 'gelu'),
         dtype=jnp.dtype(model_cfg.get('dtype', 'float32')),
         param_dtype=jnp.dtype(model_cfg.get('param_dtype', 'float32')), **fusion)
 
@@ -148,7 +148,7 @@ class ItmMlmHeads(nn.Module):
     mlp_dim: int
     pool: str = 'eot'
     vocab_multiple: int = 128
-    gelu_approximate: bool = False
+    activation: str = 'gelu'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -157,7 +157,7 @@ class ItmMlmHeads(nn.Module):
             raise ValueError(f"model.itm_mlm.pool must be 'eot' or 'cls'; got {self.pool!r}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.cross = [CrossAttention(self.num_heads, **kw) for _ in range(self.num_layers)]
-        self.block = [EncoderBlock(self.num_heads, self.mlp_dim, self.gelu_approximate, **kw)
+        self.block = [EncoderBlock(self.num_heads, self.mlp_dim, self.activation, **kw)
                       for _ in range(self.num_layers)]
         self.ln_final = layer_norm(**kw)
         self.itm_head = dense(1, ('embed', None), **kw)
@@ -191,7 +191,7 @@ class ItmMlmHeads(nn.Module):
 
     def mlm(self, fused: jax.Array) -> jax.Array:
         """fused [B,L,W] -> MLM logits float32 [B,L,vocab_size]."""
-        h = nn.gelu(self.mlm_hidden(fused), approximate=self.gelu_approximate)
+        h = activation_fn(self.activation)(self.mlm_hidden(fused))
         h = self.mlm_ln(constrain(h, ('act_batch', 'act_length', 'act_mlp')))
         logits = self.mlm_out(h)[..., :self.vocab_size]
         return constrain(logits.astype(jnp.float32), ('act_batch', 'act_length', None))
@@ -281,7 +281,7 @@ def build_itm_mlm_model(model_cfg: ml_collections.ConfigDict) -> ContrastiveItmM
     heads.setdefault('pool', text.get('pool', 'eot'))
     heads.update(vocab_size=text['vocab_size'], width=text['width'],
                  vocab_multiple=text.get('vocab_multiple', 128),
-                 gelu_approximate=text.get('gelu_approximate', False))
+                 activation=text.get('activation', 'gelu'))
     return ContrastiveItmMlmModel(
         towers=base.towers, embed_dim=base.embed_dim, logit_scale_init=base.logit_scale_init,
         logit_scale_max=base.logit_scale_max, logit_bias_init=base.logit_bias_init, dtype=base.dtype,

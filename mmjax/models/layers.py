@@ -169,10 +169,24 @@ class MultiHeadAttention(nn.Module):
                      param_dtype=self.param_dtype, name='out')(out)
 
 
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    'gelu': functools.partial(nn.gelu, approximate=False),  # exact erf GELU (open_clip, torch default)
+    'gelu_tanh': functools.partial(nn.gelu, approximate=True),  # tanh approximation (big_vision)
+    'quick_gelu': lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP's original weights
+}
+
+
+def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The MLP nonlinearity called `name` (config `model.activation`): one of `ACTIVATIONS`."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f'model.activation: {name!r} is not one of {sorted(ACTIVATIONS)}')
+    return ACTIVATIONS[name]
+
+
 class Mlp(nn.Module):
-    """Two-layer GELU MLP: [..., E] -> [..., mlp_dim] -> [..., E]."""
+    """Two-layer MLP with the `activation` nonlinearity: [..., E] -> [..., mlp_dim] -> [..., E]."""
     mlp_dim: int
-    gelu_approximate: bool = False
+    activation: str = 'gelu'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -182,7 +196,7 @@ class Mlp(nn.Module):
         width = x.shape[-1]
         h = dense(self.mlp_dim, ('embed', 'mlp'), dtype=self.dtype, param_dtype=self.param_dtype,
                   name='fc_in')(x)
-        h = constrain(nn.gelu(h, approximate=self.gelu_approximate), ACT_MLP)
+        h = constrain(activation_fn(self.activation)(h), ACT_MLP)
         return dense(width, ('mlp', 'embed'), dtype=self.dtype, param_dtype=self.param_dtype,
                      name='fc_out')(h)
 
@@ -194,7 +208,7 @@ class EncoderBlock(nn.Module):
     """
     num_heads: int
     mlp_dim: int
-    gelu_approximate: bool = False
+    activation: str = 'gelu'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     scan_carry: bool = False
@@ -207,7 +221,7 @@ class EncoderBlock(nn.Module):
         x = x + MultiHeadAttention(self.num_heads, name='attn', **kw)(h, None, mask)
         x = constrain(x, ACT_TOKENS)
         h = layer_norm(name='ln_mlp', **kw)(x)
-        x = x + Mlp(self.mlp_dim, self.gelu_approximate, name='mlp', **kw)(h)
+        x = x + Mlp(self.mlp_dim, self.activation, name='mlp', **kw)(h)
         x = constrain(x, ACT_TOKENS)
         return (x, None) if self.scan_carry else x
 
@@ -223,7 +237,7 @@ class Encoder(nn.Module):
     mlp_dim: int
     remat: str = 'none'
     scan: bool = False
-    gelu_approximate: bool = False
+    activation: str = 'gelu'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -236,7 +250,7 @@ class Encoder(nn.Module):
                 raise ValueError(f"model.remat must be one of 'none', {sorted(REMAT_POLICIES)}; "
                                  f'got {self.remat!r}')
             block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
-        kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, gelu_approximate=self.gelu_approximate,
+        kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, activation=self.activation,
                   dtype=self.dtype, param_dtype=self.param_dtype)
         x = constrain(x, ACT_TOKENS)
         if self.scan:

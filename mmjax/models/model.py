@@ -27,7 +27,7 @@ ENCODERS: dict[str, type[nn.Module]] = {'image': ViT, 'text': TextTransformer, '
 _DATA_FIELDS = ('tokenizer',)
 
 # Encoder fields taken from `config.model` itself unless the tower's section sets them.
-_MODEL_LEVEL_FIELDS = ('remat', 'scan_layers', 'gelu_approximate', 'dtype', 'param_dtype')
+_MODEL_LEVEL_FIELDS = ('remat', 'scan_layers', 'activation', 'dtype', 'param_dtype')
 
 
 class Tower(nn.Module):
