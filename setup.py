@@ -34,6 +34,9 @@ setup(
         "test": ["pytest>=8", "librosa>=0.10", "sentencepiece>=0.2", "tokenizers>=0.19"],
         "text": ["sentencepiece>=0.2", "tokenizers>=0.19"],
         "tpu": ["libtpu==0.0.42.*"],  # for `mmjax compile` (AOT for TPU topologies); pinned by jax 0.10.2
+        # `mmjax convert open_clip` reads weights without torch; this extra is its test reference. Install with
+        # `-c .ci/constraints.txt` (as `make install` does) so pip keeps the CPU torch wheel.
+        "openclip": ["torch==2.13.0", "open-clip-torch>=3.0", "safetensors>=0.4"],
     },
     entry_points={"console_scripts": ["mmjax=mmjax.cli:main"]},
 )

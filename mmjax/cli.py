@@ -60,13 +60,41 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--all", action="store_true", help="every checkpoint in the workdir")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.add_argument("--no-plots", action="store_true", help="write no PNGs")
+    v = sub.add_parser("convert", help="import weights of another library into an mmjax workdir")
+    vsub = v.add_subparsers(dest="source", required=True)
+    oc = vsub.add_parser("open_clip", help="an open_clip / OpenAI CLIP ViT checkpoint (read without torch)")
+    oc.add_argument("--model-config", required=True,
+                    help="open_clip model config JSON (or HF open_clip_config.json), or a built-in open_clip "
+                         "model name when open_clip is installed (e.g. ViT-B-32-quickgelu)")
+    oc.add_argument("--checkpoint", required=True, help=".safetensors, or a torch .pt/.bin state dict")
+    oc.add_argument("--workdir", required=True, help="a fresh workdir: checkpoints/0 and config.json go there")
+    oc.add_argument("--text-ids", choices=("clip_bpe", "raw"), default=None,
+                    help="clip_bpe (default unless the config names an HF tokenizer): re-order the token table "
+                         "for mmjax's CLIP BPE tokenizer; raw: keep open_clip's token ids")
+    oc.add_argument("--bpe-path", default=None, help="CLIP merges file (default: open_clip's bundled one)")
+    oc.add_argument("--scan-layers", action="store_true", help="store the blocks stacked (model.scan_layers)")
     return p
+
+
+def _convert(args) -> int:
+    from mmjax.convert import ConversionError, convert_open_clip
+    from mmjax.torch_files import UnsafeCheckpointError
+
+    try:
+        convert_open_clip(args.model_config, args.checkpoint, args.workdir, text_ids=args.text_ids,
+                          bpe_path=args.bpe_path, scan_layers=args.scan_layers)
+    except (ConversionError, UnsafeCheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"mmjax: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     rest, overrides = _split_overrides(argv)
     args = _parser().parse_args(rest)
+    if args.command == "convert":
+        return _convert(args)
 
     from mmjax import config as config_lib
     from mmjax import distributed

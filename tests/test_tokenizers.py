@@ -92,6 +92,10 @@ def test_clip_bpe_merges_round_trip_and_clip_rules(tmp_path, corpus):
     with gzip.open(gz, 'wt', encoding='utf-8') as handle:
         handle.write(open(path, encoding='utf-8').read())
     assert bpe.load_merges(gz, max_merges=10) == merges[:10]
+    # OpenAI's bpe_simple_vocab_16e6.txt starts with this header line, which is not a merge
+    clip_style = tmp_path / 'clip_merges.txt'
+    clip_style.write_text('"bpe_simple_vocab_16e6.txt#version: 0.2\n' + '\n'.join(f'{a} {b}' for a, b in merges))
+    assert bpe.load_merges(str(clip_style)) == merges
 
     tok = bpe.ClipBpeTokenizer(path, max_len=77)
     assert tok.vocab_size == 512 + 60 + 3

@@ -65,7 +65,7 @@ def load_merges(path: str, max_merges: int | None = None) -> list[tuple[str, str
     opener = gzip.open if path.endswith('.gz') else open
     with opener(path, 'rt', encoding='utf-8') as handle:
         lines = handle.read().split('\n')
-    if lines and lines[0].startswith('#version'):
+    if lines and '#version' in lines[0]:  # CLIP's file starts with '"bpe_simple_vocab_16e6.txt#version: 0.2'
         lines = lines[1:]
     merges = []
     for number, line in enumerate(lines):
