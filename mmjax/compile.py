@@ -168,28 +168,11 @@ def topology_devices(topo: Topology, num_slices: int = 1) -> list:
 
 
 def topology_mesh(mesh_cfg, devices: list, num_slices: int = 1):
-    """The ("data", "fsdp", "tensor") mesh over TPU devices, laid out along the ICI torus.
+    """The ("data", "fsdp", "tensor") mesh over TPU devices, laid out along the ICI torus: the one mesh
+    builder, `mmjax.sharding.make_mesh` ("data" spans the slices over DCN when there are several)."""
+    from mmjax.sharding import make_mesh
 
-    Several slices: "data" spans the slices over DCN (mesh.data must be a multiple of num_slices);
-    the rest of each axis stays within a slice on ICI.
-    """
-    import jax
-    from jax.experimental import mesh_utils
-    from jax.sharding import Mesh
-
-    from mmjax.config import MESH_AXES, ConfigError, resolve_mesh_shape
-
-    shape = resolve_mesh_shape(mesh_cfg, len(devices))
-    if num_slices == 1:
-        grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
-    else:
-        if shape[0] % num_slices:
-            raise ConfigError([f"mesh.data={shape[0]} must be a multiple of --num-slices={num_slices}: "
-                               f"data parallelism spans the slices over DCN"])
-        ici = (shape[0] // num_slices, shape[1], shape[2])
-        grid = mesh_utils.create_hybrid_device_mesh(ici, (num_slices, 1, 1), devices=devices,
-                                                    allow_split_physical_axes=True)
-    return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+    return make_mesh(mesh_cfg, devices, num_slices=num_slices)
 
 
 def lower_train_step(config, mesh):
@@ -232,24 +215,11 @@ def lower_train_step(config, mesh):
 
 
 def model_flops_per_step(config) -> float:
-    """FLOPs of one training step by the usual model count (as in MFU): 3x the forward matmuls
-    (forward + backward), attention scores included, rematerialisation not counted.
+    """FLOPs of one training step by the usual model count (as in MFU): `mmjax.speed.train_flops_per_example`
+    times the global batch (3x the forward matmuls, attention included, rematerialisation not counted)."""
+    from mmjax import speed
 
-    Per tower and example: 2 * tokens * depth * (4 width^2 + 2 width mlp) + 4 * depth * tokens^2 * width
-    (QK^T and AV), the ViT patch embedding and the projection to the joint space; plus the B x B logits.
-    """
-    m, b = config.model, config.train.batch_size
-
-    def tower(tokens, width, depth, mlp):
-        return depth * (2 * tokens * (4 * width * width + 2 * width * mlp) + 4 * tokens * tokens * width)
-
-    img, txt = m.image, m.text
-    patches = (img.image_size // img.patch_size) ** 2
-    image = (tower(patches + (1 if img.pool == "cls" else 0), img.width, img.depth, img.mlp_dim)
-             + 2 * patches * img.patch_size ** 2 * img.channels * img.width + 2 * img.width * m.embed_dim)
-    text = tower(txt.max_len, txt.width, txt.depth, txt.mlp_dim) + 2 * txt.width * m.embed_dim
-    logits = 2 * b * b * m.embed_dim
-    return float(3 * (b * (image + text) + logits))
+    return float(speed.train_flops_per_example(config) * config.train.batch_size)
 
 
 def _cost(compiled) -> dict[str, Any]:

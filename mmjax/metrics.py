@@ -76,6 +76,11 @@ class Progress:
         self._t0 = time.perf_counter()
         self._s0 = step
 
+    def exclude(self, seconds: float) -> None:
+        """Leaves `seconds` (e.g. an evaluation inside the loop) out of the speed and ETA figures."""
+        if self._t0 is not None:
+            self._t0 += seconds
+
     def samples_per_second(self, step: int) -> float:
         if self._t0 is None or step <= self._s0:
             return float("nan")
@@ -97,6 +102,9 @@ class Progress:
         sps = self.samples_per_second(step)
         if math.isfinite(sps):
             parts.append(f"{sps:.1f} samples/s")
+        if "mfu" in metrics:
+            parts.append(f"{_scalar(metrics['tflops_per_device']):.3g} TFLOP/s/device, "
+                         f"MFU {100 * _scalar(metrics['mfu']):.1f}%")
         parts.append(f"ETA {eta_s}")
         return " | ".join(parts)
 

@@ -19,14 +19,32 @@ from mmjax.config import MESH_AXES, resolve_mesh_shape
 BATCH_AXES = ("data", "fsdp")
 
 
-def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def num_slices_of(devices: Sequence[jax.Device]) -> int:
+    """How many TPU slices (joined over DCN, multi-slice) `devices` span: distinct `slice_index` values."""
+    return len({getattr(d, "slice_index", 0) or 0 for d in devices})
+
+
+def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None, num_slices: int | None = None) -> Mesh:
     """A mesh with axes ("data", "fsdp", "tensor") sized by `mesh_cfg` (-1 = the rest) over `devices`.
 
+    Laid out along the physical interconnect when `devices` are all the devices (or TPU devices). Over
+    several slices (`num_slices`, default: detected from the devices' `slice_index`), "data" spans the slices
+    over DCN and must be a multiple of their number; every other axis stays inside a slice, on ICI.
     Axis types are Auto so `nn.with_logical_constraint` works as a sharding hint under `jax.set_mesh`.
     """
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(mesh_cfg, len(devices))
-    if len(devices) == len(jax.devices()):
+    num_slices = num_slices_of(devices) if num_slices is None else num_slices
+    if num_slices > 1:
+        if shape[0] % num_slices:
+            from mmjax.config import ConfigError
+
+            raise ConfigError([f"mesh.data={shape[0]} must be a multiple of the {num_slices} slices (--num-slices): data "
+                               f"parallelism spans the slices over DCN"])
+        ici = (shape[0] // num_slices, shape[1], shape[2])
+        device_grid = mesh_utils.create_hybrid_device_mesh(ici, (num_slices, 1, 1), devices=devices,
+                                                           allow_split_physical_axes=True)
+    elif devices[0].platform == "tpu" or len(devices) == len(jax.devices()):
         device_grid = mesh_utils.create_device_mesh(shape, devices=devices,
                                                     allow_split_physical_axes=True)
     else:

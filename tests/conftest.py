@@ -5,6 +5,9 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The CPU peak probe (mmjax.speed) caches its result; a probe taken under test load must not become the
+# user's cached peak.
+os.environ.setdefault("MMJAX_CACHE_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), "mmjax-test-cache"))
 
 import jax  # noqa: E402  (after the flags above)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mmjax import config as config_lib
-from mmjax.checkpoint import Checkpointer, CheckpointWriteError
+from mmjax.checkpoint import Checkpointer, CheckpointMismatchError, CheckpointWriteError
 from mmjax.config import ConfigError
 from mmjax.data import pipeline
 from mmjax.health import NonFiniteError
@@ -159,18 +159,29 @@ def test_full_disk_stops_cleanly_and_keeps_earlier_checkpoints(tmp_path, data_di
     del saved
 
 
-# Each invalid config is rejected before compiling with a message naming its key.
+# Each invalid config is rejected before compiling with a message naming its key. Cases marked
+# "workdir" are refused by `train` on a workdir holding a checkpoint of the tiny config (before the step
+# compiles): the config is valid, the checkpoint is not its model's.
 INVALID = [
     ("unknown key", ["config.train.stepz=3"], "train.stepz"),
     ("wrong type", ["config.train.batch_size=big"], "train.batch_size"),
     ("mesh product", ["config.mesh.data=3", "config.mesh.fsdp=1"], "mesh"),
     ("two -1 axes", ["config.mesh.data=-1", "config.mesh.fsdp=-1"], "mesh"),
     ("batch not divisible", ["config.train.batch_size=12", "config.mesh.data=8"], "train.batch_size"),
+    ("micro-batches do not divide the per-device batch", ["config.train.micro_batches=3"], "train.micro_batches"),
+    ("micro-batches for a non-contrastive task", ["config.task=classification", "config.train.micro_batches=2"],
+     "train.micro_batches"),
     ("image % patch", ["config.model.image.patch_size=5"], "model.image.patch_size"),
     ("vocab too small", ["config.model.text.vocab_size=100"], "model.text.vocab_size"),
     ("warmup > steps", ["config.optim.warmup_steps=100"], "optim.warmup_steps"),
     ("missing data_dir parent", ["config.data.data_dir=/nonexistent/deep/dir"], "data.data_dir"),
+    ("non-existent data_dir of a prepared dataset", ["config.data.name=tfds", "config.data.tfds_name=coco",
+                                                     "config.data.data_dir=/nonexistent_tfds"], "data.data_dir"),
+    ("evaluator without a dataset", ["config.data.name=tfds", "config.data.tfds_name=coco",
+                                     "config.eval.zeroshot=True"], "eval.zeroshot"),
+    ("negative eval interval", ["config.eval.every_steps=-5"], "eval.every_steps"),
     ("unknown loss", ["config.model.loss=triplet"], "model.loss"),
+    ("unknown activation", ["config.model.activation=relu"], "model.activation"),
     ("unknown decay", ["config.optim.decay=step"], "optim.decay"),
     ("bad dtype", ["config.model.dtype=float8"], "model.dtype"),
     ("bad remat", ["config.model.remat=some"], "model.remat"),
@@ -181,11 +192,34 @@ INVALID = [
     ("unknown dataset", ["config.data.name=laion"], "data.name"),
     ("unknown mesh axis in rules", ["config.sharding.rules=(('embed', 'model'),)"], "sharding.rules"),
     ("checkpoint interval", ["config.checkpoint.every_steps=0"], "checkpoint.every_steps"),
+    ("fine-tune mode that freezes every parameter",
+     ["config.finetune.mode=linear_probe", "config.optim.freeze_rules=('.*/head/kernel', 'logit_scale')"],
+     "finetune.mode"),
+    ("unknown fine-tune mode", ["config.finetune.mode=bitfit"], "finetune.mode"),
+    ("init_from a missing workdir", ["config.init_from.path=/nonexistent/run"], "init_from.path"),
+    ("workdir: checkpoint of another architecture", ["config.model.image.width=48"], "image"),
+    ("workdir: checkpoint of another text vocabulary", ["config.model.text.vocab_size=700"], "text"),
 ]
 
 
+@pytest.fixture(scope="module")
+def tiny_workdir(tmp_path_factory, data_dir):
+    """A workdir holding a step-1 checkpoint of the tiny config."""
+    workdir = str(tmp_path_factory.mktemp("tiny_workdir"))
+    train(_tiny(data_dir, "config.train.steps=1", "config.optim.warmup_steps=1"), workdir, verbose=False)
+    return workdir
+
+
 @pytest.mark.parametrize("name,overrides,key", INVALID, ids=[i[0] for i in INVALID])
-def test_invalid_config_rejected_before_compile(name, overrides, key):
+def test_invalid_config_rejected_before_compile(name, overrides, key, request):
+    if name.startswith("workdir:"):
+        workdir = request.getfixturevalue("tiny_workdir")
+        config = config_lib.apply_overrides(tiny(), ["config.train.steps=2", *overrides])
+        config_lib.validate(config, num_devices=8)  # a valid config ...
+        with pytest.raises(CheckpointMismatchError) as err:  # ... for another model than the checkpoint's
+            train(config, workdir, verbose=False)
+        assert key in str(err.value) and "does not match the model" in str(err.value)
+        return
     with pytest.raises(ConfigError) as err:
         c = config_lib.apply_overrides(tiny(), overrides)
         config_lib.validate(c, num_devices=8)

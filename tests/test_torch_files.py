@@ -213,3 +213,16 @@ def test_out_of_bounds_tensor_view_is_refused(tmp_path):
     _torch_zip(path, buf.getvalue(), {"0": np.zeros(2, np.float32).tobytes()})
     with pytest.raises(ValueError, match="reads past its storage of 2 elements"):
         load_state_dict(path)
+
+
+def test_no_other_module_unpickles():
+    """Only mmjax/torch_files.py (its restricted unpickler) touches pickle; nothing calls torch.load or
+    np.load with allow_pickle."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parent.parent / "mmjax"
+    risky = re.compile(r"\bpickle\b|\bdill\b|cloudpickle|torch\.load|allow_pickle\s*=\s*True|joblib\.load")
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
+                 if p.name != "torch_files.py" and risky.search(p.read_text())]
+    assert offenders == []

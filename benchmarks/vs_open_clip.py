@@ -1,0 +1,273 @@
+"""mmjax's train step against open_clip's on the same shape, batch and precision, in alternating runs.
+
+Run (needs the optional extra: pip install -e '.[openclip]' -c .ci/constraints.txt):
+    python benchmarks/vs_open_clip.py                       # ViT-B-32, batch 32, f32, all cores
+    python benchmarks/vs_open_clip.py --rounds 5 --steps 4 --json out.json
+
+Both steps are the whole training step: forward of both towers, symmetric InfoNCE with learned
+temperature, backward, global-norm clipping at 1.0 and AdamW (lr 5e-4, wd 0.2, betas 0.9/0.98, eps 1e-6).
+mmjax runs `mmjax.train.make_train_step` on configs/clip_vit_b32.py (f32, no remat, unscanned, one
+device = all cores); open_clip runs `open_clip.create_model('ViT-B-32')` (random init) with
+`open_clip.loss.ClipLoss` and `torch.optim.AdamW`, `torch.set_num_threads(<cores>)`. Each round times
+`--steps` steps of mmjax, then of open_clip (after warm-up steps that are not timed); the figures are the
+medians over rounds. Model FLOPs come from `mmjax.speed.train_flops_per_example`; the matmul peak is a
+float32 matmul measured in the same process (`mmjax.speed.measure_matmul_flops`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _parse():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="ViT-B-32", help="open_clip model name (its shape is used for both)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--layers", type=int, default=None,
+                   help="depth of both towers on both sides (default: the model's 12); fewer layers keep "
+                        "the per-layer shapes and make quick comparisons cheaper")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per framework per round")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--only", choices=("mmjax", "open_clip"), default=None, help="run one side only")
+    p.add_argument("--override", action="append", default=[],
+                   help="extra mmjax config override, e.g. --override config.model.activation=gelu_tanh")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the parts of each step: image tower forward, text tower forward, forward + "
+                        "backward of the loss, optimizer update (where the time goes)")
+    p.add_argument("--json", default=None, help="also write the figures to this file")
+    return p.parse_args()
+
+
+def mmjax_step(batch: int, overrides, layers: int | None = None):
+    """(run(n) -> seconds for n steps, config) for mmjax's train step on one CPU device."""
+    import jax
+    import numpy as np
+
+    from mmjax import config as config_lib
+    from mmjax import sharding as shd
+    from mmjax.state import StateFactory
+    from mmjax.train import make_objective, make_train_step
+
+    config = config_lib.load_config_file(os.path.join(ROOT, "configs", "clip_vit_b32.py"))
+    config = config_lib.apply_overrides(config, [
+        f"config.train.batch_size={batch}", "config.model.dtype=float32", "config.model.remat=none",
+        "config.model.scan_layers=False", "config.mesh.data=1", "config.mesh.fsdp=1",
+        "config.optim.warmup_steps=10",
+        *([f"config.model.image.depth={layers}", f"config.model.text.depth={layers}"] if layers else []),
+        *overrides])
+    devices = jax.devices()[:1]
+    mesh = shd.make_mesh(config.mesh, devices)
+    factory = StateFactory(config, mesh)
+    state = factory.init(0)
+    step = jax.jit(make_train_step(factory.model, factory.tx, factory.schedule, make_objective(config, mesh)),
+                   donate_argnums=0)
+    rng = np.random.default_rng(0)
+    img = config.model.image
+    text = rng.integers(3, 255, size=(batch, config.model.text.max_len)).astype(np.int32)
+    for i, n in enumerate(rng.integers(8, config.model.text.max_len, size=batch)):
+        text[i, 0], text[i, n - 1], text[i, n:] = 1, 2, 0
+    host = {"image": rng.normal(size=(batch, img.image_size, img.image_size, 3)).astype(np.float32), "text": text}
+    with jax.set_mesh(mesh):
+        device_batch = shd.global_batch(host, mesh)
+    holder = {"state": state}
+
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        with jax.set_mesh(mesh):
+            for _ in range(n):
+                holder["state"], metrics = step(holder["state"], device_batch)
+            jax.block_until_ready(metrics)
+        return time.perf_counter() - t0
+
+    def parts():
+        """{part: seconds for one call}: forward of each tower, loss forward + backward, optimizer update."""
+        import optax
+
+        params = holder["state"].params
+        model = factory.model
+        fns = {
+            "image forward": jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_image")),
+            "text forward": jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_text")),
+        }
+        objective = make_objective(config, mesh)
+        grad_fn = jax.jit(jax.value_and_grad(lambda p, b: objective(model, p, b, 0), has_aux=True))
+        args = {"image forward": device_batch["image"], "text forward": device_batch["text"]}
+        out = {}
+        with jax.set_mesh(mesh):
+            for name, fn in fns.items():
+                jax.block_until_ready(fn(params, args[name]))
+                out[name] = _best(lambda: jax.block_until_ready(fn(params, args[name])))
+            jax.block_until_ready(grad_fn(params, device_batch))
+            out["loss forward+backward"] = _best(lambda: jax.block_until_ready(grad_fn(params, device_batch)))
+            _, grads = grad_fn(params, device_batch)
+
+            @jax.jit
+            def update(p, g, s):
+                u, s = factory.tx.update(g, s, p)
+                return optax.apply_updates(p, u), s
+
+            opt_state = holder["state"].opt_state
+            jax.block_until_ready(update(params, grads, opt_state))
+            out["optimizer update"] = _best(lambda: jax.block_until_ready(update(params, grads, opt_state)))
+        return out
+
+    return run, config, parts
+
+
+def _best(fn, repeats: int = 2) -> float:
+    """Shortest wall time of `repeats` calls of fn()."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _import_open_clip():
+    """open_clip imports torchvision, whose compiled ops may not match the CPU torch wheel; its import only
+    registers fake kernels for `nms` and `qnms`, so those two are defined first when missing."""
+    import torch
+
+    for op in ("nms", "qnms"):
+        if not hasattr(torch.ops.torchvision, op):
+            torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    import open_clip
+
+    return torch, open_clip
+
+
+def open_clip_step(name: str, batch: int, threads: int, layers: int | None = None):
+    torch, open_clip = _import_open_clip()
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    if layers:
+        cfg = open_clip.get_model_config(name)
+        cfg["vision_cfg"]["layers"] = cfg["text_cfg"]["layers"] = layers
+        model = open_clip.model.CLIP(**cfg)
+    else:
+        model = open_clip.create_model(name)
+    model.train()
+    loss_fn = open_clip.loss.ClipLoss()
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6)
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    images = torch.randn(batch, 3, size, size)
+    text = torch.randint(1, 49000, (batch, model.context_length))
+    text[:, -1] = 49407
+
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            image_f, text_f, scale = model(images, text)[:3]  # normalised features, exp(logit_scale)
+            loss = loss_fn(image_f, text_f, scale)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+        return time.perf_counter() - t0
+
+    def parts():
+        out = {}
+        with torch.no_grad():
+            model.encode_image(images)
+            out["image forward"] = _best(lambda: model.encode_image(images))
+            model.encode_text(text)
+            out["text forward"] = _best(lambda: model.encode_text(text))
+
+        def fwd_bwd():
+            image_f, text_f, scale = model(images, text)[:3]
+            opt.zero_grad(set_to_none=True)
+            loss_fn(image_f, text_f, scale).backward()
+
+        fwd_bwd()
+        out["loss forward+backward"] = _best(fwd_bwd)
+
+        def update():
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+
+        out["optimizer update"] = _best(update)
+        return out
+
+    return run, parts
+
+
+def main() -> int:
+    args = _parse()
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
+    from mmjax import speed
+
+    sides, part_fns = {}, {}
+    if args.only in (None, "mmjax"):
+        run, config, mmjax_parts = mmjax_step(args.batch, args.override, args.layers)
+        sides["mmjax"] = run
+        part_fns = {"mmjax": mmjax_parts}
+        flops = speed.train_flops_per_example(config)
+    else:
+        from mmjax import config as config_lib
+
+        config = config_lib.load_config_file(os.path.join(ROOT, "configs", "clip_vit_b32.py"))
+        if args.layers:
+            config = config_lib.apply_overrides(config, [f"config.model.image.depth={args.layers}",
+                                                         f"config.model.text.depth={args.layers}"])
+        flops = speed.train_flops_per_example(config)
+    if args.only in (None, "open_clip"):
+        sides["open_clip"], part_fns["open_clip"] = open_clip_step(args.model, args.batch, args.threads,
+                                                                   args.layers)
+    for name, run in sides.items():
+        print(f"{name}: warming up ({args.warmup} steps)", flush=True)
+        run(args.warmup)
+    times = {name: [] for name in sides}
+    for r in range(args.rounds):
+        for name, run in sides.items():
+            seconds = run(args.steps)
+            times[name].append(seconds)
+            print(f"round {r + 1}/{args.rounds}  {name:9s} {args.batch * args.steps / seconds:6.2f} samples/s",
+                  flush=True)
+    breakdown = {name: fn() for name, fn in part_fns.items()} if args.breakdown else {}
+    peak = speed.measure_matmul_flops(n=2048, repeats=5)
+    result = {"batch": args.batch, "threads": args.threads, "flops_per_example": flops,
+              "matmul_peak_gflops": peak / 1e9}
+    for name, ts in times.items():
+        sps = args.batch * args.steps / statistics.median(ts)
+        result[name] = {"samples_per_second": sps, "gflops": sps * flops / 1e9,
+                        "fraction_of_peak": sps * flops / peak}
+    if len(times) == 2:
+        result["ratio_mmjax_over_open_clip"] = (result["mmjax"]["samples_per_second"]
+                                                / result["open_clip"]["samples_per_second"])
+    print(f"\nf32 matmul peak (measured): {peak / 1e9:.0f} GFLOP/s; model FLOPs {flops / 1e9:.1f} GFLOP/example")
+    for name in times:
+        r = result[name]
+        print(f"{name:9s} {r['samples_per_second']:6.2f} samples/s  {r['gflops']:6.0f} GFLOP/s  "
+              f"{100 * r['fraction_of_peak']:4.0f}% of peak")
+    if "ratio_mmjax_over_open_clip" in result:
+        print(f"mmjax / open_clip: {result['ratio_mmjax_over_open_clip']:.2f}x")
+    if breakdown:
+        result["breakdown_seconds"] = breakdown
+        names = list(breakdown)
+        print("\nwhere the time goes (seconds per call, best of 2): " + " | ".join(names))
+        for part in next(iter(breakdown.values())):
+            cells = "  ".join(f"{breakdown[n][part]:8.3f}" for n in names)
+            ratio = (f"  ({breakdown['mmjax'][part] / breakdown['open_clip'][part]:.2f}x)"
+                     if len(names) == 2 else "")
+            print(f"  {part:24s} {cells}{ratio}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

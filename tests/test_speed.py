@@ -1,0 +1,98 @@
+"""Know your speed: analytic model FLOPs agree with XLA's count; the CPU peak is measured once and cached;
+training logs carry samples/s, TFLOP/s per device and MFU; micro-batched steps equal large-batch steps;
+periodic evaluation writes its metrics."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from mmjax import config as config_lib
+from mmjax import sharding as shd
+from mmjax import speed
+from mmjax.state import StateFactory
+from mmjax.train import make_objective, make_train_step, train
+
+from test_config import tiny
+from test_sharding import _one_step
+
+
+def _wider(overrides=()):
+    return config_lib.apply_overrides(tiny(), [
+        "config.model.image.width=128", "config.model.image.mlp_dim=512", "config.model.text.width=128",
+        "config.model.text.mlp_dim=512", "config.model.embed_dim=64", "config.model.image.image_size=32",
+        "config.model.image.patch_size=4", "config.model.text.max_len=32", "config.train.batch_size=16",
+        "config.mesh.data=1", *overrides])
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_analytic_flops_match_xla_cost_analysis(pool):
+    c = _wider([f"config.model.image.pool={pool}"])
+    mesh = shd.make_mesh(c.mesh, jax.devices()[:1])
+    factory = StateFactory(c, mesh)
+    step = jax.jit(make_train_step(factory.model, factory.tx, factory.schedule, make_objective(c, mesh)))
+    batch = {"image": jax.ShapeDtypeStruct((16, 32, 32, 3), np.float32),
+             "text": jax.ShapeDtypeStruct((16, 32), np.int32)}
+    with jax.set_mesh(mesh):
+        cost = step.lower(factory.abstract, batch).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    analytic = speed.train_flops_per_example(c) * 16
+    assert abs(cost["flops"] / analytic - 1) < 0.10, (cost["flops"], analytic)
+
+
+def test_encoder_flops_scale_with_depth_and_quadratically_with_length():
+    one = speed.encoder_forward_flops(10, 64, 1, 256)
+    assert speed.encoder_forward_flops(10, 64, 3, 256) == pytest.approx(3 * one)
+    attn = lambda n: speed.encoder_forward_flops(n, 64, 1, 256) - n * 2 * (4 * 64 * 64 + 2 * 64 * 256)  # noqa
+    assert attn(20) == pytest.approx(4 * attn(10))
+
+
+def test_cpu_peak_is_measured_once_then_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMJAX_CACHE_DIR", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(speed, "measure_matmul_flops", lambda: calls.append(1) or 1.5e11)
+    assert speed.cpu_peak_flops() == 1.5e11
+    assert speed.cpu_peak_flops() == 1.5e11
+    assert len(calls) == 1
+    assert json.loads((tmp_path / "cpu_peak.json").read_text())
+    assert speed.cpu_peak_flops(refresh=True) == 1.5e11 and len(calls) == 2
+
+
+def test_matmul_probe_measures_a_plausible_rate():
+    flops = speed.measure_matmul_flops(n=256, repeats=2)
+    assert 1e8 < flops < 1e14
+
+
+def test_peak_table_knows_the_accelerators():
+    class Dev:
+        platform = "tpu"
+        device_kind = "TPU v5 lite"
+    assert speed.peak_flops_per_device(Dev()) == 197e12
+    Dev.platform, Dev.device_kind = "gpu", "NVIDIA H100 80GB HBM3"
+    assert speed.peak_flops_per_device(Dev()) == 989e12
+    Dev.device_kind = "Some Future Chip"
+    assert speed.peak_flops_per_device(Dev()) is None
+
+
+def test_micro_batched_step_equals_large_batch_step():
+    base = config_lib.apply_overrides(tiny(), ["config.mesh.data=4", "config.mesh.fsdp=2"])
+    ref_params, ref_metrics, _ = _one_step(base, jax.devices())
+    acc = config_lib.apply_overrides(tiny(), ["config.mesh.data=4", "config.mesh.fsdp=2",
+                                              "config.train.micro_batches=2"])
+    params, metrics, _ = _one_step(acc, jax.devices())
+    np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_training_logs_speed_and_runs_periodic_eval(tmp_path):
+    c = config_lib.apply_overrides(tiny(), ["config.eval.every_steps=4", "config.eval.zeroshot=True",
+                                            "config.eval.retrieval=True", "config.mesh.data=1"])
+    train(c, str(tmp_path), devices=jax.devices()[:1], verbose=False)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    evals = [r for r in rows if "zeroshot/top1" in r]
+    assert [r["step"] for r in evals] == [4, 8]  # every 4 steps, the last one being the final eval
+    assert all("retrieval/i2t/r1" in r for r in evals)
+    logged = [r for r in rows if "samples_per_second" in r]
+    assert logged and all(r["tflops_per_device"] > 0 and 0 < r["mfu"] for r in logged)
