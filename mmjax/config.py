@@ -13,6 +13,7 @@ import difflib
 import importlib.util
 import math
 import os
+import re
 from typing import Any, Sequence
 
 import ml_collections
@@ -44,7 +45,11 @@ DEFAULT_RULES = (
     ("joint", None),
     ("layers", None),
     ("channels", None),
+    ("adapter", None),  # bottleneck of fine-tuning adapters (mmjax.finetune)
+    ("lora", None),  # rank axis of LoRA factors
 )
+
+FINETUNE_MODES = ("none", "linear_probe", "full", "adapter", "prompt", "lora", "locked_image")  # == mmjax.finetune.MODES
 
 
 class ConfigError(ValueError):
@@ -62,13 +67,31 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.task = "contrastive"
 
+    # Data (mmjax/data/sources.py). data.name picks the kind of data:
+    #   "digits"  the embedded labelled digits (zero-shot eval works);
+    #   "spec"    data.spec = path of a JSON builder spec (webdataset / img2dataset tars, CSV / TSV, COCO captions
+    #             JSON; see mmjax/data/builders.py) or an inline JSON object; prepared into data_dir on first use;
+    #   "tfds"    data.tfds_name = an already-prepared TFDS dataset under data_dir, read through the features
+    #             data.tfds_image_key and data.tfds_caption_key ('a/b' for nested features);
+    #   "mixture" data.mixture = (("a.json", 0.7), ("tfds:coco_captions", 0.3)): (source, weight) pairs, a
+    #             source being a spec file, an inline JSON spec or "tfds:<name>"; weights > 0, relative; every
+    #             block of 1,000 examples holds each dataset in proportion (deterministic, resumable).
+    # Caption corpora have no class labels: final zero-shot eval is skipped for them (eval.zeroshot).
     c.data = ml_collections.ConfigDict()
     c.data.name = "digits"
-    c.data.data_dir = ""  # "" -> $MMJAX_DATA_DIR or ~/.cache/mmjax/tfds
+    c.data.data_dir = ""  # "" -> $MMJAX_DATA_DIR or ~/.cache/mmjax/tfds (created on first use)
+    c.data.spec = ""
+    c.data.tfds_name = ""
+    c.data.tfds_image_key = "image"
+    c.data.tfds_caption_key = "caption"
+    c.data.mixture = ()
+    c.data.train_split = "train"
     c.data.num_workers = 0
-    c.data.augment = True
+    c.data.augment = True  # digits: random affine; captioned data: random-resized crop + flip (else center crop)
+    c.data.crop_scale = (0.08, 1.0)  # area fraction range of the random-resized crop (captioned data)
     c.data.image_mean = (0.5, 0.5, 0.5)
     c.data.image_std = (0.5, 0.5, 0.5)
+    c.data.captions = "english"  # digits caption/prompt style: 'english' | 'french' (a fine-tuning task)
 
     c.model = ml_collections.ConfigDict()
     m = c.model
@@ -89,11 +112,12 @@ def base_config() -> ml_collections.ConfigDict:
              mlp_dim=256, pool="cls"))
     m.text = ml_collections.ConfigDict(
         dict(vocab_size=384, max_len=32, width=64, depth=2, num_heads=4, mlp_dim=256,
-             causal=True, pool="eot", tokenizer="bytes"))
+             causal=True, pool="eot", tokenizer="bytes", tokenizer_path=""))
     # task 'classification': FusionClassifier (co-attention layers, a fusion module, an MLP head).
     m.fusion = ml_collections.ConfigDict(
         dict(mode="concat", num_layers=1, num_heads=4, mlp_dim=256, hidden=128, num_classes=2,
-             proj_dim=ml_collections.FieldReference(None, field_type=int), per_feature=True))
+             proj_dim=ml_collections.FieldReference(None, field_type=int), per_feature=True,
+             contrastive_weight=0.0))  # > 0: + weight * CLIP loss on the towers' embeddings of matching pairs
     # task 'itm_mlm': ContrastiveModel + image-conditioned text layers with ITM and MLM heads.
     m.itm_mlm = ml_collections.ConfigDict(dict(num_layers=1, num_heads=4, mlp_dim=256, pool="eot"))
 
@@ -123,6 +147,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000
     c.train.batch_size = 64
+    # Gradient accumulation inside the step (task 'contrastive'; GradCache, equal to the large-batch step):
+    # k micro-batches of batch_size / k; k must divide the per-device batch batch_size / (data*fsdp).
+    c.train.micro_batches = 1
     c.train.log_every = 10
     c.train.max_nonfinite_steps = 5  # stop after this many consecutive non-finite steps
     c.train.spike_factor = 3.0  # report a loss above this x its running mean (0 disables)
@@ -138,8 +165,29 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.async_save = True
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.zeroshot = True
+    c.eval.zeroshot = True  # zero-shot top-1/top-5 against the dataset's class prompts
+    c.eval.retrieval = False  # image<->text R@1/5/10 (during training; `mmjax eval` always runs it)
+    c.eval.linear_probe = False  # logistic regression on frozen image features (idem)
+    c.eval.every_steps = 0  # also evaluate every this many steps during training (0: only at the end)
     c.eval.batch_size = 256
+
+    # Fine-tuning (mmjax/finetune.py): the mode adds modules to the towers and freezes parameters by regex.
+    c.finetune = ml_collections.ConfigDict()
+    f = c.finetune
+    f.mode = "none"  # 'none' | 'linear_probe' | 'full' | 'adapter' | 'prompt' | 'lora' | 'locked_image'
+    f.towers = ("image", "text")  # towers that get adapters / prompts / LoRA
+    f.adapter_dim = 16  # mode 'adapter': bottleneck width
+    f.prompt_len = 8  # mode 'prompt': learned tokens per tower
+    f.lora_rank = 4  # mode 'lora': W + (lora_alpha / lora_rank) A B
+    f.lora_alpha = 8.0
+    f.lora_targets = "attn/(query|value)"  # regex on '<attn|mlp>/<query|key|value|out|fc_in|fc_out>'
+    f.trainable = ""  # regex of extra parameters to train on top of the mode's (e.g. '[^/]+/head/kernel')
+
+    # Start from another run's parameters (only when the workdir has no checkpoint of its own).
+    c.init_from = ml_collections.ConfigDict()
+    c.init_from.path = ""  # a workdir (with config.json and checkpoints/), or its checkpoints/ folder
+    c.init_from.step = ml_collections.FieldReference(None, field_type=int)  # None: the latest
+    c.init_from.include = ".*"  # regex of parameter paths to load; the others keep their fresh init
     return c
 
 
@@ -345,6 +393,25 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
             problems.append(
                 f"train.batch_size={t.batch_size} is not divisible by the batch-sharded mesh axes "
                 f"data*fsdp={batch_shards}; use a multiple of {batch_shards}")
+    k = t.micro_batches
+    if k < 1:
+        problems.append(f"train.micro_batches must be >= 1, got {k}")
+    elif k > 1:
+        if config.task != "contrastive":
+            problems.append(f"train.micro_batches={k}: gradient accumulation is implemented for task "
+                            f"'contrastive' only; set it to 1 for task {config.task!r}")
+        if mesh_shape is not None and t.batch_size > 0:
+            shards = mesh_shape[0] * mesh_shape[1]
+            per_device = t.batch_size // shards if t.batch_size % shards == 0 else None
+            if t.batch_size % k or (per_device is not None and per_device % k):
+                problems.append(
+                    f"train.micro_batches={k} does not divide the per-device batch "
+                    f"{t.batch_size}/{shards} (train.batch_size / (mesh.data*mesh.fsdp)); choose a divisor of "
+                    f"{per_device if per_device is not None else t.batch_size}")
+    if config.eval.every_steps < 0:
+        problems.append(f"eval.every_steps must be >= 0 (0: evaluate only at the end), got "
+                        f"{config.eval.every_steps}")
+    problems += _evaluator_problems(config)
     if t.batch_size % process_count:
         problems.append(f"train.batch_size={t.batch_size} is not divisible by the {process_count} processes")
     if config.task not in TASKS:
@@ -385,9 +452,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         if sec.width % sec.num_heads:
             problems.append(f"model.{tower}.width={sec.width} is not divisible by "
                             f"model.{tower}.num_heads={sec.num_heads}")
-    if m.text.tokenizer == "bytes" and m.text.vocab_size < 259:
-        problems.append(f"model.text.vocab_size={m.text.vocab_size} is smaller than the byte tokenizer's "
-                        f"vocabulary (259); set model.text.vocab_size >= 259")
+    problems += _tokenizer_problems(m.text)
     if len(config.data.image_mean) != img.channels or len(config.data.image_std) != img.channels:
         problems.append(f"data.image_mean/image_std must have model.image.channels={img.channels} entries")
     if o.decay not in ("cosine", "linear", "constant"):
@@ -402,18 +467,134 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         problems.append(f"checkpoint.every_steps must be positive, got {config.checkpoint.every_steps}")
     if config.checkpoint.keep <= 0:
         problems.append(f"checkpoint.keep must be positive, got {config.checkpoint.keep}")
-    if config.data.name != "digits":
-        problems.append(f"data.name: unknown dataset {config.data.name!r}; available: 'digits'")
-    if config.data.data_dir and not os.path.isdir(os.path.dirname(os.path.abspath(config.data.data_dir))):
-        problems.append(f"data.data_dir: parent folder of {config.data.data_dir!r} does not exist")
+    problems += _data_problems(config)
     used = [a for _, axes in config.sharding.rules for a in
             ((axes,) if isinstance(axes, str) else (axes or ()))]
     for a in used:
         if a not in MESH_AXES:
             problems.append(f"sharding.rules: mesh axis {a!r} is not one of {MESH_AXES}")
+    problems += _finetune_problems(config, check_params=not problems)
     if problems:
         raise ConfigError(problems)
     return mesh_shape
+
+
+def _tokenizer_problems(text_cfg) -> list[str]:
+    """Builds the tokenizer (reading its file): unknown name, missing file, or a vocabulary larger than the
+    text embedding (model.text.vocab_size)."""
+    from mmjax.data.tokenizers import TOKENIZERS, get_tokenizer
+    name = text_cfg.tokenizer
+    if name not in TOKENIZERS:
+        return [f"model.text.tokenizer: {name!r} is unknown; choose one of {sorted(TOKENIZERS)}"]
+    path = text_cfg.get("tokenizer_path", "")
+    if name not in ("bytes", "byte") and path and not os.path.isfile(os.path.expanduser(path)):
+        return [f"model.text.tokenizer_path: file {path!r} (for tokenizer {name!r}) does not exist"]
+    try:
+        tokenizer = get_tokenizer(text_cfg)
+    except ImportError as e:
+        return [f"model.text.tokenizer={name!r} needs a package that is not installed: {e}"]
+    except (ValueError, OSError, RuntimeError) as e:
+        return [f"model.text.tokenizer={name!r}: {e}"]
+    if text_cfg.vocab_size < tokenizer.vocab_size:  # get_tokenizer checks too; kept for a message naming the fix
+        return [f"model.text.vocab_size={text_cfg.vocab_size} is smaller than the {name!r} tokenizer's "
+                f"vocabulary ({tokenizer.vocab_size}); set model.text.vocab_size >= {tokenizer.vocab_size}"]
+    return []
+
+
+def _data_problems(config) -> list[str]:
+    """The `data` section: the kind of data and its keys, spec files, mixture weights, data_dir."""
+    from mmjax.data import builders, sources
+    d, problems = config.data, []
+    kind = d.name
+    if kind not in sources.DATA_KINDS:
+        return [f"data.name: {kind!r} is not a kind of data; choose one of {sources.DATA_KINDS} "
+                f"(a corpus of yours: 'spec' with data.spec, a prepared TFDS dataset: 'tfds' with data.tfds_name)"]
+    for key, owner in (("spec", "spec"), ("tfds_name", "tfds"), ("mixture", "mixture")):
+        if d[key] and kind != owner:
+            problems.append(f"data.{key} is set but data.name={kind!r}; set data.name={owner!r} to use it "
+                            f"(or clear data.{key})")
+    if kind == "spec" and not d.spec:
+        problems.append("data.spec: give the path of a JSON dataset spec (or an inline JSON object) for "
+                        "data.name='spec'")
+    if kind == "tfds" and not d.tfds_name:
+        problems.append("data.tfds_name: give the name of a TFDS dataset prepared under data.data_dir")
+    entries: list[tuple[str, str, float]] = []  # (key, source, weight)
+    if kind == "spec" and d.spec:
+        entries.append(("data.spec", d.spec, 1.0))
+    if kind == "tfds" and d.tfds_name:
+        entries.append(("data.tfds_name", sources.TFDS_PREFIX + d.tfds_name, 1.0))
+    if kind == "mixture":
+        if not d.mixture:
+            problems.append("data.mixture: give ((source, weight), ...) for data.name='mixture'")
+        for i, entry in enumerate(d.mixture):
+            if (not isinstance(entry, (tuple, list)) or len(entry) != 2 or not isinstance(entry[0], str)
+                    or isinstance(entry[1], bool) or not isinstance(entry[1], (int, float))):
+                problems.append(f"data.mixture[{i}]: expected (source, weight), got {entry!r}")
+                continue
+            if not entry[1] > 0 or not math.isfinite(entry[1]):
+                problems.append(f"data.mixture[{i}]: weight {entry[1]!r} of {entry[0]!r} must be > 0")
+                continue
+            entries.append((f"data.mixture[{i}]", entry[0], float(entry[1])))
+        weights = [w for _, _, w in entries]
+        if len(weights) == len(d.mixture) and weights and min(weights) < sum(weights) / sources.MIXTURE_BLOCK:
+            problems.append(f"data.mixture: weight {min(weights)} is under 1/{sources.MIXTURE_BLOCK} of the total "
+                            f"{sum(weights)}; raise it or drop that dataset")
+    data_dir = data_dir_of(config)
+    names = []
+    for key, source, weight in entries:
+        try:
+            member = sources.parse_source(source, weight)
+            if member.kind == "spec":
+                builders.normalize_spec(member.spec)
+            elif not os.path.isdir(os.path.join(data_dir, member.tfds_name.split(":")[0])):
+                problems.append(f"{key}: no prepared TFDS dataset {member.tfds_name!r} under {data_dir} "
+                                f"(data.data_dir); prepare it there first (tfds build --data_dir ...)")
+            names.append(member.label)
+        except (ValueError, FileNotFoundError, OSError) as e:
+            problems.append(f"{key}: {e}")
+    if len(set(names)) != len(names):
+        problems.append(f"data.mixture: a dataset appears twice ({names}); give each spec its own 'name'")
+    if d.data_dir:
+        if os.path.exists(d.data_dir) and not os.path.isdir(d.data_dir):
+            problems.append(f"data.data_dir: {d.data_dir!r} is a file, not a folder")
+        elif not os.path.isdir(data_dir) and (kind == "tfds" or any(s.startswith(sources.TFDS_PREFIX)
+                                                                   for _, s, _ in entries)):
+            problems.append(f"data.data_dir: folder {d.data_dir!r} does not exist (a prepared TFDS dataset is "
+                            f"read from it)")
+        elif not os.path.isdir(os.path.dirname(data_dir)):
+            problems.append(f"data.data_dir: folder {d.data_dir!r} does not exist, nor does its parent; create "
+                            f"it (mmjax creates only the last level, as it does for the default cache)")
+    if d.num_workers < 0:
+        problems.append(f"data.num_workers must be >= 0, got {d.num_workers}")
+    scale = d.crop_scale
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        problems.append(f"data.crop_scale must be (low, high) with 0 < low <= high <= 1, got {scale}")
+    if kind != "digits" and config.task == "classification":
+        problems.append(f"data.name={kind!r}: task 'classification' needs the labelled digits (data.name='digits')")
+    return problems
+
+
+# Dataset (config.data.name) -> the fields its evaluation splits provide. Caption corpora ('spec', 'tfds',
+# 'mixture') provide none: they have no class labels, class prompts or held-out split for the evaluators.
+EVAL_FIELDS = {"digits": ("image", "label", "class_prompts", "captions")}
+# Evaluator (config.eval.<name>) -> the fields it needs.
+EVALUATOR_NEEDS = {"zeroshot": ("image", "label", "class_prompts"), "retrieval": ("image", "captions"),
+                   "linear_probe": ("image", "label")}
+
+
+def _evaluator_problems(config) -> list[str]:
+    """Every enabled evaluator has a dataset with the fields it needs."""
+    problems = []
+    if config.task == "classification":
+        return problems  # evaluated on held-out pairs of its own data
+    provided = EVAL_FIELDS.get(config.data.name, ())
+    for name, needs in EVALUATOR_NEEDS.items():
+        missing = [f for f in needs if f not in provided]
+        if config.eval[name] and missing:
+            problems.append(f"eval.{name}: data.name={config.data.name!r} gives this evaluator no dataset (it "
+                            f"needs {', '.join(missing)}); set eval.{name}=False (caption corpora: evaluate "
+                            f"their checkpoints with `mmjax eval` on a labelled dataset)")
+    return problems
 
 
 def _fusion_problems(m) -> list[str]:
@@ -433,6 +614,8 @@ def _fusion_problems(m) -> list[str]:
             if m[tower].width % f.num_heads:
                 problems.append(f"model.{tower}.width={m[tower].width} is not divisible by "
                                 f"model.fusion.num_heads={f.num_heads}")
+    if f.contrastive_weight < 0:
+        problems.append(f"model.fusion.contrastive_weight must be >= 0, got {f.contrastive_weight}")
     if f.proj_dim is not None and f.proj_dim <= 0:
         problems.append(f"model.fusion.proj_dim must be positive or None, got {f.proj_dim}")
     if (f.mode in ("concat", "weighted", "gated") and f.proj_dim is None
@@ -440,6 +623,48 @@ def _fusion_problems(m) -> list[str]:
         problems.append(f"model.fusion.mode={f.mode!r} fuses pooled features of mismatched widths "
                         f"model.text.width={m.text.width} and model.image.width={m.image.width}; set "
                         f"model.fusion.proj_dim to project both to one width (or make the widths equal)")
+    return problems
+
+
+def _finetune_problems(config, check_params: bool = True) -> list[str]:
+    """Problems of `config.finetune` and `config.init_from`. With `check_params` (the rest of the config is
+    sound), also a mode whose rules freeze every parameter, checked on the model's abstract parameter tree."""
+    f, problems = config.finetune, []
+    if f.mode not in FINETUNE_MODES:
+        problems.append(f"finetune.mode: unknown mode {f.mode!r}; choose one of {FINETUNE_MODES}")
+    elif f.mode != "none" and config.task != "contrastive":
+        problems.append(f"finetune.mode={f.mode!r} is only supported with task 'contrastive' "
+                        f"(got task {config.task!r}); use finetune.mode='none'")
+    bad_towers = [t for t in f.towers if t not in ("image", "text")]
+    if bad_towers or not f.towers:
+        problems.append(f"finetune.towers: {tuple(f.towers)!r}; list one or both of 'image', 'text'")
+    for key in ("adapter_dim", "prompt_len", "lora_rank"):
+        if f[key] <= 0:
+            problems.append(f"finetune.{key} must be positive, got {f[key]}")
+    if f.lora_alpha <= 0:
+        problems.append(f"finetune.lora_alpha must be positive, got {f.lora_alpha}")
+    for key, pattern in (("finetune.lora_targets", f.lora_targets), ("finetune.trainable", f.trainable),
+                         ("init_from.include", config.init_from.include)):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            problems.append(f"{key}: invalid regex {pattern!r}: {e}")
+    if config.data.captions not in ("english", "french"):
+        problems.append(f"data.captions: {config.data.captions!r}; choose 'english' or 'french'")
+    elif config.data.captions != "english" and config.data.name != "digits":
+        problems.append(f"data.captions={config.data.captions!r} is a caption style of the digits; "
+                        f"it needs data.name='digits' (got {config.data.name!r})")
+    i = config.init_from
+    if i.path and not os.path.exists(os.path.expanduser(i.path)):
+        problems.append(f"init_from.path: {i.path!r} does not exist")
+    if i.step is not None and i.step < 0:
+        problems.append(f"init_from.step must be >= 0 or None (latest), got {i.step}")
+    if check_params and not problems and (f.mode != "none" or config.optim.freeze_rules):
+        from mmjax import finetune  # needs the models; imported here to keep this module light
+        try:
+            problems += finetune.trainable_problems(config)
+        except ValueError as e:
+            problems.append(str(e))
     return problems
 
 
@@ -467,6 +692,11 @@ def _itm_mlm_problems(config) -> list[str]:
     if config.train.batch_size < 2:
         problems.append("train.batch_size must be >= 2 for task 'itm_mlm' (ITM negatives come from the batch)")
     return problems
+
+
+def data_dir_of(config) -> str:
+    """Where TFDS datasets are prepared and read (the same as `data_dir`)."""
+    return data_dir(config)
 
 
 def data_dir(config) -> str:

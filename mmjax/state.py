@@ -18,6 +18,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from mmjax import finetune
 from mmjax import sharding as shd
 from mmjax.models import build_fusion_classifier, build_itm_mlm_model, build_model
 from mmjax.optim import build_optimizer
@@ -63,7 +64,7 @@ def build_task_model(config) -> nn.Module:
     task = config.get("task", "contrastive")
     if task not in MODEL_BUILDERS:
         raise ValueError(f"task: unknown task {task!r}; choose one of {tuple(MODEL_BUILDERS)}")
-    return MODEL_BUILDERS[task](config.model)
+    return MODEL_BUILDERS[task](finetune.model_config(config))  # + the fine-tuning mode's modules
 
 
 @dataclasses.dataclass
@@ -88,8 +89,8 @@ class StateFactory:
         self._init_batch = dummy_batch(self.config, batch_shards * per_shard)
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             abstract_params = jax.eval_shape(self._init_params, jax.random.key(0))
-            self.tx, self.schedule = build_optimizer(self.config.optim, strip_boxes(abstract_params),
-                                                     self.config.train.steps)
+            self.tx, self.schedule = build_optimizer(finetune.optim_config(self.config),
+                                                     strip_boxes(abstract_params), self.config.train.steps)
             boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
         self.shardings = shd.tree_shardings(boxed, self.mesh, self.rules)
         self.abstract = jax.tree.map(

@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mmjax import accumulate
 from mmjax import chunked_losses
+from mmjax import finetune
 from mmjax import objectives
 from mmjax import task_eval
 from mmjax import config as config_lib
@@ -29,9 +31,11 @@ from mmjax import distributed
 from mmjax.checkpoint import Checkpointer
 from mmjax.data import pipeline
 from mmjax.data.tokenizers import get_tokenizer
-from mmjax.evaluate import TowerEncoder, zeroshot_eval
+from mmjax import evaluators
+from mmjax.evaluate import TowerEncoder
 from mmjax.health import HealthMonitor, PreemptionGuard
 from mmjax.metrics import MetricsWriter, Progress
+from mmjax.speed import SpeedMeter
 from mmjax.state import StateFactory, TrainState
 
 # Block on a step's result at least this often: bounds the work queued ahead of the host (and the
@@ -65,19 +69,48 @@ def contrastive_objective(contrastive_loss):
     return objective
 
 
+class GradCacheObjective:
+    """The contrastive objective with its gradient accumulated over `micro_batches` micro-batches inside the
+    step (`mmjax.accumulate`, GradCache): equal to the large-batch gradient, with the activation memory of one
+    micro-batch. Called like any objective; `make_train_step` uses its `value_and_grad`."""
+
+    def __init__(self, contrastive_loss, micro_batches: int):
+        self.contrastive_loss = contrastive_loss
+        self.micro_batches = int(micro_batches)
+
+    def _loss(self, outputs):
+        loss, metrics = self.contrastive_loss(outputs)
+        return loss, dict(metrics, logit_scale=outputs["logit_scale"])
+
+    def __call__(self, model, params, batch, step):
+        del step
+        return self._loss(model.apply({"params": params}, batch, train=True))
+
+    def value_and_grad(self, model, params, batch, step):
+        del step
+        return accumulate.accumulated_value_and_grad(model, params, batch, self._loss, self.micro_batches)
+
+
 def make_objective(config, mesh):
     """The loss of `config.task`: objective(model, params, global batch, step) -> (loss, metrics of scalars).
 
     contrastive: `make_loss_fn` on the ContrastiveModel outputs (metrics include 'logit_scale').
-    classification: softmax CE of the FusionClassifier on batch['label'] ('loss', 'accuracy').
+    classification: softmax CE of the FusionClassifier on batch['label'] ('loss', 'accuracy'), plus
+        model.fusion.contrastive_weight * CLIP loss over the matching pairs (objectives.classification_contrastive_loss).
     itm_mlm: contrastive + itm_weight * ITM + mlm_weight * MLM; MLM masking and ITM negative sampling draw
         from jax.random.fold_in(key(config.seed), step), so a step's randomness does not depend on the mesh.
     """
     task = config.task
     if task == "classification":
+        weight = float(config.model.fusion.get("contrastive_weight", 0.0) or 0.0)
+
         def classify(model, params, batch, step):
             del step
-            logits = model.apply({"params": params}, {k: batch[k] for k in ("image", "text")}, train=True)
+            inputs = {k: batch[k] for k in ("image", "text")}
+            if weight > 0:  # CE + weight * contrastive on the matching pairs' tower embeddings
+                outputs = model.apply({"params": params}, inputs, train=True, with_embeddings=True)
+                return objectives.classification_contrastive_loss(outputs, batch["label"], weight)
+            logits = model.apply({"params": params}, inputs, train=True)
             return objectives.classification_loss(logits, batch["label"])
         return classify
     if task == "itm_mlm":
@@ -93,6 +126,8 @@ def make_objective(config, mesh):
             loss, metrics = objectives.itm_mlm_loss(outputs, batch, loss_name, itm_weight, mlm_weight)
             return loss, dict(metrics, logit_scale=outputs["logit_scale"])
         return itm_mlm
+    if int(config.train.micro_batches) > 1:
+        return GradCacheObjective(make_loss_fn(config.model, mesh), config.train.micro_batches)
     return contrastive_objective(make_loss_fn(config.model, mesh))
 
 
@@ -103,11 +138,16 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     'loss', 'grad_norm', 'lr', 'skipped' plus the task's own ('logit_scale' only when the model has one).
     """
 
+    value_and_grad = getattr(objective, "value_and_grad", None)
+
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         def loss_fn(params):
             return objective(model, params, batch, state.step)
 
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        if value_and_grad is not None:  # e.g. GradCacheObjective: accumulated over micro-batches
+            (loss, metrics), grads = value_and_grad(model, state.params, batch, state.step)
+        else:
+            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -154,7 +194,7 @@ def train(config, workdir: str, devices: Sequence[jax.Device] | None = None,
     if latest is not None:
         log(f"mmjax: resumed from {ckpt.directory}/{latest}")
     else:
-        state = factory.init(config.seed)
+        state = finetune.start(config, factory, factory.init(config.seed), log=log)  # init_from, report
     config_json = config_to_json(config)
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -171,6 +211,9 @@ def train(config, workdir: str, devices: Sequence[jax.Device] | None = None,
     start = int(jax.device_get(state.step))
     writer = MetricsWriter(workdir, enabled=is_main)
     progress = Progress(total, config.train.batch_size, start, enabled=verbose and is_main)
+    speed_meter = SpeedMeter(config, devices)
+    eval_every = int(config.eval.every_steps)
+    eval_cache: dict[str, Any] = {}  # evaluation data, loaded once
     health = HealthMonitor(config.train.max_nonfinite_steps, config.train.spike_factor,
                            config.train.spike_window, config.train.batch_size, log=warn)
     last: dict[str, Any] = {}
@@ -204,9 +247,10 @@ def train(config, workdir: str, devices: Sequence[jax.Device] | None = None,
                     pending = []
                     if is_log:
                         sps = progress.samples_per_second(step)
-                        extra = dict(health.counters())
+                        extra = dict(health.counters(), **getattr(loader_iter, "stats", dict)())  # data/*
                         if sps == sps:
                             extra["samples_per_second"] = sps
+                            extra.update(speed_meter.metrics(sps))
                         if step_time > 0:
                             extra["input_wait_fraction"] = wait_time / step_time
                         last = writer.write(step, {**fetched[-1], **extra})
@@ -215,6 +259,14 @@ def train(config, workdir: str, devices: Sequence[jax.Device] | None = None,
                             if jax.process_count() > 1 else guard.requested)
                 else:
                     stop = guard.requested if jax.process_count() == 1 else False
+                if eval_every and step % eval_every == 0 and step != total and not stop:
+                    t_eval = time.perf_counter()
+                    results = evaluate(config, factory, state.params, mesh, eval_cache)
+                    if results:
+                        writer.write(step, results)
+                        log(f"mmjax: eval at step {step}: "
+                            + ", ".join(f"{k} = {v:.4f}" for k, v in results.items()))
+                    progress.exclude(time.perf_counter() - t_eval)  # speed figures count training only
                 if is_save or stop:
                     ckpt.save(step, state, loader_iter, config_json, force=stop)
                 if stop:
@@ -225,7 +277,7 @@ def train(config, workdir: str, devices: Sequence[jax.Device] | None = None,
                     return last
             ckpt.wait()
             if end == total:
-                results = final_eval(config, factory, state.params, mesh)
+                results = evaluate(config, factory, state.params, mesh, eval_cache)
                 if results:
                     last.update(writer.write(end, results))
                     log("mmjax: " + ", ".join(f"{k} = {v:.4f}" for k, v in results.items()))
@@ -235,25 +287,45 @@ def train(config, workdir: str, devices: Sequence[jax.Device] | None = None,
     return last
 
 
-def final_eval(config, factory: StateFactory, params, mesh) -> dict[str, float]:
-    """End-of-training evaluation of `config.task`: contrastive -> zero-shot (when config.eval.zeroshot);
-    classification -> held-out pair accuracy ('classify/accuracy'); itm_mlm -> zero-shot (when
-    config.eval.zeroshot) plus held-out 'itm/accuracy' and 'mlm/accuracy'."""
+def evaluate(config, factory: StateFactory, params, mesh, cache: dict | None = None) -> dict[str, float]:
+    """The evaluation of `config.task`, at the end of training and every `config.eval.every_steps`.
+
+    contrastive / itm_mlm: the evaluators enabled in config.eval (zeroshot, retrieval, linear_probe; see
+    mmjax.evaluators); itm_mlm adds held-out 'itm/accuracy' and 'mlm/accuracy'; classification: held-out
+    pair accuracy ('classify/accuracy'). `cache` keeps the evaluation data between calls.
+    """
     results: dict[str, float] = {}
-    if config.task in ("contrastive", "itm_mlm") and config.eval.zeroshot:
-        results.update(run_zeroshot(config, factory, params, mesh))
+    unavailable = pipeline.zeroshot_unavailable(config)  # caption corpora have no labels / class prompts
+    if config.task in ("contrastive", "itm_mlm"):  # validate() refused evaluators without a dataset
+        results.update(contrastive_evals(config, factory, params, mesh, {} if cache is None else cache))
     if config.task == "classification":
         results.update(task_eval.classification_eval(config, factory.model, params, mesh, factory.rules))
-    if config.task == "itm_mlm":
+    if config.task == "itm_mlm" and unavailable:
+        print(f"mmjax: skipping the held-out ITM/MLM eval: {unavailable}")
+    elif config.task == "itm_mlm":
         results.update(task_eval.itm_mlm_eval(config, factory.model, params, mesh, factory.rules))
     return results
 
 
-def run_zeroshot(config, factory: StateFactory, params, mesh) -> dict[str, float]:
-    """Zero-shot classification of the held-out split against the dataset's class prompts."""
-    evaluation = pipeline.load_eval_split(config, "test")
-    class_names, templates = pipeline.zeroshot_prompts(config)
+def contrastive_evals(config, factory: StateFactory, params, mesh, cache: dict) -> dict[str, float]:
+    """The evaluators enabled in config.eval on the dataset's held-out split (the same numbers as
+    `mmjax eval`): zero-shot against the class prompts, retrieval, linear probe (fitted on the train split)."""
+    chosen = [name for name in ("zeroshot", "retrieval", "linear_probe") if config.eval[name]]
+    if not chosen:
+        return {}
+    if "data" not in cache:
+        from mmjax.eval_cmd import load_eval_data
+
+        cache["data"] = load_eval_data(config)
+    data = cache["data"]
     encoder = TowerEncoder(factory.model, params, mesh, factory.rules, config.eval.batch_size)
     tokenizer = get_tokenizer(config.model.text)
-    return zeroshot_eval(encoder, tokenizer, evaluation["image"], evaluation["label"],
-                         class_names, templates)
+    results: dict[str, float] = {}
+    if "zeroshot" in chosen:
+        results.update(evaluators.zeroshot(encoder, tokenizer, data["test"], data["class_names"],
+                                           data["templates"])[0])
+    if "retrieval" in chosen:
+        results.update(evaluators.retrieval(encoder, tokenizer, data["retrieval"])[0])
+    if "linear_probe" in chosen:
+        results.update(evaluators.linear_probe_eval(encoder, data["train"], data["test"])[0])
+    return results

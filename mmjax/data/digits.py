@@ -58,10 +58,54 @@ PROMPT_TEMPLATES = (
 )
 
 
-def caption(label: int, rng: np.random.Generator) -> str:
-    """A random training caption for `label`, drawn with `rng`."""
-    template = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))]
-    return template.format(word=CLASS_NAMES[label], digit=str(label))
+# Caption style 'french' (config data.captions): a downstream task for fine-tuning (mmjax/finetune.py) -- the
+# same images, captioned and prompted in French, whose number words the English-trained model has never read.
+FRENCH_CLASS_NAMES = ('zéro', 'un', 'deux', 'trois', 'quatre', 'cinq', 'six', 'sept', 'huit', 'neuf')
+FRENCH_CAPTION_TEMPLATES = (
+    'une photo du nombre {word}.',
+    '{digit} écrit à la main',
+    'le chiffre {word} écrit à la main',
+    'un dessin de {digit}',
+    'un {word} dessiné à la main',
+    'le nombre {digit} en basse résolution',
+    'un {word} pixelisé',
+    'quelqu\'un a écrit {word}',
+    'chiffre : {digit}',
+    'un croquis du chiffre {word}.',
+    'un {word} écrit au stylo',
+)
+FRENCH_PROMPT_TEMPLATES = (
+    'une photo du nombre {}.',
+    'le chiffre {} écrit à la main',
+    'une image du chiffre {}.',
+    'un {} manuscrit.',
+    'le nombre {}.',
+)
+
+# data.captions -> (class names, training caption templates, zero-shot prompt templates).
+CAPTION_STYLES = {
+    'english': (CLASS_NAMES, CAPTION_TEMPLATES, PROMPT_TEMPLATES),
+    'french': (FRENCH_CLASS_NAMES, FRENCH_CAPTION_TEMPLATES, FRENCH_PROMPT_TEMPLATES),
+}
+
+
+def _style(style: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    if style not in CAPTION_STYLES:
+        raise ValueError(f'data.captions: unknown caption style {style!r}; choose one of {sorted(CAPTION_STYLES)}')
+    return CAPTION_STYLES[style]
+
+
+def caption(label: int, rng: np.random.Generator, style: str = 'english') -> str:
+    """A random training caption for `label` in caption `style`, drawn with `rng`."""
+    names, templates, _ = _style(style)
+    template = templates[rng.integers(len(templates))]
+    return template.format(word=names[label], digit=str(label))
+
+
+def prompts(style: str = 'english') -> tuple[list[str], list[str]]:
+    """(class names, zero-shot prompt templates) of caption `style`."""
+    names, _, templates = _style(style)
+    return list(names), list(templates)
 
 
 def upsample(values: np.ndarray, size: int = IMAGE_SIZE) -> Image.Image:

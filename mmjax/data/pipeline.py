@@ -11,16 +11,23 @@ the number of processes or workers: concatenating the host batches of processes 
 batch. The iterator state is the number of global examples consumed (plus the epoch, for information), the
 same on every process, so a run can resume on another process count, worker count or global batch size.
 
+Sources (config.data.name, see mmjax/data/sources.py): 'digits' (records {'image': PNG, 'label', 'index'},
+captions drawn from the label, random_affine augmentation) or captioned data - 'spec' (a webdataset / CSV /
+COCO builder spec, prepared on first use), 'tfds' (an already-prepared TFDS dataset), 'mixture' (weighted
+interleave of several; sources.MixtureDataset keeps it a function of the global position) - whose records
+{'image': encoded bytes, 'captions': [bytes]} go through decode.DecodeCropTokenize (decode, random-resized
+crop + flip when config.data.augment else resize + center crop, normalise, one caption drawn per example).
+
 Config keys read: config.seed, config.train.batch_size, config.data.{name, data_dir, num_workers, augment,
-image_mean, image_std}, config.model.image.{image_size, channels}, config.model.text.{tokenizer, vocab_size,
-max_len}.
+image_mean, image_std, spec, tfds_name, tfds_image_key, tfds_caption_key, mixture, crop_scale, train_split},
+config.model.image.{image_size, channels}, config.model.text.{tokenizer, tokenizer_path, vocab_size, max_len}.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
-import os
 from typing import Any, Callable
 
 import grain.python as grain
@@ -28,7 +35,8 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from mmjax.data import digits
+from mmjax.data import digits, sources
+from mmjax.data.decode import BAD_KINDS, DecodeCropTokenize, DecodeStats
 from mmjax.data.image import preprocess_images, random_affine
 from mmjax.data.tokenizers import Tokenizer, get_tokenizer
 
@@ -41,17 +49,32 @@ DATASETS = {'digits': digits}
 
 
 def _dataset(config):
+    """The labelled dataset module of config.data.name (class names, caption function); captioned data has none."""
     name = config.data.name
-    if name not in DATASETS:
-        raise ValueError(f'config.data.name={name!r} is not a known dataset; choose one of {sorted(DATASETS)}')
-    return DATASETS[name]
+    if name in DATASETS:
+        return DATASETS[name]
+    if name in sources.DATA_KINDS:
+        raise ValueError(f'config.data.name={name!r} is captioned data without class labels or class prompts; '
+                         f'this needs a labelled dataset ({sorted(DATASETS)})')
+    raise ValueError(f'config.data.name={name!r} is not a known kind of data; choose one of {sources.DATA_KINDS}')
+
+
+def is_captioned(config) -> bool:
+    """Whether config.data names captioned data (spec / tfds / mixture) rather than a labelled dataset."""
+    return config.data.name in sources.DATA_KINDS and config.data.name not in DATASETS
+
+
+def zeroshot_unavailable(config) -> str | None:
+    """Why zero-shot classification cannot run on config.data (None when it can)."""
+    if is_captioned(config):
+        return (f'config.data.name={config.data.name!r} is a caption corpus without class labels or class '
+                f'prompts')
+    return None
 
 
 def resolve_data_dir(config) -> str:
     """config.data.data_dir, or $MMJAX_DATA_DIR, or ~/.cache/mmjax/tfds when it is empty / None."""
-    if config.data.data_dir:
-        return os.path.abspath(os.path.expanduser(config.data.data_dir))
-    return os.environ.get('MMJAX_DATA_DIR', os.path.expanduser('~/.cache/mmjax/tfds'))
+    return sources.resolve_data_dir(config)
 
 
 def make_source(config, split: str):
@@ -88,10 +111,17 @@ def stream_seeds(seed: int) -> tuple[int, int]:
     return int(shuffle_seed), int(map_seed)
 
 
-def shuffled_records(source, seed: int) -> grain.MapDataset:
+def member_shuffle_seed(seed: int, member: int) -> int:
+    """Shuffle seed of mixture member `member` (0, 1, ...): member 0 keeps the single-dataset seed."""
+    if member == 0:
+        return stream_seeds(seed)[0]
+    return int(np.random.SeedSequence([int(seed), int(member)]).generate_state(1, dtype=np.uint32)[0])
+
+
+def shuffled_records(source, seed: int, member: int = 0) -> grain.MapDataset:
     """Endless MapDataset of raw records: element k is record perm_e[k % N] of epoch e = k // N, N = len(source),
-    with a different permutation perm_e for every epoch."""
-    shuffle_seed, _ = stream_seeds(seed)
+    with a different permutation perm_e for every epoch (`member` selects a mixture member's own seed)."""
+    shuffle_seed = member_shuffle_seed(seed, member)
     if hasattr(source, '__getitems__'):
         source = BatchedReads(source)
     # shuffle then repeat: ShuffleMapDataset maps index k to epoch k // N with its own seed, so each epoch of
@@ -161,7 +191,7 @@ def global_stream(config, source) -> grain.MapDataset:
     mean = tuple(np.ravel(config.data.image_mean).tolist())
     std = tuple(np.ravel(config.data.image_std).tolist())
     preprocess_images(np.zeros((1, size, size), np.uint8), size, channels, mean, std)  # config errors now
-    fields = dict(caption_fn=_dataset(config).caption, tokenizer=get_tokenizer(config.model.text),
+    fields = dict(caption_fn=caption_fn(config), tokenizer=get_tokenizer(config.model.text),
                   augment=bool(config.data.augment), image_size=size, channels=channels, mean=mean, std=std)
     if config.get('task') == 'classification':  # image-caption matching pairs, see mmjax/data/pairs.py
         from mmjax.data import pairs
@@ -170,6 +200,77 @@ def global_stream(config, source) -> grain.MapDataset:
         transform = CaptionAugmentTokenize(**fields)
     # random_map seeds each element's RNG with (map_seed, its index here) = the global position.
     return shuffled_records(source, config.seed).map(DecodeExample()).random_map(transform, seed=map_seed)
+
+
+def _image_fields(config) -> tuple[int, int, tuple[float, ...], tuple[float, ...]]:
+    img = config.model.image
+    size, channels = int(img.image_size), int(img.channels)
+    mean = tuple(np.ravel(config.data.image_mean).tolist())
+    std = tuple(np.ravel(config.data.image_std).tolist())
+    preprocess_images(np.zeros((1, size, size), np.uint8), size, channels, mean, std)  # config errors now
+    return size, channels, mean, std
+
+
+def captioned_records(config, opened: list[sources.Opened]) -> grain.MapDataset:
+    """Endless MapDataset of captioned records {'image': bytes, 'captions': [bytes], ...}: element k is
+    global position k - one member's shuffled stream, or the weighted MixtureDataset of several."""
+    streams = []
+    for member, item in enumerate(opened):
+        stream = shuffled_records(item.source, config.seed, member)
+        if item.to_captioned is not None:
+            stream = stream.map(item.to_captioned)
+        streams.append(stream)
+    if len(streams) == 1:
+        return streams[0]
+    _, map_seed = stream_seeds(config.seed)
+    return sources.MixtureDataset(streams, [item.member.weight for item in opened], seed=map_seed)
+
+
+def captioned_stream(config, records: grain.MapDataset) -> grain.MapDataset:
+    """Captioned records -> endless model-ready stream {'image': float32 [H,W,C], 'text': int32 [L],
+    'label': int32 -1}; the per-position RNG draws the caption and the crop."""
+    if config.get('task', 'contrastive') == 'classification':
+        raise ValueError(f"config.task='classification' needs labelled data (config.data.name='digits'), not "
+                         f"config.data.name={config.data.name!r}")
+    size, channels, mean, std = _image_fields(config)
+    scale = tuple(float(v) for v in config.data.get('crop_scale', (0.08, 1.0)))
+    transform = DecodeCropTokenize(tokenizer=get_tokenizer(config.model.text), size=size, mean=mean, std=std,
+                                   train=bool(config.data.augment), scale=scale, channels=channels)
+    _, map_seed = stream_seeds(config.seed)
+    return records.random_map(transform, seed=map_seed)
+
+
+@dataclasses.dataclass
+class TrainData:
+    """The endless global training stream and what `TrainIterator.stats` reports about it.
+
+    sizes: records per member ({dataset name: N}); bad: prepare-time decode stats per member;
+    mixture: the MixtureDataset when several members are mixed (for per-member counts), else None."""
+
+    stream: grain.MapDataset
+    sizes: dict[str, int]
+    bad: dict[str, DecodeStats]
+    mixture: sources.MixtureDataset | None = None
+
+
+def train_data(config, split: str | None = None, progress: bool = True) -> TrainData:
+    """Builds (preparing captioned datasets on first use, with a progress bar when `progress`) the global
+    stream of `split` (default config.data.train_split, else 'train')."""
+    split = split or config.data.get('train_split', 'train') or 'train'
+    if not is_captioned(config):
+        source = make_source(config, split)
+        return TrainData(global_stream(config, source), {config.data.name: len(source)}, {})
+    opened = [sources.open_member(m, config, split, progress) for m in sources.members(config)]
+    if not opened:
+        raise ValueError(f"config.data.mixture is empty; give ((source, weight), ...) for config.data.name="
+                         f"{config.data.name!r}")
+    labels = [item.member.label for item in opened]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f'config.data.mixture names a dataset twice: {labels}')
+    records = captioned_records(config, opened)
+    return TrainData(captioned_stream(config, records), {l: len(o.source) for l, o in zip(labels, opened)},
+                     {l: o.stats for l, o in zip(labels, opened)},
+                     records if isinstance(records, sources.MixtureDataset) else None)
 
 
 def host_batches(stream: grain.MapDataset, start: int, global_batch: int, process_index: int,
@@ -201,9 +302,9 @@ class TrainIterator(grain.DatasetIterator):
         self._num_workers = int(config.data.num_workers)
         if self._num_workers < 0:
             raise ValueError(f'config.data.num_workers={self._num_workers} must be >= 0')
-        source = make_source(config, 'train')
-        self._num_records = len(source)
-        self._stream = global_stream(config, source)
+        self._data = train_data(config, progress=process_index == 0)
+        self._num_records = sum(self._data.sizes.values())
+        self._stream = self._data.stream
         self._examples_seen = 0
 
     def _start(self) -> grain.DatasetIterator:
@@ -221,6 +322,25 @@ class TrainIterator(grain.DatasetIterator):
         batch = next(self._start())
         self._examples_seen += self._global_batch
         return batch
+
+    def stats(self) -> dict[str, float]:
+        """Data metrics for the training log: 'data/bad_samples' and 'data/bad/<kind>' (samples skipped when
+        the datasets were prepared; records are never skipped at read time, which would change the global
+        stream, and a read-time decode failure stops the run naming the record), 'data/bad_fraction',
+        'data/epoch' (examples seen / records, fractional) and, for a mixture, 'data/epoch/<name>' and
+        'data/share/<name>' (fraction of the examples seen that came from that dataset)."""
+        bad = DecodeStats()
+        for stats in self._data.bad.values():
+            bad.update(stats)
+        out = {'data/bad_samples': float(bad.num_bad), 'data/bad_fraction': float(bad.bad_fraction),
+               'data/epoch': self._examples_seen / self._num_records}
+        out.update({f'data/bad/{kind}': float(bad.skipped.get(kind, 0)) for kind in BAD_KINDS})
+        if self._data.mixture is not None:
+            consumed = self._data.mixture.consumed(self._examples_seen)
+            for (name, size), count in zip(self._data.sizes.items(), consumed):
+                out[f'data/epoch/{name}'] = float(count) / size
+                out[f'data/share/{name}'] = float(count) / max(self._examples_seen, 1)
+        return out
 
     def get_state(self) -> dict[str, Any]:
         return {'examples_seen': self._examples_seen, 'epoch': self._examples_seen // self._num_records}
@@ -267,6 +387,8 @@ def load_eval_split(config, split: str = 'test') -> dict[str, np.ndarray]:
 
     Returns {'image': float32 [N,H,W,C], 'label': int32 [N]}.
     """
+    if is_captioned(config):
+        raise ValueError(f'load_eval_split: {zeroshot_unavailable(config)}; it has no labelled eval split')
     source = make_source(config, split)
     decode = DecodeExample()
     records = sorted((decode.map(source[i]) for i in range(len(source))), key=lambda r: int(r['index']))
@@ -276,7 +398,17 @@ def load_eval_split(config, split: str = 'test') -> dict[str, np.ndarray]:
     return {'image': images, 'label': np.array([r['label'] for r in records], np.int32)}
 
 
+def caption_fn(config) -> Callable[[int, np.random.Generator], str]:
+    """The digits' caption(label, rng) in the caption style `config.data.captions` ('english' | 'french')."""
+    style = config.data.get('captions', 'english') or 'english'
+    return _dataset(config).caption if style == 'english' else functools.partial(digits.caption, style=style)
+
+
 def zeroshot_prompts(config) -> tuple[list[str], list[str]]:
-    """(class_names, templates) of the configured dataset; prompts are template.format(class_name)."""
+    """(class_names, templates) of the configured dataset and caption style (`config.data.captions`);
+    prompts are template.format(class_name)."""
+    style = config.data.get('captions', 'english') or 'english'
+    if style != 'english':
+        return digits.prompts(style)
     dataset = _dataset(config)
     return list(dataset.CLASS_NAMES), list(dataset.PROMPT_TEMPLATES)

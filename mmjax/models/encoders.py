@@ -30,6 +30,10 @@ class ViT(nn.Module):
 
     pool='cls' prepends a class token (N = num_patches + 1, pooled = token 0);
     pool='mean' averages the patch tokens (N = num_patches).
+    Fine-tuning fields (off by default; see `mmjax.finetune`): `num_prompts` P > 0 inserts P learned tokens
+    'prompts' [P, width] ('length', 'embed') after the class token (before the patches), without position
+    embeddings; they are dropped from the returned tokens and from mean pooling. `adapter_dim` / `lora_*` go
+    to every encoder block (`mmjax.models.layers.EncoderBlock`).
     """
     image_size: int
     patch_size: int
@@ -44,6 +48,11 @@ class ViT(nn.Module):
     activation: str = 'gelu'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    num_prompts: int = 0
+    adapter_dim: int = 0
+    lora_rank: int = 0
+    lora_alpha: float = 1.0
+    lora_targets: str = ''
 
     @nn.compact
     def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -66,12 +75,31 @@ class ViT(nn.Module):
         pos = self.param('pos_embed', partitioned(nn.initializers.normal(0.02), ('length', 'embed')),
                          (n, self.width), self.param_dtype)
         x = x + pos.astype(self.dtype)[None]
+        first = 1 if self.pool == 'cls' else 0  # prompts go after the class token
+        if self.num_prompts > 0:
+            x = jnp.concatenate([x[:, :first], prompt_tokens(self, x.shape[0]), x[:, first:]], axis=1)
         x = layer_norm(name='ln_pre', **kw)(x)
         x = Encoder(self.depth, self.num_heads, self.mlp_dim, remat=self.remat, scan=self.scan_layers,
-                    activation=self.activation, name='transformer', **kw)(x)
+                    activation=self.activation, name='transformer', **finetune_kwargs(self), **kw)(x)
+        if self.num_prompts > 0:
+            x = jnp.concatenate([x[:, :first], x[:, first + self.num_prompts:]], axis=1)
         x = constrain(layer_norm(name='ln_final', **kw)(x), ACT_TOKENS)
         pooled = x[:, 0] if self.pool == 'cls' else x.mean(axis=1)
         return x, constrain(pooled, ACT_POOLED)
+
+
+def finetune_kwargs(encoder: nn.Module) -> dict[str, Any]:
+    """The adapter / LoRA fields of an encoder, for its `Encoder`."""
+    return dict(adapter_dim=encoder.adapter_dim, lora_rank=encoder.lora_rank, lora_alpha=encoder.lora_alpha,
+                lora_targets=encoder.lora_targets)
+
+
+def prompt_tokens(encoder: nn.Module, batch: int) -> jax.Array:
+    """The encoder's learned prompts, param 'prompts' [P, width] ('length', 'embed') initialised N(0, 0.02),
+    broadcast to [batch, P, width] in its dtype."""
+    prompts = encoder.param('prompts', partitioned(nn.initializers.normal(0.02), ('length', 'embed')),
+                            (encoder.num_prompts, encoder.width), encoder.param_dtype)
+    return jnp.broadcast_to(prompts.astype(encoder.dtype)[None], (batch, encoder.num_prompts, encoder.width))
 
 
 def last_nonpad_index(tokens: jax.Array, pad_id: int = PAD_ID) -> jax.Array:
@@ -87,6 +115,10 @@ class TextTransformer(nn.Module):
     causal=False: key padding mask only; typically pool='cls' (position 0, the BOS token).
     The embedding table has `vocab_size` rounded up to a multiple of `vocab_multiple` rows, so that the 'vocab'
     axis divides evenly over a sharded mesh axis (jax rejects uneven shardings); extra rows are never indexed.
+    Fine-tuning fields (off by default; see `mmjax.finetune`): `num_prompts` P > 0 prepends P learned tokens
+    'prompts' [P, width] (no position embedding; valid keys, seen by every text token under the causal mask);
+    they are dropped from the returned tokens, and 'eot'/'cls' pooling reads the same text token as without
+    them. `adapter_dim` / `lora_*` go to every encoder block.
     """
     vocab_size: int
     max_len: int
@@ -102,6 +134,11 @@ class TextTransformer(nn.Module):
     activation: str = 'gelu'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    num_prompts: int = 0
+    adapter_dim: int = 0
+    lora_rank: int = 0
+    lora_alpha: float = 1.0
+    lora_targets: str = ''
 
     @nn.compact
     def __call__(self, tokens: jax.Array, valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -123,12 +160,17 @@ class TextTransformer(nn.Module):
         pos = constrain(pos[:length].astype(self.dtype), ('act_length', 'act_embed'))
         x = x + pos[None]
 
-        mask = valid[:, None, None, :]  # [B,1,1,L] keys
+        p = self.num_prompts
+        keys = valid
+        if p > 0:  # [B,P+L]: prompts first, always valid keys
+            x = jnp.concatenate([prompt_tokens(self, x.shape[0]), x], axis=1)
+            keys = jnp.concatenate([jnp.ones((valid.shape[0], p), bool), valid], axis=1)
+        mask = keys[:, None, None, :]  # [B,1,1,P+L] keys
         if self.causal:
-            mask = mask & jnp.tril(jnp.ones((length, length), bool))[None, None]
+            mask = mask & jnp.tril(jnp.ones((p + length, p + length), bool))[None, None]
         x = Encoder(self.depth, self.num_heads, self.mlp_dim, remat=self.remat, scan=self.scan_layers,
-                    activation=self.activation, name='transformer', **kw)(x, mask)
-        x = constrain(layer_norm(name='ln_final', **kw)(x), ACT_TOKENS)
+                    activation=self.activation, name='transformer', **finetune_kwargs(self), **kw)(x, mask)
+        x = constrain(layer_norm(name='ln_final', **kw)(x[:, p:]), ACT_TOKENS)  # [B,L,width], prompts dropped
         if self.pool == 'cls':
             pooled = x[:, 0]
         else:

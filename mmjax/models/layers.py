@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -58,10 +59,16 @@ class Dense(nn.Module):
     kernel_init: Initializer = default_kernel_init
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora_rank: int = 0  # > 0: adds (lora_alpha / lora_rank) * x A B; A 'lora_a' [*in_dims, r], B 'lora_b' [r, *features]
+    lora_alpha: float = 1.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x [..., *in_dims] -> [..., *features] in `dtype`."""
+        """x [..., *in_dims] -> [..., *features] in `dtype`.
+
+        With `lora_rank` r > 0 the output gains (lora_alpha / r) * (x A) B, B zero-initialised (so the map
+        equals the base one at init); A has logical axes (*input names, 'lora'), B ('lora', *output names).
+        """
         features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
         axes = sorted(a % x.ndim for a in ((self.axis,) if isinstance(self.axis, int) else self.axis))
         if axes != list(range(x.ndim - len(axes), x.ndim)):
@@ -71,8 +78,17 @@ class Dense(nn.Module):
         in_shape = tuple(x.shape[a] for a in axes)
         kernel = self.param('kernel', partitioned(_flat_init(self.kernel_init, len(axes)), self.names),
                             in_shape + features, self.param_dtype)
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                                ((tuple(axes), tuple(range(len(axes)))), ((), ())))
+        contract = ((tuple(axes), tuple(range(len(axes)))), ((), ()))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), contract)
+        if self.lora_rank > 0:
+            n_in, r = len(axes), self.lora_rank
+            a = self.param('lora_a', partitioned(_flat_init(self.kernel_init, n_in), self.names[:n_in] + ('lora',)),
+                           in_shape + (r,), self.param_dtype)
+            b = self.param('lora_b', partitioned(nn.initializers.zeros_init(), ('lora',) + self.names[n_in:]),
+                           (r,) + features, self.param_dtype)
+            low = jax.lax.dot_general(x.astype(self.dtype), a.astype(self.dtype), contract)
+            delta = jnp.tensordot(low, b.astype(self.dtype), axes=1)
+            y = y + jnp.asarray(self.lora_alpha / r, self.dtype) * delta
         if self.use_bias:
             bias = self.param('bias', partitioned(nn.initializers.zeros_init(), self.names[len(axes):]),
                               features, self.param_dtype)
@@ -82,11 +98,12 @@ class Dense(nn.Module):
 
 def dense(features: int | Sequence[int], names: Sequence[str], *, axis: int | Sequence[int] = -1,
           use_bias: bool = True, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-          kernel_init: Initializer = default_kernel_init, name: str | None = None) -> Dense:
-    """`Dense` with logical kernel axes `names` (input axes then output axes)."""
+          kernel_init: Initializer = default_kernel_init, name: str | None = None,
+          lora_rank: int = 0, lora_alpha: float = 1.0) -> Dense:
+    """`Dense` with logical kernel axes `names` (input axes then output axes); `lora_rank` > 0 adds LoRA."""
     return Dense(features if isinstance(features, int) else tuple(features), tuple(names),
                  axis=axis if isinstance(axis, int) else tuple(axis), use_bias=use_bias, kernel_init=kernel_init,
-                 dtype=dtype, param_dtype=param_dtype, name=name)
+                 dtype=dtype, param_dtype=param_dtype, name=name, lora_rank=lora_rank, lora_alpha=lora_alpha)
 
 
 def layer_norm(*, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
@@ -132,12 +149,17 @@ class MultiHeadAttention(nn.Module):
       num_heads: number of heads H.
       head_dim: per-head width K; defaults to E // H of the query input.
       out_features: output width; defaults to E of the query input.
+      lora_rank, lora_alpha, lora_targets: LoRA (see `Dense`) on each projection whose '<module name>/<proj>'
+        (e.g. 'attn/query'; projections query, key, value, out) fullmatches the regex `lora_targets`.
     """
     num_heads: int
     head_dim: int | None = None
     out_features: int | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora_rank: int = 0
+    lora_alpha: float = 1.0
+    lora_targets: str = ''
 
     @nn.compact
     def __call__(self, x_q: jax.Array, x_kv: jax.Array | None = None,
@@ -155,9 +177,9 @@ class MultiHeadAttention(nn.Module):
         out_features = self.out_features or width
         proj = functools.partial(dense, (self.num_heads, head_dim), ('embed', 'heads', 'kv'),
                                  dtype=self.dtype, param_dtype=self.param_dtype)
-        q = constrain(proj(name='query')(x_q), ACT_HEADS)
-        k = constrain(proj(name='key')(x_kv), ACT_HEADS)
-        v = constrain(proj(name='value')(x_kv), ACT_HEADS)
+        q = constrain(proj(name='query', **lora_kwargs(self, 'query'))(x_q), ACT_HEADS)
+        k = constrain(proj(name='key', **lora_kwargs(self, 'key'))(x_kv), ACT_HEADS)
+        v = constrain(proj(name='value', **lora_kwargs(self, 'value'))(x_kv), ACT_HEADS)
 
         q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
         logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
@@ -166,7 +188,36 @@ class MultiHeadAttention(nn.Module):
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = constrain(jnp.einsum('bhqk,bkhd->bqhd', weights, v), ACT_HEADS)
         return dense(out_features, ('heads', 'kv', 'embed'), axis=(-2, -1), dtype=self.dtype,
-                     param_dtype=self.param_dtype, name='out')(out)
+                     param_dtype=self.param_dtype, name='out', **lora_kwargs(self, 'out'))(out)
+
+
+def lora_kwargs(module: nn.Module, proj: str) -> dict[str, Any]:
+    """`dense` LoRA kwargs for projection `proj` of `module` (fields lora_rank/alpha/targets): rank 0 unless
+    '<module name>/<proj>' fullmatches `module.lora_targets`."""
+    path = f'{module.name or type(module).__name__}/{proj}'
+    on = module.lora_rank > 0 and re.fullmatch(module.lora_targets, path) is not None
+    return dict(lora_rank=module.lora_rank if on else 0, lora_alpha=module.lora_alpha)
+
+
+class Adapter(nn.Module):
+    """Bottleneck adapter (Houlsby et al.): x + up(activation(down(x))), [..., E] -> [..., E].
+
+    'down' [E, dim] ('embed', 'adapter') and 'up' [dim, E] ('adapter', 'embed'); 'up' (kernel and bias) is
+    zero-initialised, so the adapter is exactly the identity at init.
+    """
+    dim: int
+    activation: str = 'gelu'
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B,L,E] -> [B,L,E]."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = dense(self.dim, ('embed', 'adapter'), name='down', **kw)(x)
+        h = activation_fn(self.activation)(h)
+        return x + dense(x.shape[-1], ('adapter', 'embed'), kernel_init=nn.initializers.zeros_init(),
+                         name='up', **kw)(h)
 
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -184,27 +235,35 @@ def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
 
 
 class Mlp(nn.Module):
-    """Two-layer MLP with the `activation` nonlinearity: [..., E] -> [..., mlp_dim] -> [..., E]."""
+    """Two-layer MLP with the `activation` nonlinearity: [..., E] -> [..., mlp_dim] -> [..., E].
+
+    LoRA fields as in `MultiHeadAttention` (projections fc_in, fc_out; e.g. 'mlp/fc_in')."""
     mlp_dim: int
     activation: str = 'gelu'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora_rank: int = 0
+    lora_alpha: float = 1.0
+    lora_targets: str = ''
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B,L,E] -> [B,L,E]."""
         width = x.shape[-1]
         h = dense(self.mlp_dim, ('embed', 'mlp'), dtype=self.dtype, param_dtype=self.param_dtype,
-                  name='fc_in')(x)
+                  name='fc_in', **lora_kwargs(self, 'fc_in'))(x)
         h = constrain(activation_fn(self.activation)(h), ACT_MLP)
         return dense(width, ('mlp', 'embed'), dtype=self.dtype, param_dtype=self.param_dtype,
-                     name='fc_out')(h)
+                     name='fc_out', **lora_kwargs(self, 'fc_out'))(h)
 
 
 class EncoderBlock(nn.Module):
     """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x)).
 
     With `scan_carry=True` the call returns `(x, None)` so the block can be the body of `nn.scan`.
+    Fine-tuning fields (all off by default, leaving the parameter tree unchanged): `adapter_dim` > 0 adds
+    zero-initialised `Adapter`s 'adapter_attn' / 'adapter_mlp' on the attention and MLP outputs (before the
+    residual add); `lora_*` add LoRA to the attention/MLP projections matching `lora_targets` (see `Dense`).
     """
     num_heads: int
     mlp_dim: int
@@ -212,17 +271,26 @@ class EncoderBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     scan_carry: bool = False
+    adapter_dim: int = 0
+    lora_rank: int = 0
+    lora_alpha: float = 1.0
+    lora_targets: str = ''
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None):
         """x [B,L,E], mask bool [B,1|H,L,L] or None -> [B,L,E] (or `(x, None)` when `scan_carry`)."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        lora = dict(lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, lora_targets=self.lora_targets)
         h = layer_norm(name='ln_attn', **kw)(x)
-        x = x + MultiHeadAttention(self.num_heads, name='attn', **kw)(h, None, mask)
-        x = constrain(x, ACT_TOKENS)
+        h = MultiHeadAttention(self.num_heads, name='attn', **lora, **kw)(h, None, mask)
+        if self.adapter_dim > 0:
+            h = Adapter(self.adapter_dim, self.activation, name='adapter_attn', **kw)(h)
+        x = constrain(x + h, ACT_TOKENS)
         h = layer_norm(name='ln_mlp', **kw)(x)
-        x = x + Mlp(self.mlp_dim, self.activation, name='mlp', **kw)(h)
-        x = constrain(x, ACT_TOKENS)
+        h = Mlp(self.mlp_dim, self.activation, name='mlp', **lora, **kw)(h)
+        if self.adapter_dim > 0:
+            h = Adapter(self.adapter_dim, self.activation, name='adapter_mlp', **kw)(h)
+        x = constrain(x + h, ACT_TOKENS)
         return (x, None) if self.scan_carry else x
 
 
@@ -231,6 +299,7 @@ class Encoder(nn.Module):
 
     Params live under 'block_{i}' (unrolled) or under 'blocks' with a leading 'layers' axis of size `depth`
     (`scan=True`). `remat` is 'none' | 'full' | 'dots' (jax.checkpoint per block; 'dots' saves matmul outputs).
+    adapter_dim / lora_*: passed to every block (see `EncoderBlock`).
     """
     depth: int
     num_heads: int
@@ -240,6 +309,10 @@ class Encoder(nn.Module):
     activation: str = 'gelu'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    adapter_dim: int = 0
+    lora_rank: int = 0
+    lora_alpha: float = 1.0
+    lora_targets: str = ''
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -251,7 +324,8 @@ class Encoder(nn.Module):
                                  f'got {self.remat!r}')
             block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
         kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, activation=self.activation,
-                  dtype=self.dtype, param_dtype=self.param_dtype)
+                  dtype=self.dtype, param_dtype=self.param_dtype, adapter_dim=self.adapter_dim,
+                  lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, lora_targets=self.lora_targets)
         x = constrain(x, ACT_TOKENS)
         if self.scan:
             blocks = nn.scan(

@@ -24,7 +24,7 @@ Dtype = Any
 ENCODERS: dict[str, type[nn.Module]] = {'image': ViT, 'text': TextTransformer, 'audio': AudioTransformer}
 
 # Tower-section keys read by the data layer, not the encoder (e.g. which tokenizer feeds the text tower).
-_DATA_FIELDS = ('tokenizer',)
+_DATA_FIELDS = ('tokenizer', 'tokenizer_path')
 
 # Encoder fields taken from `config.model` itself unless the tower's section sets them.
 _MODEL_LEVEL_FIELDS = ('remat', 'scan_layers', 'activation', 'dtype', 'param_dtype')
