@@ -147,6 +147,57 @@ def classification_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array
     return loss, {'loss': loss, 'accuracy': accuracy}
 
 
+def matched_contrastive_loss(x: jax.Array, y: jax.Array, logit_scale: jax.Array,
+                             matched: jax.Array) -> tuple[jax.Array, Metrics]:
+    """Symmetric InfoNCE (CLIP) over the matching pairs of a batch of image-caption pairs only.
+
+    Args:
+        x, y: [B, D] embeddings (normally unit-norm); (x[i], y[i]) is a positive pair where `matched[i]`.
+        logit_scale: scalar multiplier (the exponentiated temperature).
+        matched: bool/int [B]; rows and columns of non-matching pairs take no part (their captions describe
+            another image, so they are neither positives nor used as negatives).
+
+    Returns:
+        loss = mean over matched i of 0.5 * (CE of row i over matched columns + CE of column i over matched rows)
+        (0 when nothing matches), {'contrastive_loss', 'i2t_acc', 't2i_acc' (top-1 among the matched pairs)}.
+    """
+    if x.ndim != 2 or x.shape != y.shape or matched.shape != x.shape[:1]:
+        raise ValueError(f'matched_contrastive_loss expects x, y [B,D] and matched [B]; got {x.shape}, {y.shape}, '
+                         f'{matched.shape}')
+    valid = matched.astype(bool)
+    pair = valid[:, None] & valid[None, :]
+    logits = jnp.asarray(logit_scale, jnp.float32) * (x.astype(jnp.float32) @ y.astype(jnp.float32).T)
+    logits = jnp.where(pair, logits, -1e9)  # finite, so invalid rows give no NaN
+    diag = jnp.arange(x.shape[0])
+    loss_xy = -jnp.diagonal(jax.nn.log_softmax(logits, axis=1))
+    loss_yx = -jnp.diagonal(jax.nn.log_softmax(logits, axis=0))
+    weights = valid.astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(weights), 1.0)
+    loss = jnp.sum(weights * 0.5 * (loss_xy + loss_yx)) / count
+    i2t = jnp.sum(weights * (jnp.argmax(logits, axis=1) == diag)) / count
+    t2i = jnp.sum(weights * (jnp.argmax(logits, axis=0) == diag)) / count
+    return loss, {'contrastive_loss': loss, 'i2t_acc': i2t, 't2i_acc': t2i}
+
+
+def classification_contrastive_loss(outputs: dict, labels: jax.Array,
+                                    contrastive_weight: float) -> tuple[jax.Array, Metrics]:
+    """CE + contrastive_weight * matched_contrastive_loss for a FusionClassifier called with_embeddings=True.
+
+    Args:
+        outputs: {'logits' [B,C], 'embeddings': {'image', 'text': [B,D]}, 'logit_scale' []}.
+        labels: int [B], 1 = the caption matches the image (those pairs are the contrastive positives).
+
+    Returns:
+        total, {'loss' (total), 'ce_loss', 'accuracy', 'contrastive_loss', 'i2t_acc', 't2i_acc', 'logit_scale'}.
+    """
+    ce, metrics = classification_loss(outputs['logits'], labels)
+    emb = outputs['embeddings']
+    c_loss, c_metrics = matched_contrastive_loss(emb['image'], emb['text'], outputs['logit_scale'], labels == 1)
+    total = ce + contrastive_weight * c_loss
+    return total, {**c_metrics, 'ce_loss': ce, 'accuracy': metrics['accuracy'], 'loss': total,
+                   'logit_scale': jnp.asarray(outputs['logit_scale'], jnp.float32)}
+
+
 # --------------------------------------------------------------------------------------------- combined
 
 def add_mlm_inputs(batch: dict[str, jax.Array], rng: jax.Array, mask_prob: float, mask_id: int,

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 from mmjax import config as config_lib
+from mmjax import losses, objectives
 from mmjax import sharding as shd
 from mmjax.config import ConfigError
 from mmjax.data import pairs
 from mmjax.metrics import read_metrics
+from mmjax.models import build_fusion_classifier
 from mmjax.state import StateFactory
 from mmjax.train import make_objective, make_train_step, train
 
@@ -71,6 +73,64 @@ def test_classification_step_on_8_devices_equals_1_device(mode):
         np.testing.assert_allclose(b, a, atol=1e-5, rtol=0, err_msg=jax.tree_util.keystr(path))
 
 
+def test_classification_with_contrastive_step_on_8_devices_equals_1_device():
+    extra = ("config.model.fusion.mode=concat", "config.model.fusion.contrastive_weight=0.5")
+    one = _task_config("classification", "config.mesh.data=1", *extra)
+    eight = _task_config("classification", "config.mesh.data=2", "config.mesh.fsdp=2", "config.mesh.tensor=2",
+                         *extra)
+    ref_params, ref_metrics = _one_step(one, jax.devices()[:1])
+    params, metrics = _one_step(eight, jax.devices())
+    assert {"ce_loss", "contrastive_loss", "i2t_acc", "t2i_acc", "logit_scale", "accuracy"} <= set(metrics)
+    np.testing.assert_allclose(metrics["loss"], metrics["ce_loss"] + 0.5 * metrics["contrastive_loss"],
+                               rtol=1e-6)
+    assert metrics["contrastive_loss"] > 0.1
+    for key in ("loss", "ce_loss", "contrastive_loss"):
+        np.testing.assert_allclose(metrics[key], ref_metrics[key], atol=1e-5, rtol=1e-5)
+    assert {"head", "encoder"} == set(params["image"]) == set(params["text"]) and "logit_scale" in params
+    flat_ref = jax.tree_util.tree_leaves_with_path(ref_params)
+    for (path, a), b in zip(flat_ref, jax.tree.leaves(params)):
+        np.testing.assert_allclose(b, a, atol=1e-5, rtol=0, err_msg=jax.tree_util.keystr(path))
+
+
+def test_fusion_classifier_embeddings_leave_the_logits_unchanged():
+    config = _task_config("classification", "config.model.fusion.contrastive_weight=1.0")
+    model = build_fusion_classifier(config.model)
+    batch = {k: v for k, v in _pair_batch(config, n=4).items() if k != "label"}
+    variables = model.init(jax.random.key(0), batch)
+    logits = model.apply(variables, batch)
+    out = model.apply(variables, batch, with_embeddings=True)
+    np.testing.assert_allclose(out["logits"], logits, atol=1e-6)
+    for name in ("image", "text"):
+        assert out["embeddings"][name].shape == (4, config.model.embed_dim)
+        np.testing.assert_allclose(np.linalg.norm(out["embeddings"][name], axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(out["logit_scale"], np.exp(config.model.logit_scale_init), rtol=1e-5)
+    plain = build_fusion_classifier(_task_config("classification").model)  # contrastive_weight 0: no heads
+    plain_vars = plain.init(jax.random.key(0), batch)
+    assert "logit_scale" not in plain_vars["params"] and set(plain_vars["params"]["image"]) == {"encoder"}
+    with pytest.raises(ValueError, match="contrastive_weight"):
+        plain.apply(plain_vars, batch, with_embeddings=True)
+
+
+def test_matched_contrastive_loss_is_clip_over_the_matching_pairs_only():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(2, 12, 8)).astype(np.float32)
+    matched = np.array([1, 0, 1, 1, 0, 0, 1, 1, 0, 1, 1, 0], bool)
+    loss, metrics = objectives.matched_contrastive_loss(x, y, 3.0, matched)
+    ref, ref_metrics = losses.softmax_contrastive_loss(x[matched], y[matched], 3.0)
+    np.testing.assert_allclose(loss, ref, rtol=1e-5)
+    np.testing.assert_allclose(metrics["i2t_acc"], ref_metrics["i2t_acc"], rtol=1e-6)
+    np.testing.assert_allclose(metrics["t2i_acc"], ref_metrics["t2i_acc"], rtol=1e-6)
+    # Non-matching pairs are neither positives nor negatives: changing them changes nothing, and gets no gradient.
+    x2, y2 = x.copy(), y.copy()
+    x2[~matched], y2[~matched] = 100.0, -100.0
+    np.testing.assert_allclose(objectives.matched_contrastive_loss(x2, y2, 3.0, matched)[0], loss, rtol=1e-6)
+    gx, gy = jax.grad(lambda a, b: objectives.matched_contrastive_loss(a, b, 3.0, matched)[0], (0, 1))(x, y)
+    assert np.all(np.asarray(gx)[~matched] == 0) and np.all(np.asarray(gy)[~matched] == 0)
+    assert np.abs(np.asarray(gx)[matched]).max() > 1e-4
+    none, _ = objectives.matched_contrastive_loss(x, y, 3.0, np.zeros(12, bool))
+    assert float(none) == 0.0
+
+
 def test_classification_trains_end_to_end(tmp_path, data_dir):
     config = _task_config("classification", "config.train.steps=4", "config.mesh.data=2", "config.mesh.fsdp=2",
                           "config.mesh.tensor=2", data_dir=data_dir)
@@ -107,6 +167,8 @@ def test_pair_stream_is_half_matching_and_deterministic(data_dir):
      r"model\.fusion\.proj_dim"),
     (["config.task=classification", "config.model.fusion.num_classes=0"], r"model\.fusion\.num_classes"),
     (["config.task=classification", "config.model.fusion.mode=sum"], r"model\.fusion\.mode"),
+    (["config.task=classification", "config.model.fusion.contrastive_weight=-1.0"],
+     r"model\.fusion\.contrastive_weight must be >= 0"),
     (["config.task=itm_mlm", "config.objectives.mask_id=400"], r"objectives\.mask_id=400 must be < "
                                                                r"model\.text\.vocab_size"),
     (["config.task=itm_mlm", "config.model.loss_impl=chunked"], r"model\.loss_impl"),

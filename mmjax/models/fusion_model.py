@@ -2,7 +2,9 @@
 
 - `FusionClassifier`: ViT + TextTransformer -> CoAttention layers (text padding mask) -> pooled features (mean for
   image tokens, masked mean for text) -> fusion (any `build_fusion` mode) -> MLP head -> logits [B, num_classes].
-  Built from `config.model` (sections image, text, fusion) by `build_fusion_classifier`.
+  Built from `config.model` (sections image, text, fusion) by `build_fusion_classifier`. With
+  model.fusion.contrastive_weight > 0 the towers also get CLIP projection heads for an auxiliary contrastive loss
+  (objectives.classification_contrastive_loss).
 - `ItmMlmHeads`: fuses text tokens with image tokens (text queries attend to the image), an ITM logit on the fused
   CLS/EOT token and MLM vocabulary logits on every fused token.
 - `ContrastiveItmMlmModel`: `ContrastiveModel` plus `ItmMlmHeads` (param 'itm_mlm'); hard ITM negatives are mined
@@ -11,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -22,6 +25,7 @@ from mmjax import objectives
 from mmjax.models.encoders import PAD_ID, TextTransformer, ViT, last_nonpad_index
 from mmjax.models.fusion import FUSION_MODES, CoAttention, CrossAttention, build_fusion, masked_mean
 from mmjax.models.layers import ACT_POOLED, ACT_TOKENS, EncoderBlock, activation_fn, constrain, dense, layer_norm
+from mmjax.models.heads import ProjectionHead, l2_normalize, logit_scale
 from mmjax.models.model import ContrastiveModel, encoder_kwargs, build_model
 
 Dtype = Any
@@ -29,14 +33,26 @@ Kwargs = tuple[tuple[str, Any], ...]
 
 
 class EncoderSlot(nn.Module):
-    """Holds one encoder under 'encoder', so params sit at '<slot>/encoder/...' as in a ContrastiveModel tower
-    (a contrastive checkpoint's encoders transplant unchanged)."""
+    """Holds one encoder under 'encoder' (and, with `embed_dim`, a ProjectionHead under 'head'), so params sit at
+    '<slot>/encoder/...' and '<slot>/head/kernel' as in a ContrastiveModel tower (a contrastive checkpoint's
+    towers transplant unchanged).
+
+    Returns (tokens [B,N,W], pooled [B,W], embedding float32 [B,embed_dim] unit-norm, or None without
+    `embed_dim`).
+    """
     encoder_cls: type[nn.Module]
     encoder_kwargs: Kwargs
+    embed_dim: int | None = None
 
     @nn.compact
     def __call__(self, *args, **kwargs):
-        return self.encoder_cls(**dict(self.encoder_kwargs), name='encoder')(*args, **kwargs)
+        tokens, pooled = self.encoder_cls(**dict(self.encoder_kwargs), name='encoder')(*args, **kwargs)
+        if self.embed_dim is None:
+            return tokens, pooled, None
+        enc = dict(self.encoder_kwargs)
+        head = ProjectionHead(self.embed_dim, dtype=enc.get('dtype', jnp.float32),
+                              param_dtype=enc.get('param_dtype', jnp.float32), name='head')
+        return tokens, pooled, l2_normalize(head(pooled))
 
 
 class ClassifierHead(nn.Module):
@@ -61,6 +77,11 @@ class FusionClassifier(nn.Module):
     Params: 'image/encoder' (ViT), 'text/encoder' (TextTransformer), 'coattn_{i}' (CoAttention, text = side a,
     image = side b), 'fusion', 'head'. Fusion inputs are (text, image): pooled features for concat/weighted/gated,
     token sequences with masks for 'xattn' (text tokens attend to image tokens).
+
+    With `embed_dim` (an auxiliary contrastive objective, config model.fusion.contrastive_weight > 0) each tower
+    also gets a ContrastiveModel-style projection head ('image/head', 'text/head') on its own pooled output (ViT
+    CLS / text EOT, before co-attention) and the model a learned temperature 'logit_scale' (log space, clipped
+    at `logit_scale_max`). They are returned only with `with_embeddings=True`.
     """
     image_kwargs: Kwargs
     text_kwargs: Kwargs
@@ -72,20 +93,34 @@ class FusionClassifier(nn.Module):
     num_classes: int
     proj_dim: int | None = None
     per_feature: bool = True
+    embed_dim: int | None = None
+    logit_scale_init: float = math.log(1 / 0.07)
+    logit_scale_max: float | None = math.log(100.0)
     activation: str = 'gelu'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, batch: dict[str, jax.Array], train: bool = False) -> jax.Array:
+    def __call__(self, batch: dict[str, jax.Array], train: bool = False,
+                 with_embeddings: bool = False) -> jax.Array | dict[str, Any]:
         """batch {'image': float32 [B,H,W,C], 'text': int32 [B,L], optional 'text_mask': bool [B,L] (default
-        text != 0)} -> logits float32 [B,num_classes]. `train` is accepted for API symmetry (no dropout)."""
+        text != 0)} -> logits float32 [B,num_classes]. `train` is accepted for API symmetry (no dropout).
+
+        with_embeddings=True (needs `embed_dim`): {'logits': [B,num_classes], 'embeddings': {'image', 'text':
+        float32 [B,embed_dim] unit-norm}, 'logit_scale': float32 [] (exp'd, clipped)}.
+        """
         del train
+        if with_embeddings and self.embed_dim is None:
+            raise ValueError('FusionClassifier: with_embeddings=True needs embed_dim (config '
+                             'model.fusion.contrastive_weight > 0)')
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         text_mask = batch.get('text_mask')
         text_mask = batch['text'] != PAD_ID if text_mask is None else text_mask.astype(bool)
-        image, _ = EncoderSlot(ViT, self.image_kwargs, name='image')(batch['image'])
-        text, _ = EncoderSlot(TextTransformer, self.text_kwargs, name='text')(batch['text'], text_mask)
+        image, _, image_emb = EncoderSlot(ViT, self.image_kwargs, self.embed_dim, name='image')(batch['image'])
+        text, _, text_emb = EncoderSlot(TextTransformer, self.text_kwargs, self.embed_dim,
+                                        name='text')(batch['text'], text_mask)
+        scale = (None if self.embed_dim is None
+                 else logit_scale(self, self.logit_scale_init, self.logit_scale_max, self.param_dtype))
         for i in range(self.num_layers):
             text, image = CoAttention(self.num_heads, self.mlp_dim, self.activation, name=f'coattn_{i}',
                                       **kw)(text, image, text_mask, None)
@@ -95,11 +130,15 @@ class FusionClassifier(nn.Module):
             z = fusion(text, image, text_mask, None)
         else:
             z = fusion(constrain(masked_mean(text, text_mask), ACT_POOLED), constrain(image.mean(axis=1), ACT_POOLED))
-        return ClassifierHead(self.hidden, self.num_classes, name='head', **kw)(z)
+        logits = ClassifierHead(self.hidden, self.num_classes, name='head', **kw)(z)
+        if not with_embeddings:
+            return logits
+        return {'logits': logits, 'embeddings': {'image': image_emb, 'text': text_emb}, 'logit_scale': scale}
 
 
 FUSION_KEYS = {'mode': None, 'num_layers': None, 'num_heads': None, 'mlp_dim': None, 'hidden': None,
-               'num_classes': None, 'proj_dim': 'optional', 'per_feature': 'optional'}
+               'num_classes': None, 'proj_dim': 'optional', 'per_feature': 'optional',
+               'contrastive_weight': 'optional'}
 
 
 def _section(model_cfg: ml_collections.ConfigDict, name: str, keys: dict[str, Any]) -> dict[str, Any]:
@@ -119,10 +158,17 @@ def _section(model_cfg: ml_collections.ConfigDict, name: str, keys: dict[str, An
 
 def build_fusion_classifier(model_cfg: ml_collections.ConfigDict) -> FusionClassifier:
     """`config.model` with sections image, text and fusion {mode, num_layers, num_heads, mlp_dim, hidden,
-    num_classes, proj_dim (optional), per_feature (optional)} -> FusionClassifier."""
+    num_classes, proj_dim (optional), per_feature (optional), contrastive_weight (optional)} -> FusionClassifier.
+
+    contrastive_weight > 0 adds the contrastive projection heads (model.embed_dim wide) and the temperature
+    (model.logit_scale_init / logit_scale_max)."""
     fusion = _section(model_cfg, 'fusion', FUSION_KEYS)
     if fusion['mode'] not in FUSION_MODES:
         raise ValueError(f'config model.fusion.mode must be one of {FUSION_MODES}; got {fusion["mode"]!r}')
+    if float(fusion.pop('contrastive_weight', 0.0)) > 0:
+        scale_max = model_cfg.get('logit_scale_max', None)
+        fusion.update(embed_dim=int(model_cfg.embed_dim), logit_scale_init=float(model_cfg.logit_scale_init),
+                      logit_scale_max=None if scale_max is None else float(scale_max))
     return FusionClassifier(
         image_kwargs=encoder_kwargs(model_cfg, 'image'), text_kwargs=encoder_kwargs(model_cfg, 'text'),
         activation=str(model_cfg.get('activation', 'gelu') or 'gelu'),
