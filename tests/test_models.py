@@ -377,3 +377,19 @@ def test_sharded_init_and_grad_match_single_device(clip, capfd):
     np.testing.assert_allclose(value, jnp.sum(ref['embeddings']['image'] * ref['embeddings']['text']), rtol=1e-5)
     # The logical layout is one XLA can follow without replicating whole activations.
     assert 'Involuntary full rematerialization' not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_dot_product_attention_path_equals_einsum_path(masked):
+    """`jax.nn.dot_product_attention` (chosen on GPUs) computes the same attention as the einsum path."""
+    from mmjax.models.layers import MultiHeadAttention
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, 7, 32)), jnp.float32)
+    y = jnp.asarray(rng.normal(size=(3, 5, 32)), jnp.float32)
+    mask = jnp.asarray(rng.random((3, 1, 1, 5)) > 0.3).at[:, :, :, 0].set(True) if masked else None
+    einsum = MultiHeadAttention(4, implementation="einsum")
+    params = einsum.init(jax.random.key(0), x, y, mask)
+    fused = MultiHeadAttention(4, implementation="dot_product")
+    np.testing.assert_allclose(fused.apply(params, x, y, mask), einsum.apply(params, x, y, mask),
+                               rtol=1e-5, atol=1e-5)
