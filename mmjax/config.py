@@ -113,6 +113,16 @@ def base_config() -> ml_collections.ConfigDict:
     m.text = ml_collections.ConfigDict(
         dict(vocab_size=384, max_len=32, width=64, depth=2, num_heads=4, mlp_dim=256,
              causal=True, pool="eot", tokenizer="bytes", tokenizer_path=""))
+    # Towers built (model.<name> sections used) and the modality pairs that get a contrastive loss:
+    # loss = sum over pairs (a, b, weight) whose both modalities are in the batch of weight * loss(a, b).
+    m.towers = ("image", "text")  # any of 'image', 'text', 'audio' (audio needs data.name='digits_speech')
+    m.pairs = (("image", "text", 1.0),)
+    # AudioTransformer (mmjax/models/audio.py): waveform -> log-mel (JAX) -> patches -> encoder. The defaults fit
+    # the spoken digits (16 kHz, clips <= 0.81 s): max_frames * hop - 1 samples are fed (zero-padded + lengths).
+    m.audio = ml_collections.ConfigDict(
+        dict(sample_rate=16000, n_fft=400, hop=160, n_mels=32, max_frames=88, patch_time=8, patch_freq=8,
+             width=64, depth=2, num_heads=4, mlp_dim=256, pool="cls", mel_scale="slaney", f_min=0.0,
+             f_max=ml_collections.FieldReference(None, field_type=float), input_mean=-37.0, input_std=22.0))
     # task 'classification': FusionClassifier (co-attention layers, a fusion module, an MLP head).
     m.fusion = ml_collections.ConfigDict(
         dict(mode="concat", num_layers=1, num_heads=4, mlp_dim=256, hidden=128, num_classes=2,
@@ -468,6 +478,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     if config.checkpoint.keep <= 0:
         problems.append(f"checkpoint.keep must be positive, got {config.checkpoint.keep}")
     problems += _data_problems(config)
+    problems += _pairs_problems(config) + _audio_problems(config)
     used = [a for _, axes in config.sharding.rules for a in
             ((axes,) if isinstance(axes, str) else (axes or ()))]
     for a in used:
@@ -576,7 +587,8 @@ def _data_problems(config) -> list[str]:
 
 # Dataset (config.data.name) -> the fields its evaluation splits provide. Caption corpora ('spec', 'tfds',
 # 'mixture') provide none: they have no class labels, class prompts or held-out split for the evaluators.
-EVAL_FIELDS = {"digits": ("image", "label", "class_prompts", "captions")}
+EVAL_FIELDS = {"digits": ("image", "label", "class_prompts", "captions"),
+               "digits_speech": ("image", "label", "class_prompts", "captions", "audio")}
 # Evaluator (config.eval.<name>) -> the fields it needs.
 EVALUATOR_NEEDS = {"zeroshot": ("image", "label", "class_prompts"), "retrieval": ("image", "captions"),
                    "linear_probe": ("image", "label")}
@@ -594,6 +606,81 @@ def _evaluator_problems(config) -> list[str]:
             problems.append(f"eval.{name}: data.name={config.data.name!r} gives this evaluator no dataset (it "
                             f"needs {', '.join(missing)}); set eval.{name}=False (caption corpora: evaluate "
                             f"their checkpoints with `mmjax eval` on a labelled dataset)")
+    return problems
+
+
+MODALITIES = ("image", "text", "audio")  # == mmjax.models.model.ENCODERS
+AUDIO_DATASETS = ("digits_speech",)  # data.name values whose examples carry an 'audio' clip
+
+
+def _pairs_problems(config) -> list[str]:
+    """model.towers and model.pairs: known modalities, every pair between two built towers, weights >= 0."""
+    m, problems = config.model, []
+    towers = tuple(m.towers)
+    unknown = [t for t in towers if t not in MODALITIES]
+    if unknown or len(set(towers)) != len(towers):
+        problems.append(f"model.towers: {towers!r}; list distinct modalities among {MODALITIES}")
+    if config.task != "contrastive":
+        if towers != ("image", "text") or tuple(tuple(p) for p in m.pairs) != (("image", "text", 1.0),):
+            problems.append(f"model.towers / model.pairs: task {config.task!r} uses the image and text towers "
+                            f"only; keep model.towers=('image', 'text') and model.pairs=(('image', 'text', 1.0),)")
+        return problems
+    if len(towers) < 2:
+        problems.append(f"model.towers: {towers!r}; a contrastive model needs at least two towers")
+    if not m.pairs:
+        problems.append("model.pairs: give at least one (modality_a, modality_b, weight)")
+    for i, pair in enumerate(m.pairs):
+        if (not isinstance(pair, (tuple, list)) or len(pair) != 3 or not all(isinstance(x, str) for x in pair[:2])
+                or isinstance(pair[2], bool) or not isinstance(pair[2], (int, float))):
+            problems.append(f"model.pairs[{i}]: expected (modality_a, modality_b, weight), got {pair!r}")
+            continue
+        a, b, weight = pair
+        for name in (a, b):
+            if name not in towers:
+                problems.append(f"model.pairs[{i}]={tuple(pair)!r}: the model has no encoder for {name!r} "
+                                f"(model.towers={towers!r}); add it to model.towers or drop the pair")
+        if a == b:
+            problems.append(f"model.pairs[{i}]={tuple(pair)!r}: pair two different modalities")
+        if not weight >= 0 or not math.isfinite(weight):
+            problems.append(f"model.pairs[{i}]: weight {weight!r} of ({a!r}, {b!r}) must be >= 0")
+    if m.pairs and all(isinstance(p, (tuple, list)) and len(p) == 3 and isinstance(p[2], (int, float))
+                       and p[2] == 0 for p in m.pairs):
+        problems.append("model.pairs: every weight is 0; give at least one pair a positive weight")
+    return problems
+
+
+def _audio_problems(config) -> list[str]:
+    """model.audio (when 'audio' is a tower): shapes, and the sample rate against the dataset's."""
+    m, problems = config.model, []
+    if "audio" not in tuple(m.towers):
+        return problems
+    a = m.audio
+    for key in ("sample_rate", "n_fft", "hop", "n_mels", "max_frames", "patch_time", "patch_freq", "width",
+                "depth", "num_heads", "mlp_dim"):
+        if a[key] <= 0:
+            problems.append(f"model.audio.{key} must be positive, got {a[key]}")
+    if a.n_mels > 0 and a.patch_freq > 0 and a.n_mels % a.patch_freq:
+        problems.append(f"model.audio.n_mels={a.n_mels} is not divisible by model.audio.patch_freq={a.patch_freq}")
+    if a.num_heads > 0 and a.width % a.num_heads:
+        problems.append(f"model.audio.width={a.width} is not divisible by model.audio.num_heads={a.num_heads}")
+    if a.pool not in ("cls", "mean"):
+        problems.append(f"model.audio.pool: {a.pool!r}; choose 'cls' or 'mean'")
+    if a.mel_scale not in ("slaney", "htk"):
+        problems.append(f"model.audio.mel_scale: {a.mel_scale!r}; choose 'slaney' or 'htk'")
+    if config.data.name not in AUDIO_DATASETS:
+        problems.append(f"model.towers includes 'audio' but data.name={config.data.name!r} has no audio; use "
+                        f"data.name in {AUDIO_DATASETS}")
+    else:
+        from mmjax.data import speech_triples
+        rate = speech_triples.SAMPLE_RATE
+        if a.sample_rate != rate:
+            problems.append(f"model.audio.sample_rate={a.sample_rate} does not match the {rate} Hz audio of "
+                            f"data.name={config.data.name!r}; set model.audio.sample_rate={rate}")
+    if "image" not in tuple(m.towers):
+        for name in ("retrieval", "linear_probe"):
+            if config.eval[name]:
+                problems.append(f"eval.{name} evaluates the image tower, which model.towers={tuple(m.towers)!r} "
+                                f"lacks; set eval.{name}=False")
     return problems
 
 

@@ -130,3 +130,41 @@ def contrastive_loss(outputs: dict, loss_name: str) -> tuple[jax.Array, Metrics]
         (loss scalar float32, metrics dict with 'loss', 'i2t_acc', 't2i_acc', ...).
     """
     return pairwise_contrastive_loss(outputs, 'image', 'text', loss_name)
+
+
+DEFAULT_PAIRS = (('image', 'text', 1.0),)
+
+
+def multi_pair_contrastive_loss(outputs: dict, pairs, loss_name: str, pair_loss=None) -> tuple[jax.Array, Metrics]:
+    """Weighted sum of pairwise contrastive losses over the modality pairs present in ``outputs``.
+
+    Args:
+        outputs: {'embeddings': {modality: [B, D]}, 'logit_scale': scalar (shared by every pair), ...}.
+        pairs: ((a, b, weight), ...) (config ``model.pairs``); a pair whose a or b has no embeddings in
+            ``outputs`` (the modality is missing from the batch) is skipped.
+        loss_name: 'softmax' or 'sigmoid'.
+        pair_loss: (outputs, a, b) -> (loss, metrics); default :func:`pairwise_contrastive_loss` with
+            ``loss_name`` (the chunked ring loss plugs in here).
+
+    Returns:
+        loss = sum_pairs weight * loss(a, b); metrics: every pair's retrieval accuracies ('a2t_acc', ...),
+        'loss/<a>_<b>' (the unweighted pair loss) per present pair, 'logit_scale', and 'loss' (the total).
+        Raises ValueError when no pair is present.
+    """
+    if pair_loss is None:
+        pair_loss = lambda out, a, b: pairwise_contrastive_loss(out, a, b, loss_name)  # noqa: E731
+    present = set(outputs['embeddings'])
+    total, metrics, used = jnp.zeros((), jnp.float32), {}, []
+    for a, b, weight in pairs:
+        if a not in present or b not in present:
+            continue
+        loss, pair_metrics = pair_loss(outputs, a, b)
+        total = total + float(weight) * loss
+        metrics.update({k: v for k, v in pair_metrics.items() if k != 'loss'})
+        metrics[f'loss/{a}_{b}'] = loss
+        used.append((a, b))
+    if not used:
+        raise ValueError(f'none of the modality pairs {[(a, b) for a, b, _ in pairs]} (config model.pairs) has both '
+                         f'modalities in the batch, which has embeddings {sorted(present)}')
+    metrics['loss'] = total
+    return total, metrics

@@ -77,8 +77,9 @@ def global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax
     """Turns this process's slice of the batch into global arrays sharded over the batch axes.
 
     host_batch: arrays with leading dim global_batch // process_count. Every process passes its own
-    slice; the result has leading dim global_batch.
+    slice; the result has leading dim global_batch. Values may be nested dicts of arrays (e.g.
+    'audio': {'waveform', 'length'}); every leaf is sharded the same way.
     """
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-            for k, v in host_batch.items()}
+    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, np.asarray(v)),
+                        dict(host_batch))

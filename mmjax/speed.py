@@ -91,17 +91,16 @@ def _section(model_cfg, name):
 def train_flops_per_example(config) -> float:
     """Model FLOPs of one training example: 3 x (forward of every tower + its share of the loss).
 
-    The towers are those of `config.model` that `mmjax.models.build_model` builds. The contrastive logits
-    cost 2 B D per example and modality pair (B = global batch). Fusion/ITM heads of the other tasks are
+    The towers are those of `config.model.towers` (what `mmjax.models.build_model` builds). The contrastive
+    logits cost 2 B D per example and modality pair of `config.model.pairs` (B = global batch). Fusion/ITM heads of the other tasks are
     not counted (their towers dominate).
     """
     m = config.model
     embed_dim = int(m.embed_dim)
-    towers = [name for name in TOWER_FLOPS
-              if name in m and _section(m, name) is not None
-              and (name != "audio" or "audio" in tuple(m.get("towers", ("image", "text"))))]
+    active = tuple(m.get("towers", ("image", "text")))  # model.towers: the towers build_model builds
+    towers = [name for name in TOWER_FLOPS if name in active and _section(m, name) is not None]
     forward = sum(TOWER_FLOPS[name](_section(m, name), embed_dim) for name in towers)
-    pairs = max(1, len(towers) - 1)
+    pairs = len(m.get("pairs", ())) or 1  # model.pairs: one B x B logits matrix per modality pair
     forward += pairs * 2.0 * int(config.train.batch_size) * embed_dim
     return 3.0 * forward
 

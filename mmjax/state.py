@@ -44,11 +44,16 @@ def strip_boxes(tree):
 def dummy_batch(config, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes of one model input batch, for initialisation and ahead-of-time compilation."""
     img, txt = config.model.image, config.model.text
-    return {
+    shapes = {
         "image": jax.ShapeDtypeStruct((batch_size, img.image_size, img.image_size, img.channels),
                                       jnp.float32),
         "text": jax.ShapeDtypeStruct((batch_size, txt.max_len), jnp.int32),
     }
+    towers = tuple(config.model.get("towers", ("image", "text")))
+    if config.get("task", "contrastive") == "contrastive" and "audio" in towers:  # waveforms [B, T]
+        audio = config.model.audio
+        shapes["audio"] = jax.ShapeDtypeStruct((batch_size, audio.max_frames * audio.hop - 1), jnp.float32)
+    return shapes
 
 
 # config.task -> model builder (config.model -> nn.Module).

@@ -48,7 +48,18 @@ TASK_INPUTS = {"contrastive": MODEL_INPUTS, "classification": ("image", "text", 
 
 
 def make_loss_fn(model_cfg, mesh):
-    """outputs -> (loss, metrics): the plain loss, or the chunked ring loss over the batch axes."""
+    """outputs -> (loss, metrics): the plain loss, or the chunked ring loss over the batch axes. With
+    model.pairs other than the default image-text pair: the weighted sum over the pairs present in the batch
+    (losses.multi_pair_contrastive_loss, per-pair 'loss/<a>_<b>')."""
+    pairs = tuple((str(a), str(b), float(w)) for a, b, w in model_cfg.get("pairs", losses.DEFAULT_PAIRS))
+    if pairs != losses.DEFAULT_PAIRS:
+        if model_cfg.loss_impl == "chunked":
+            def pair_loss(outputs, a, b):
+                return chunked_losses.pairwise_contrastive_loss_chunked(outputs, a, b, model_cfg.loss, mesh,
+                                                                         model_cfg.loss_chunk_size)
+        else:
+            pair_loss = None
+        return lambda outputs: losses.multi_pair_contrastive_loss(outputs, pairs, model_cfg.loss, pair_loss)
     if model_cfg.loss_impl == "chunked":
         def loss(outputs):
             return chunked_losses.contrastive_loss_chunked(outputs, model_cfg.loss, mesh,
@@ -96,7 +107,8 @@ def make_objective(config, mesh):
 
     contrastive: `make_loss_fn` on the ContrastiveModel outputs (metrics include 'logit_scale').
     classification: softmax CE of the FusionClassifier on batch['label'] ('loss', 'accuracy'), plus
-        model.fusion.contrastive_weight * CLIP loss over the matching pairs (objectives.classification_contrastive_loss).
+        model.fusion.contrastive_weight * CLIP loss over the matching pairs
+        (objectives.classification_contrastive_loss).
     itm_mlm: contrastive + itm_weight * ITM + mlm_weight * MLM; MLM masking and ITM negative sampling draw
         from jax.random.fold_in(key(config.seed), step), so a step's randomness does not depend on the mesh.
     """
@@ -221,6 +233,8 @@ def train(config, workdir: str, devices: Sequence[jax.Device] | None = None,
     wait_time, step_time = 0.0, 0.0
     step = start
     inputs = TASK_INPUTS[config.task]
+    if config.task == "contrastive":  # the towers' inputs ('audio': {'waveform', 'length'}); absent ones unpaired
+        inputs = tuple(config.model.towers)
     try:
         with PreemptionGuard(log=warn) as guard, jax.set_mesh(mesh), \
                 nn.logical_axis_rules(factory.rules):
@@ -228,7 +242,7 @@ def train(config, workdir: str, devices: Sequence[jax.Device] | None = None,
                 t0 = time.perf_counter()
                 host_batch = next(loader_iter)
                 t1 = time.perf_counter()
-                batch = shd.global_batch({k: host_batch[k] for k in inputs}, mesh)
+                batch = shd.global_batch({k: host_batch[k] for k in inputs if k in host_batch}, mesh)
                 state, metrics = step_fn(state, batch)
                 pending.append((step, metrics))
                 if step == start + 1:
@@ -321,9 +335,20 @@ def contrastive_evals(config, factory: StateFactory, params, mesh, cache: dict) 
     encoder = TowerEncoder(factory.model, params, mesh, factory.rules, config.eval.batch_size)
     tokenizer = get_tokenizer(config.model.text)
     results: dict[str, float] = {}
-    if "zeroshot" in chosen:
-        results.update(evaluators.zeroshot(encoder, tokenizer, data["test"], data["class_names"],
-                                           data["templates"])[0])
+    towers = tuple(config.model.towers) if config.task == "contrastive" else ("image", "text")
+    if "zeroshot" in chosen and "image" in towers:
+        zeroshot = evaluators.zeroshot(encoder, tokenizer, data["test"], data["class_names"], data["templates"])[0]
+        results.update(zeroshot)
+        if "audio" in towers:  # 3 towers: also under 'zeroshot/image/...' next to 'zeroshot/audio/...'
+            results.update({k.replace("zeroshot/", "zeroshot/image/"): v for k, v in zeroshot.items()})
+    if "zeroshot" in chosen and "audio" in towers:  # held-out voices' clips vs the prompts (primary w/o image)
+        from mmjax import audio_eval
+        from mmjax.data import speech_triples
+
+        if "clips" not in cache:
+            cache["clips"] = speech_triples.eval_clips(config, pipeline.resolve_data_dir(config))
+        results.update(audio_eval.audio_zeroshot(encoder, tokenizer, cache["clips"], data["class_names"],
+                                                 data["templates"], primary="image" not in towers))
     if "retrieval" in chosen:
         results.update(evaluators.retrieval(encoder, tokenizer, data["retrieval"])[0])
     if "linear_probe" in chosen:

@@ -35,7 +35,7 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from mmjax.data import digits, sources
+from mmjax.data import digits, sources, speech_triples
 from mmjax.data.decode import BAD_KINDS, DecodeCropTokenize, DecodeStats
 from mmjax.data.image import preprocess_images, random_affine
 from mmjax.data.tokenizers import Tokenizer, get_tokenizer
@@ -45,7 +45,7 @@ from mmjax.data.tokenizers import Tokenizer, get_tokenizer
 READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
 
 # name (config.data.name) -> dataset module (see mmjax/data/digits.py for what a module provides).
-DATASETS = {'digits': digits}
+DATASETS = {'digits': digits, 'digits_speech': speech_triples}  # speech_triples: digits + spoken clips
 
 
 def _dataset(config):
@@ -199,7 +199,10 @@ def global_stream(config, source) -> grain.MapDataset:
     else:
         transform = CaptionAugmentTokenize(**fields)
     # random_map seeds each element's RNG with (map_seed, its index here) = the global position.
-    return shuffled_records(source, config.seed).map(DecodeExample()).random_map(transform, seed=map_seed)
+    stream = shuffled_records(source, config.seed).map(DecodeExample()).random_map(transform, seed=map_seed)
+    if config.data.name == speech_triples.NAME and 'audio' in tuple(config.model.get('towers', ())):
+        stream = speech_triples.add_speech(config, stream, resolve_data_dir(config))  # + 'audio' per example
+    return stream
 
 
 def _image_fields(config) -> tuple[int, int, tuple[float, ...], tuple[float, ...]]:

@@ -38,7 +38,7 @@ import numpy as np
 from mmjax.data import builders
 from mmjax.data.decode import DecodeStats
 
-DATA_KINDS = ('digits', 'spec', 'tfds', 'mixture')
+DATA_KINDS = ('digits', 'digits_speech', 'spec', 'tfds', 'mixture')  # digits_speech: mmjax/data/speech_triples.py
 MIXTURE_BLOCK = 1000
 TFDS_PREFIX = 'tfds:'
 
@@ -87,7 +87,7 @@ def members(config) -> list[Member]:
     """The captioned datasets `config.data` names (an empty list for 'digits')."""
     data = config.data
     kind = data.name
-    if kind == 'digits':
+    if kind in ('digits', 'digits_speech'):
         return []
     if kind == 'spec':
         return [parse_source(data.get('spec', ''))]

@@ -136,9 +136,16 @@ def encoder_kwargs(model_cfg: ml_collections.ConfigDict, name: str) -> tuple[tup
 
 
 def build_model(model_cfg: ml_collections.ConfigDict) -> ContrastiveModel:
-    """`config.model` -> ContrastiveModel with one tower per present section of `ENCODERS` (in that order)."""
-    towers = tuple((name, ENCODERS[name], encoder_kwargs(model_cfg, name))
-                   for name in ENCODERS if name in model_cfg and model_cfg[name] is not None)
+    """`config.model` -> ContrastiveModel with one tower per name in `model_cfg.towers` (default: every present
+    section of `ENCODERS`), in `ENCODERS` order, so adding a tower leaves the other towers' parameters unchanged."""
+    names = model_cfg.get('towers', None)
+    if names is None:
+        names = [name for name in ENCODERS if name in model_cfg and model_cfg[name] is not None]
+    unknown = [n for n in names if n not in ENCODERS or n not in model_cfg or model_cfg[n] is None]
+    if unknown:
+        raise ValueError(f'config.model.towers names {unknown}, which have no encoder / config section; '
+                         f'known: {list(ENCODERS)}')
+    towers = tuple((name, ENCODERS[name], encoder_kwargs(model_cfg, name)) for name in ENCODERS if name in names)
     if len(towers) < 2:
         raise ValueError(f'config.model needs at least two towers among {list(ENCODERS)}; '
                          f'got {[t[0] for t in towers]}')
