@@ -53,6 +53,7 @@ def make_config(root, **overrides):
     c.model.image.image_size = 24
     c.model.text.max_len = 64
     c.train.batch_size = 8
+    c.eval.zeroshot = False  # a caption corpus gives the zero-shot evaluator no dataset (a config error)
     for key, value in overrides.items():
         node = c
         *parents, leaf = key.split('.')
@@ -128,6 +129,7 @@ def test_prepared_tfds_dataset_by_name(tmp_path):
     digits.prepare(str(data_dir))
     cfg = config_lib.base_config()
     cfg.data.update(name='tfds', tfds_name='mmjax_digits', tfds_caption_key='label', data_dir=str(data_dir))
+    cfg.eval.zeroshot = False
     config_lib.validate(cfg, 8)
     cfg.model.image.image_size = 16
     cfg.train.batch_size = 8
