@@ -230,7 +230,7 @@ def train(config, workdir: str, devices: Sequence[jax.Device] | None = None,
                            config.train.spike_window, config.train.batch_size, log=warn)
     last: dict[str, Any] = {}
     pending: list[tuple[int, Any]] = []  # (step, device metrics) not yet read on the host
-    wait_time, step_time = 0.0, 0.0
+    wait_time, timing_start = 0.0, None  # input_wait_fraction = wait_time / wall time since compiling
     step = start
     inputs = TASK_INPUTS[config.task]
     if config.task == "contrastive":  # the towers' inputs ('audio': {'waveform', 'length'}); absent ones unpaired
@@ -242,15 +242,18 @@ def train(config, workdir: str, devices: Sequence[jax.Device] | None = None,
                 t0 = time.perf_counter()
                 host_batch = next(loader_iter)
                 t1 = time.perf_counter()
+                # Steps run asynchronously: waiting for input costs time only if the previous step has
+                # finished by the time the batch arrives (then the devices sat idle, at most t1 - t0).
+                devices_idle = step > start + 1 and state.step.is_ready()
                 batch = shd.global_batch({k: host_batch[k] for k in inputs if k in host_batch}, mesh)
                 state, metrics = step_fn(state, batch)
                 pending.append((step, metrics))
                 if step == start + 1:
                     jax.block_until_ready(metrics)
                     progress.mark_compiled(step)
-                else:
+                    timing_start = time.perf_counter()
+                elif devices_idle:
                     wait_time += t1 - t0
-                    step_time += time.perf_counter() - t0
                 is_log = step % config.train.log_every == 0 or step == end
                 is_save = step % config.checkpoint.every_steps == 0 or step == end
                 # Read metrics back (a sync point) at logs, saves, and at least every few steps.
@@ -265,8 +268,8 @@ def train(config, workdir: str, devices: Sequence[jax.Device] | None = None,
                         if sps == sps:
                             extra["samples_per_second"] = sps
                             extra.update(speed_meter.metrics(sps))
-                        if step_time > 0:
-                            extra["input_wait_fraction"] = wait_time / step_time
+                        if timing_start is not None and step > start + 1:
+                            extra["input_wait_fraction"] = wait_time / (time.perf_counter() - timing_start)
                         last = writer.write(step, {**fetched[-1], **extra})
                         progress.log(step, fetched[-1])
                     stop = (distributed.any_process(guard.requested)
@@ -281,6 +284,8 @@ def train(config, workdir: str, devices: Sequence[jax.Device] | None = None,
                         log(f"mmjax: eval at step {step}: "
                             + ", ".join(f"{k} = {v:.4f}" for k, v in results.items()))
                     progress.exclude(time.perf_counter() - t_eval)  # speed figures count training only
+                    if timing_start is not None:
+                        timing_start += time.perf_counter() - t_eval
                 if is_save or stop:
                     ckpt.save(step, state, loader_iter, config_json, force=stop)
                 if stop:
