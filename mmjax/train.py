@@ -271,7 +271,7 @@ def train(config, workdir: str, devices: Sequence[jax.Device] | None = None,
                         if timing_start is not None and step > start + 1:
                             extra["input_wait_fraction"] = wait_time / (time.perf_counter() - timing_start)
                         last = writer.write(step, {**fetched[-1], **extra})
-                        progress.log(step, fetched[-1])
+                        progress.log(step, {**fetched[-1], **extra})
                     stop = (distributed.any_process(guard.requested)
                             if jax.process_count() > 1 else guard.requested)
                 else:
