@@ -610,7 +610,7 @@ def _evaluator_problems(config) -> list[str]:
 
 
 MODALITIES = ("image", "text", "audio")  # == mmjax.models.model.ENCODERS
-AUDIO_DATASETS = ("digits_speech",)  # data.name values whose examples carry an 'audio' clip
+AUDIO_DATASETS = tuple(n for n, fields in EVAL_FIELDS.items() if "audio" in fields)  # data.name with clips
 
 
 def _pairs_problems(config) -> list[str]:

@@ -27,10 +27,8 @@ than `max_bad_fraction` bad samples, or unreadable as a whole, raises `BadDataEr
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
-import fcntl
 import glob
 import hashlib
 import json
@@ -44,6 +42,7 @@ import tensorflow_datasets as tfds
 from tqdm.auto import tqdm
 
 from mmjax.data.decode import BadDataError, BadSample, DecodeLimits, DecodeStats, check_sample, read_file
+from mmjax.data.locking import file_lock
 
 FORMATS = ('webdataset', 'csv', 'coco')
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
@@ -292,16 +291,6 @@ def is_prepared(name: str, data_dir: str) -> bool:
     return os.path.isfile(os.path.join(dataset_dir(name, data_dir), 'dataset_info.json'))
 
 
-@contextlib.contextmanager
-def _file_lock(path: str):
-    with open(path, 'w') as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _spec_fingerprint(spec: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -318,7 +307,7 @@ def prepare_dataset(spec: Mapping[str, Any], data_dir: str, progress: bool = Tru
     name, fingerprint = spec['name'], _spec_fingerprint(spec)
     data_dir = os.path.abspath(os.path.expanduser(data_dir))
     os.makedirs(data_dir, exist_ok=True)
-    with _file_lock(os.path.join(data_dir, f'.{name}.lock')):
+    with file_lock(os.path.join(data_dir, f'.{name}.lock')):
         if not is_prepared(name, data_dir):
             builder = builder_class(spec)(data_dir=data_dir, file_format='array_record', progress=progress)
             tfds.display_progress_bar(progress)

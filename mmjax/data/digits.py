@@ -11,8 +11,6 @@ A dataset module for the pipeline provides: `prepare(data_dir)`, `data_source(da
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import io
 import os
 import sys
@@ -21,6 +19,8 @@ import time
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
+
+from mmjax.data.locking import file_lock
 
 NAME = 'mmjax_digits'
 IMAGE_SIZE = 32
@@ -153,17 +153,6 @@ class MmjaxDigits(tfds.core.GeneratorBasedBuilder):
                 yield index, {'image': buffer.getvalue(), 'label': int(label), 'index': index}
 
 
-@contextlib.contextmanager
-def _file_lock(path: str):
-    """Exclusive advisory lock so concurrent processes build the dataset once."""
-    with open(path, 'w') as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def is_prepared(data_dir: str) -> bool:
     """Whether a finished build is under `data_dir` (TFDS writes dataset_info.json last, then renames)."""
     return os.path.isfile(os.path.join(data_dir, NAME, str(MmjaxDigits.VERSION), 'dataset_info.json'))
@@ -177,7 +166,7 @@ def prepare(data_dir: str) -> str:
     if is_prepared(data_dir):
         return data_dir
     os.makedirs(data_dir, exist_ok=True)
-    with _file_lock(os.path.join(data_dir, f'.{NAME}.lock')):
+    with file_lock(os.path.join(data_dir, f'.{NAME}.lock')):
         if is_prepared(data_dir):  # another process built it while we waited
             return data_dir
         builder = MmjaxDigits(data_dir=data_dir, file_format='array_record')

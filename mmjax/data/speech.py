@@ -15,9 +15,7 @@ voice and every rate occurs in training while some of their pairings are only he
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import io
 import json
@@ -32,6 +30,7 @@ import numpy as np
 
 from mmjax.data.audio import resample
 from mmjax.data.digits import CLASS_NAMES
+from mmjax.data.locking import file_lock
 
 NAME = 'mmjax_speech_digits'
 FORMAT_VERSION = 1
@@ -183,16 +182,6 @@ def cache_path(data_dir: str, grid: Grid = Grid()) -> str:
     return os.path.join(data_dir, NAME, f'{digest}.npz')
 
 
-@contextlib.contextmanager
-def _file_lock(path: str):
-    with open(path, 'w') as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _read(path: str) -> SpeechDigits:
     with np.load(path) as f:
         arrays = {name: f[name] for name in f.files}
@@ -206,7 +195,7 @@ def load(data_dir: str | None = None, grid: Grid = Grid(), split: str | None = N
     path = cache_path(data_dir, grid)
     if not os.path.isfile(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with _file_lock(path + '.lock'):
+        with file_lock(path + '.lock'):
             if not os.path.isfile(path):
                 print(f'mmjax: synthesising {len(grid)} spoken-number clips with espeak-ng into {path} ...',
                       file=sys.stderr, flush=True)
