@@ -6,7 +6,6 @@ import os
 import shutil
 import tempfile
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,15 +13,14 @@ import pytest
 
 from mmjax import config as config_lib
 from mmjax import losses
-from mmjax import sharding as shd
 from mmjax.data import pipeline, speech, speech_triples
 from mmjax.models import build_model
-from mmjax.state import StateFactory
-from mmjax.train import make_loss_fn, make_objective, make_train_step, train
+from mmjax.train import make_loss_fn, train
 
 from test_config import tiny
+from test_sharding import LAYOUTS
+from test_sharding import _one_step as sharding_one_step
 
-LAYOUTS = {"data=8": (8, 1, 1), "fsdp=8": (1, 8, 1), "data=2,fsdp=2,tensor=2": (2, 2, 2)}
 # Built once (digits ~10 s, 1,440 espeak-ng clips ~30 s) and kept between test sessions, like the CPU probe cache.
 DATA_DIR = os.path.join(tempfile.gettempdir(), "mmjax-test-data")
 
@@ -209,15 +207,8 @@ def _synthetic_batch(config, n=16, seed=0):
 
 
 def _one_step(config, devices):
-    mesh = shd.make_mesh(config.mesh, devices)
-    factory = StateFactory(config, mesh)
-    state = factory.init(config.seed)
-    step = jax.jit(make_train_step(factory.model, factory.tx, factory.schedule, make_objective(config, mesh)),
-                   in_shardings=(factory.shardings, shd.batch_sharding(mesh)),
-                   out_shardings=(factory.shardings, shd.replicated(mesh)))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(factory.rules):
-        state, metrics = step(state, shd.global_batch(_synthetic_batch(config), mesh))
-    return jax.device_get(state.params), jax.device_get(metrics)
+    params, metrics, _ = sharding_one_step(config, devices, _synthetic_batch(config))
+    return params, metrics
 
 
 def _layout(layout, overrides=()):

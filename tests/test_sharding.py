@@ -34,7 +34,9 @@ def _batch(config, n=16, seed=0):
             "text": text}
 
 
-def _one_step(config, devices):
+def _one_step(config, devices, host_batch=None):
+    """One jitted train step of `config` on `devices` from its fresh state, on `host_batch` (default
+    `_batch(config)`). Returns (params, metrics) on the host and the new state."""
     mesh = shd.make_mesh(config.mesh, devices)
     factory = StateFactory(config, mesh)
     state = factory.init(config.seed)
@@ -43,7 +45,7 @@ def _one_step(config, devices):
                    in_shardings=(factory.shardings, shd.batch_sharding(mesh)),
                    out_shardings=(factory.shardings, shd.replicated(mesh)))
     with jax.set_mesh(mesh), nn.logical_axis_rules(factory.rules):
-        batch = shd.global_batch(_batch(config), mesh)
+        batch = shd.global_batch(_batch(config) if host_batch is None else host_batch, mesh)
         state, metrics = step(state, batch)
     return jax.device_get(state.params), jax.device_get(metrics), state
 

@@ -3,22 +3,20 @@
 A classification step is the same on 1 and 8 devices; both tasks train end to end through `train()` and write
 their metrics; bad task settings are refused naming their keys."""
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
 from mmjax import config as config_lib
 from mmjax import losses, objectives
-from mmjax import sharding as shd
 from mmjax.config import ConfigError
 from mmjax.data import pairs
 from mmjax.metrics import read_metrics
 from mmjax.models import build_fusion_classifier
-from mmjax.state import StateFactory
-from mmjax.train import make_objective, make_train_step, train
+from mmjax.train import train
 
 from test_config import tiny
+from test_sharding import _one_step as sharding_one_step
 
 
 def _task_config(task, *overrides, data_dir=None):
@@ -47,16 +45,8 @@ def _pair_batch(config, n=16, seed=0):
 
 
 def _one_step(config, devices):
-    mesh = shd.make_mesh(config.mesh, devices)
-    factory = StateFactory(config, mesh)
-    state = factory.init(config.seed)
-    step = jax.jit(make_train_step(factory.model, factory.tx, factory.schedule,
-                                   make_objective(config, mesh)),
-                   in_shardings=(factory.shardings, shd.batch_sharding(mesh)),
-                   out_shardings=(factory.shardings, shd.replicated(mesh)))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(factory.rules):
-        state, metrics = step(state, shd.global_batch(_pair_batch(config), mesh))
-    return jax.device_get(state.params), jax.device_get(metrics)
+    params, metrics, _ = sharding_one_step(config, devices, _pair_batch(config))
+    return params, metrics
 
 
 @pytest.mark.parametrize("mode", ["gated", "xattn"])
