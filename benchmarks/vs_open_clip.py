@@ -24,6 +24,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # runnable from a checkout without installing mmjax
+    sys.path.insert(0, ROOT)
 
 
 def _parse():
@@ -204,10 +206,14 @@ def open_clip_step(name: str, batch: int, threads: int, layers: int | None = Non
 
 def main() -> int:
     args = _parse()
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    from mmjax import speed
+
+    added = speed.tune_cpu_xla_flags()  # what `mmjax train` runs with (MMJAX_XLA_CPU_DEFAULTS=1: without)
+    print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '')!r}" + (" (mmjax's CPU defaults added)" if added else ""))
     import jax
 
     jax.config.update("jax_platforms", "cpu")
-    from mmjax import speed
 
     sides, part_fns = {}, {}
     if args.only in (None, "mmjax"):

@@ -98,6 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from mmjax import config as config_lib
     from mmjax import distributed
+    from mmjax import speed
+
+    if args.command in ("train", "eval"):
+        speed.tune_cpu_xla_flags()  # before JAX creates its CPU backend
     from mmjax.checkpoint import CheckpointMismatchError, CheckpointWriteError
     from mmjax.health import NonFiniteError
 

@@ -393,3 +393,22 @@ def test_dot_product_attention_path_equals_einsum_path(masked):
     fused = MultiHeadAttention(4, implementation="dot_product")
     np.testing.assert_allclose(fused.apply(params, x, y, mask), einsum.apply(params, x, y, mask),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_exact_gelu_and_its_gradient_equal_jax_nn_gelu():
+    """mmjax's exact GELU (erf form, custom gradient) is jax.nn.gelu(approximate=False), values and gradient,
+    over the range activations reach, in float32 and bfloat16. Absolute tolerance 1e-6: like torch's formula,
+    1 + erf(x) cancels in the far negative tail, where GELU itself is below 1e-4."""
+    from mmjax.models.layers import ACTIVATIONS, gelu_exact
+
+    assert ACTIVATIONS['gelu'] is gelu_exact
+    x = jnp.concatenate([jnp.linspace(-12.0, 12.0, 4001), jnp.asarray([-40.0, -0.0, 1e-7, 40.0])])
+    reference = functools.partial(jax.nn.gelu, approximate=False)
+    np.testing.assert_allclose(gelu_exact(x), reference(x), rtol=2e-6, atol=1e-6)
+    grad = jax.vmap(jax.grad(gelu_exact))(x)
+    np.testing.assert_allclose(grad, jax.vmap(jax.grad(reference))(x), rtol=2e-6, atol=1e-6)
+    assert np.all(np.isfinite(grad)) and grad[-4] == 0.0 and grad[-1] == 1.0  # x = -40, 40
+    xb = x.astype(jnp.bfloat16)
+    assert gelu_exact(xb).dtype == jnp.bfloat16 and jax.grad(lambda v: gelu_exact(v).sum())(xb).dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(gelu_exact(xb), np.float32), np.asarray(reference(xb), np.float32),
+                               rtol=1e-2, atol=1e-2)

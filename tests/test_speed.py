@@ -96,3 +96,40 @@ def test_training_logs_speed_and_runs_periodic_eval(tmp_path):
     assert all("retrieval/i2t/r1" in r for r in evals)
     logged = [r for r in rows if "samples_per_second" in r]
     assert logged and all(r["tflops_per_device"] > 0 and 0 < r["mfu"] for r in logged)
+
+
+def test_cpu_xla_flags_are_added_once_and_only_where_measured(monkeypatch):
+    import importlib.metadata
+
+    env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.10.2")
+    added = speed.tune_cpu_xla_flags(env)
+    assert added == speed.CPU_XLA_FLAGS["0.10."]
+    assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8 " + " ".join(added)
+    assert speed.tune_cpu_xla_flags(env) == () and env["XLA_FLAGS"].count(added[0]) == 1  # idempotent
+    user = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}
+    assert speed.tune_cpu_xla_flags(user) == () and user["XLA_FLAGS"].endswith("=dot")  # the user's choice wins
+    off = {"JAX_PLATFORMS": "cpu", "MMJAX_XLA_CPU_DEFAULTS": "1"}
+    assert speed.tune_cpu_xla_flags(off) == () and "XLA_FLAGS" not in off
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.11.0")  # not measured: XLA may not know it
+    assert speed.tune_cpu_xla_flags({"JAX_PLATFORMS": "cpu"}) == ()
+
+
+def test_jax_starts_with_the_cpu_flags():
+    """This jaxlib's XLA knows the flags it is given (it aborts on an unknown one); `mmjax train` and `eval`
+    add them the same way before JAX starts, so every end-to-end test that runs the command runs them too."""
+    import importlib.metadata
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import os, sys; from mmjax import cli, speed; added = speed.tune_cpu_xla_flags(); import jax; "
+            "jax.devices(); print(added, os.environ['XLA_FLAGS'])")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root)
+    env.pop("MMJAX_XLA_CPU_DEFAULTS", None)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    version = importlib.metadata.version("jaxlib")
+    expected = next((f for p, f in speed.CPU_XLA_FLAGS.items() if version.startswith(p)), ())
+    assert all(f in r.stdout for f in expected)
