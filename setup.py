@@ -30,8 +30,9 @@ setup(
         "regex>=2023",  # CLIP BPE tokenizer
     ],
     extras_require={
-        # librosa: reference for the JAX log-mel; sentencepiece/tokenizers: the file tokenizers
-        "test": ["pytest>=8", "librosa>=0.10", "sentencepiece>=0.2", "tokenizers>=0.19"],
+        # librosa: reference for the JAX log-mel; sentencepiece/tokenizers: the file tokenizers; pytest-xdist: the
+        # suite runs in 2 processes (pytest.ini), since XLA compiles on one core
+        "test": ["pytest>=8", "pytest-xdist>=3", "librosa>=0.10", "sentencepiece>=0.2", "tokenizers>=0.19"],
         "text": ["sentencepiece>=0.2", "tokenizers>=0.19"],
         "tpu": ["libtpu==0.0.42.*"],  # for `mmjax compile` (AOT for TPU topologies); pinned by jax 0.10.2
         # `mmjax convert open_clip` reads weights without torch; this extra is its test reference. Install with

@@ -8,7 +8,18 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The CPU peak probe (mmjax.speed) caches its result; a probe taken under test load must not become the
 # user's cached peak.
 os.environ.setdefault("MMJAX_CACHE_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), "mmjax-test-cache"))
+# Many tests (and the processes they start: resumes, kills, the multi-process run) compile the same steps;
+# JAX's persistent compilation cache compiles each once per machine. The env vars reach the subprocesses.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["MMJAX_CACHE_DIR"], "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402  (after the flags above)
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with slow end-to-end tests first: with two workers (pytest.ini) the minutes-long tests then run
+    alongside the many short ones instead of alone at the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within a file is kept

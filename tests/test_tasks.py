@@ -49,7 +49,9 @@ def _one_step(config, devices):
     return params, metrics
 
 
-@pytest.mark.parametrize("mode", ["gated", "xattn"])
+# xattn: the token-sequence path (masks, both attention directions); the pooled-feature modes' sharded outputs
+# are checked module by module in tests/test_fusion.py, and concat's step below.
+@pytest.mark.parametrize("mode", ["xattn"])
 def test_classification_step_on_8_devices_equals_1_device(mode):
     one = _task_config("classification", "config.mesh.data=1", f"config.model.fusion.mode={mode}")
     eight = _task_config("classification", "config.mesh.data=2", "config.mesh.fsdp=2", "config.mesh.tensor=2",
