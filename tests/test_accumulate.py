@@ -97,8 +97,9 @@ def test_k1_is_plain_value_and_grad_without_a_mesh():
     params = factory.init(0).params
     batch = _batch(config, 8)
     loss_fn = lambda o: losses.contrastive_loss(o, "softmax")  # noqa: E731
-    ref = jax.value_and_grad(lambda p: loss_fn(factory.model.apply({"params": p}, batch, train=True)),
-                             has_aux=True)(params)
+    # jitted: run eagerly, the reference compiled every primitive on its own (over a minute of the suite)
+    ref = jax.jit(jax.value_and_grad(lambda p: loss_fn(factory.model.apply({"params": p}, batch, train=True)),
+                                     has_aux=True))(params)
     for k in (1, 2):
         got = jax.jit(lambda p, b, k=k: accumulated_value_and_grad(factory.model, p, b, loss_fn, k))(params, batch)
         _assert_equal(jax.device_get(got), jax.device_get(ref))
