@@ -17,9 +17,3 @@ import jax  # noqa: E402  (after the flags above)
 
 jax.config.update("jax_num_cpu_devices", 8)
 
-
-def pytest_collection_modifyitems(config, items):
-    """Files with slow end-to-end tests first: with two workers (pytest.ini) the minutes-long tests then run
-    alongside the many short ones instead of alone at the end."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within a file is kept

@@ -40,6 +40,9 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path):
     single, multi = tmp_path / "single", tmp_path / "multi"
     _one_process(single, data_dir)  # also builds the dataset once, before two processes read it
     env = dict(os.environ, PYTHONPATH=ROOT, MMJAX_LOG_DIR=str(tmp_path / "logs"))
+    # Both processes compile for themselves: with the shared compilation cache one could finish minutes before
+    # the other on a loaded machine and time out at the distributed shutdown barrier.
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     r = subprocess.run(["bash", "launch/local.sh", "2", "4", sys.executable,
                         *_args(multi, data_dir, "--stop-at-step=4")],
                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
