@@ -16,4 +16,3 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 import jax  # noqa: E402  (after the flags above)
 
 jax.config.update("jax_num_cpu_devices", 8)
-

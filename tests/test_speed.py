@@ -124,7 +124,7 @@ def test_jax_starts_with_the_cpu_flags():
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = ("import os, sys; from mmjax import cli, speed; added = speed.tune_cpu_xla_flags(); import jax; "
+    code = ("import os; from mmjax import speed; added = speed.tune_cpu_xla_flags(); import jax; "
             "jax.devices(); print(added, os.environ['XLA_FLAGS'])")
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root)
     env.pop("MMJAX_XLA_CPU_DEFAULTS", None)
