@@ -39,5 +39,5 @@ setup(
         # `-c .ci/constraints.txt` (as `make install` does) so pip keeps the CPU torch wheel.
         "openclip": ["torch==2.13.0", "open-clip-torch>=3.0", "safetensors>=0.4"],
     },
-    entry_points={"console_scripts": ["mmjax=mmjax.cli:main"]},
+    entry_points={"console_scripts": ["mmjax=mmjax.cli:run"]},
 )

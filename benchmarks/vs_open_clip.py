@@ -11,7 +11,9 @@ device = all cores); open_clip runs `open_clip.create_model('ViT-B-32')` (random
 `open_clip.loss.ClipLoss` and `torch.optim.AdamW`, `torch.set_num_threads(<cores>)`. Each round times
 `--steps` steps of mmjax, then of open_clip (after warm-up steps that are not timed); the figures are the
 medians over rounds. Model FLOPs come from `mmjax.speed.train_flops_per_example`; the matmul peak is a
-float32 matmul measured in the same process (`mmjax.speed.measure_matmul_flops`).
+float32 matmul measured in the same process (`mmjax.speed.measure_matmul_flops`). Like `mmjax train`, the
+script adds mmjax's CPU defaults (`mmjax.speed`): XLA flags for mmjax's step, and the glibc malloc tunable for
+the whole process, so open_clip's step runs with it too (MMJAX_XLA_CPU_DEFAULTS=1: neither).
 """
 
 from __future__ import annotations
@@ -209,8 +211,12 @@ def main() -> int:
     os.environ["JAX_PLATFORMS"] = "cpu"
     from mmjax import speed
 
-    added = speed.tune_cpu_xla_flags()  # what `mmjax train` runs with (MMJAX_XLA_CPU_DEFAULTS=1: without)
+    # What `mmjax train` runs with (MMJAX_XLA_CPU_DEFAULTS=1: without). The malloc tunable applies to the whole
+    # process, so open_clip's step runs with it too and the comparison stays like for like.
+    speed.reexec_with_cpu_malloc_tunables()
+    added = speed.tune_cpu_xla_flags()
     print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '')!r}" + (" (mmjax's CPU defaults added)" if added else ""))
+    print(f"GLIBC_TUNABLES: {os.environ.get('GLIBC_TUNABLES', '')!r} (both sides)")
     import jax
 
     jax.config.update("jax_platforms", "cpu")

@@ -1,5 +1,5 @@
 import sys
 
-from mmjax.cli import main
+from mmjax.cli import run
 
-sys.exit(main())
+sys.exit(run())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -89,6 +90,19 @@ def _convert(args) -> int:
     return 0
 
 
+def run() -> int:
+    """Entry point of the `mmjax` command (and `python -m mmjax`): `main` on sys.argv.
+
+    For train and eval on a CPU it first re-executes the process with glibc's transparent huge pages for large
+    blocks (`mmjax.speed.cpu_malloc_tunables`; MMJAX_XLA_CPU_DEFAULTS=1 turns that off).
+    """
+    if sys.argv[1:2] in (["train"], ["eval"]):
+        from mmjax import speed
+
+        speed.reexec_with_cpu_malloc_tunables()
+    return main()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     rest, overrides = _split_overrides(argv)
@@ -101,7 +115,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mmjax import speed
 
     if args.command in ("train", "eval"):
-        speed.tune_cpu_xla_flags()  # before JAX creates its CPU backend
+        defaults = list(speed.tune_cpu_xla_flags())  # before JAX creates its CPU backend
+        if speed.CPU_MALLOC_TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":"):
+            defaults.append(f"GLIBC_TUNABLES={speed.CPU_MALLOC_TUNABLE}")  # in effect (`run` sets it)
+        if defaults and not args.quiet:
+            print(f"mmjax: CPU speed defaults (MMJAX_XLA_CPU_DEFAULTS=1 turns them off): {' '.join(defaults)}")
     from mmjax.checkpoint import CheckpointMismatchError, CheckpointWriteError
     from mmjax.health import NonFiniteError
 

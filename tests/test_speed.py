@@ -133,3 +133,37 @@ def test_jax_starts_with_the_cpu_flags():
     version = importlib.metadata.version("jaxlib")
     expected = next((f for p, f in speed.CPU_XLA_FLAGS.items() if version.startswith(p)), ())
     assert all(f in r.stdout for f in expected)
+
+
+def test_cpu_malloc_tunable_only_where_it_applies():
+    """Huge pages for large malloc blocks: only on glibc >= 2.35 with THP in 'madvise' mode, appended to the
+    user's own tunables, never over their own hugetlb choice, and off with MMJAX_XLA_CPU_DEFAULTS=1."""
+    here = dict(libc=("glibc", "2.36"), thp_mode="madvise")
+    assert speed.cpu_malloc_tunables({"JAX_PLATFORMS": "cpu"}, **here) == speed.CPU_MALLOC_TUNABLE
+    mine = {"JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
+    assert speed.cpu_malloc_tunables(mine, **here) == "glibc.malloc.arena_max=2:" + speed.CPU_MALLOC_TUNABLE
+    assert speed.cpu_malloc_tunables({"JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, **here) is None
+    assert speed.cpu_malloc_tunables({"JAX_PLATFORMS": "cpu", "MMJAX_XLA_CPU_DEFAULTS": "1"}, **here) is None
+    for libc in (("glibc", "2.31"), ("", ""), ("musl", "1.2")):
+        assert speed.cpu_malloc_tunables({"JAX_PLATFORMS": "cpu"}, libc=libc, thp_mode="madvise") is None
+    for mode in ("always", "never"):
+        assert speed.cpu_malloc_tunables({"JAX_PLATFORMS": "cpu"}, libc=("glibc", "2.36"), thp_mode=mode) is None
+
+
+def test_mmjax_command_restarts_itself_with_the_malloc_tunable(tmp_path):
+    """`python -m mmjax train` runs with the tunable in its environment where this machine supports it (glibc
+    reads it only at start, so the command re-executes itself), and says so; a bad config is still reported."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root)
+    for name in ("MMJAX_XLA_CPU_DEFAULTS", "GLIBC_TUNABLES"):
+        env.pop(name, None)
+    missing = tmp_path / "missing.py"
+    r = subprocess.run([sys.executable, "-m", "mmjax", "train", "--config", str(missing), "--workdir",
+                        str(tmp_path / "w")], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "missing.py" in r.stdout + r.stderr
+    expected = speed.cpu_malloc_tunables(env)
+    assert (f"GLIBC_TUNABLES={speed.CPU_MALLOC_TUNABLE}" in r.stdout) == (expected is not None), r.stdout
