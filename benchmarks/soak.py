@@ -36,9 +36,10 @@ def _command(config: str, workdir: str, overrides: list[str]) -> list[str]:
 
 
 def _env() -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    env.pop("XLA_FLAGS", None)
-    return env
+    """The runs use one CPU device, as a user's run does; other XLA_FLAGS are passed on."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count=")]
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS=" ".join(flags))
 
 
 def _saving(workdir: str) -> bool:

@@ -1,9 +1,18 @@
-"""Every test process sees 8 CPU devices, so single- and multi-device runs can be compared."""
+"""Every test process sees 8 CPU devices, so single- and multi-device runs can be compared.
+
+The suite compiles hundreds of small programs and runs each for a few steps, so it asks XLA for cheap
+compiles: LLVM at -O0 and the classic elemental emitters. On this 2-core machine that took the suite from
+65 to 44 CPU-minutes. Results are unchanged (every equality test passes under both), and the demo test
+runs as a user runs it, with XLA's defaults. `tests/subprocess_env.py` passes the same flags to the
+`mmjax` processes tests start.
+"""
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *TEST_XLA_FLAGS,
+                                    "--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The CPU peak probe (mmjax.speed) caches its result; a probe taken under test load must not become the
 # user's cached peak.

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from subprocess_env import mmjax_env
 from test_config import TINY
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
@@ -15,8 +16,7 @@ KEYS = {"zeroshot/top1", "zeroshot/top5", "retrieval/i2t/r1", "retrieval/i2t/r5"
 
 
 def _cli(*args, data_dir):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-               PYTHONPATH=ROOT)
+    env = mmjax_env(devices=1)
     cmd = [sys.executable, "-m", "mmjax", *args, "--config", TINY, f"--config.data.data_dir={data_dir}"]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
 

@@ -11,6 +11,7 @@ import pytest
 
 from mmjax.metrics import read_metrics
 
+from subprocess_env import mmjax_env
 from test_config import TINY
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
@@ -23,8 +24,7 @@ def _args(workdir, data_dir, *extra):
 
 
 def _one_process(workdir, data_dir, *extra):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = mmjax_env(devices=8)
     r = subprocess.run([sys.executable, *_args(workdir, data_dir, *extra)], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -39,7 +39,7 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path):
     data_dir = tmp_path / "tfds"
     single, multi = tmp_path / "single", tmp_path / "multi"
     _one_process(single, data_dir)  # also builds the dataset once, before two processes read it
-    env = dict(os.environ, PYTHONPATH=ROOT, MMJAX_LOG_DIR=str(tmp_path / "logs"))
+    env = mmjax_env(MMJAX_LOG_DIR=str(tmp_path / "logs"))  # local.sh sets each process's device count
     # Both processes compile for themselves: with the shared compilation cache one could finish minutes before
     # the other on a loaded machine and time out at the distributed shutdown barrier.
     env.pop("JAX_COMPILATION_CACHE_DIR", None)

@@ -18,6 +18,7 @@ from mmjax.health import NonFiniteError
 from mmjax.metrics import read_metrics
 from mmjax.train import train
 
+from subprocess_env import mmjax_env
 from test_config import TINY, tiny
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
@@ -33,8 +34,7 @@ def _tiny(data_dir, *overrides):
 
 
 def test_sigterm_checkpoints_the_interrupted_step_and_exits_0(tmp_path, data_dir):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    env.pop("XLA_FLAGS", None)
+    env = mmjax_env()
     cmd = [sys.executable, "-m", "mmjax", "train", "--config", TINY, "--workdir", str(tmp_path),
            f"--config.data.data_dir={data_dir}", "--config.train.steps=100000",
            "--config.checkpoint.every_steps=100000"]

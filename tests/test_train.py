@@ -18,14 +18,14 @@ from mmjax.metrics import read_metrics
 from mmjax.state import StateFactory
 from mmjax.train import train
 
+from subprocess_env import mmjax_env
 from test_config import TINY, tiny
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 
 
 def _cli(workdir, *extra, devices=8, data_dir):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    env = mmjax_env(devices)
     cmd = [sys.executable, "-m", "mmjax", "train", "--config", TINY, "--workdir", str(workdir),
            "--quiet", f"--config.data.data_dir={data_dir}", *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
