@@ -17,6 +17,7 @@ from typing import Any
 import grain.python as grain
 from etils import epath
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -102,6 +103,25 @@ class DataIteratorRestore(ocp.args.CheckpointArgs):
     item: Any
 
 
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+    """Orbax's PyTree handler (the one StandardCheckpointHandler wraps; same files on disk), writing each
+    replicated array from one device when this is the only process.
+
+    Orbax's default splits a replicated array into one slice per replica, so that different hosts write
+    different parts; within one host that only adds a sliced copy per device: the tiny test model's first
+    save took 5.0 s with it and 0.8 s without, on 8 CPU devices. With several processes it stays on.
+    """
+    from orbax.checkpoint._src.metadata import array_metadata_store  # the store Orbax's default uses
+
+    arrays = ocp.type_handlers.ArrayHandler(use_replica_parallel=jax.process_count() > 1,
+                                            array_metadata_store=array_metadata_store.Store())
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (int, ocp.type_handlers.ScalarHandler()), (float, ocp.type_handlers.ScalarHandler()),
+        (np.number, ocp.type_handlers.ScalarHandler()), (np.ndarray, ocp.type_handlers.NumpyHandler()),
+        (jax.Array, arrays), (str, ocp.type_handlers.StringHandler()))
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
 class Checkpointer:
     """Saves and restores train state, data-iterator state and config under `directory`."""
 
@@ -122,7 +142,7 @@ class Checkpointer:
             self.directory,
             options=options,
             item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
+                "state": _state_handler(),
                 "data": DataIteratorHandler(),
                 "config": ocp.JsonCheckpointHandler(),
             },
@@ -140,7 +160,7 @@ class Checkpointer:
 
         Raises CheckpointWriteError if this save, or the previous async one, failed.
         """
-        items = {"state": ocp.args.StandardSave(state)}
+        items = {"state": ocp.args.PyTreeSave(state)}
         if data_iterator is not None:
             items["data"] = DataIteratorSave(data_iterator)
         if config_json is not None:
@@ -189,7 +209,8 @@ class Checkpointer:
         Returns the restored state; `data_iterator` is restored in place.
         """
         self.check_compatible(step, abstract_state)
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        items = {"state": ocp.args.PyTreeRestore(
+            abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
         if data_iterator is not None and self._has_item(step, "data"):
             items["data"] = DataIteratorRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
