@@ -18,7 +18,6 @@ from mmjax.models import build_model
 from mmjax.train import make_loss_fn, train
 
 from test_config import tiny
-from test_sharding import LAYOUTS
 from test_sharding import _one_step as sharding_one_step
 
 # Built once (digits ~10 s, 1,440 espeak-ng clips ~30 s) and kept between test sessions, like the CPU probe cache.
@@ -233,11 +232,12 @@ def _assert_same(got, ref):
         np.testing.assert_allclose(b, a, atol=1e-5, rtol=0, err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.slow  # compiles the 3-tower step 4 times
+# One layout with every mesh axis > 1, so every partitioning rule of the audio tower is in use; the CLIP trunk's
+# step is checked on each layout in tests/test_sharding.py.
+@pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
-@pytest.mark.parametrize("name", list(LAYOUTS))
-def test_three_tower_step_on_8_devices_equals_1_device(reference, name):
-    _assert_same(_one_step(_layout(LAYOUTS[name]), jax.devices()), reference)
+def test_three_tower_step_on_8_devices_equals_1_device(reference):
+    _assert_same(_one_step(_layout((2, 2, 2)), jax.devices()), reference)
 
 
 @pytest.mark.slow
