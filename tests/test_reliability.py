@@ -129,7 +129,7 @@ def test_full_disk_stops_cleanly_and_keeps_earlier_checkpoints(tmp_path, data_di
     c = _tiny(data_dir, "config.train.steps=4", "config.checkpoint.every_steps=2",
               "config.checkpoint.async_save=False")
     train(c, str(tmp_path), verbose=False)
-    metrics_before = open(tmp_path / "metrics.jsonl").read()
+    metrics_before = (tmp_path / "metrics.jsonl").read_text()
     ckdir = tmp_path / "checkpoints"
     saved = sorted(os.listdir(ckdir))
     # Move the checkpoints onto a tmpfs with room for what is there plus a few KB.
@@ -147,7 +147,7 @@ def test_full_disk_stops_cleanly_and_keeps_earlier_checkpoints(tmp_path, data_di
                    "config.checkpoint.async_save=False")
         with pytest.raises(CheckpointWriteError, match="Earlier checkpoints are untouched"):
             train(c2, str(tmp_path), verbose=False)
-        after = open(tmp_path / "metrics.jsonl").read()
+        after = (tmp_path / "metrics.jsonl").read_text()
         assert after.startswith(metrics_before)  # never truncated
         for step in ("2", "4"):
             assert step in os.listdir(mnt)
