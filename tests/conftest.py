@@ -19,8 +19,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("MMJAX_CACHE_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), "mmjax-test-cache"))
 # Many tests (and the processes they start: resumes, kills, the multi-process run) compile the same steps;
 # JAX's persistent compilation cache compiles each once per machine. The env vars reach the subprocesses.
-# Every program is cached, however quick its compile: at -O0 most take under the default 1 s, and caching them
-# all took tests/test_train.py + test_reliability.py from 299 to 242 s.
+# Every program is cached, however quick its compile: at -O0 most take under the 0.5 s this used to require,
+# and caching them all took tests/test_train.py + test_reliability.py from 299 to 242 s.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["MMJAX_CACHE_DIR"], "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
