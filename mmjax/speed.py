@@ -39,34 +39,48 @@ PEAK_FLOPS: tuple[tuple[str, float], ...] = (
 
 # ------------------------------------------------------------------------------------------ model FLOPs
 
-def encoder_forward_flops(tokens: int, width: int, depth: int, mlp_dim: int) -> float:
+def encoder_forward_flops(tokens: int, width: int, depth: int, mlp_dim: int, pooled_only: bool = False) -> float:
     """Forward FLOPs of `depth` pre-LN transformer blocks on one sequence of `tokens` tokens.
 
     Per block: q, k, v and output projections 4 W^2, MLP 2 W M multiply-adds per token; attention
     scores and the weighted sum 2 N^2 W multiply-adds per sequence. One multiply-add = 2 FLOPs.
+    pooled_only: the last block computes one query token (what a tower returning only its pooled features
+    runs, `mmjax.models.layers.Encoder` query_index): k and v projections for every token, the rest for one.
     """
     per_token = 4 * width * width + 2 * width * mlp_dim
-    return 2.0 * depth * (tokens * per_token + 2 * tokens * tokens * width)
+    block = tokens * per_token + 2 * tokens * tokens * width
+    if not pooled_only or depth == 0:
+        return 2.0 * depth * block
+    last = tokens * 2 * width * width + (per_token - 2 * width * width) + 2 * tokens * width
+    return 2.0 * ((depth - 1) * block + last)
 
 
-def image_forward_flops(img: Mapping[str, Any], embed_dim: int) -> float:
+def _pooled_only(section: Mapping[str, Any], pooled_only: bool) -> bool:
+    """Whether the tower runs its last block on the pooled token only: asked for, and the pooling reads one
+    token ('cls' or 'eot'; mean pooling needs every token)."""
+    return pooled_only and section.get("pool", "cls") in ("cls", "eot")
+
+
+def image_forward_flops(img: Mapping[str, Any], embed_dim: int, pooled_only: bool = False) -> float:
     """ViT on one image: patch embedding, encoder, projection head."""
     patches = (int(img["image_size"]) // int(img["patch_size"])) ** 2
     tokens = patches + (1 if img.get("pool", "cls") == "cls" else 0)
     width = int(img["width"])
     patch_embed = 2.0 * patches * int(img["patch_size"]) ** 2 * int(img["channels"]) * width
-    return (patch_embed + encoder_forward_flops(tokens, width, int(img["depth"]), int(img["mlp_dim"]))
+    return (patch_embed + encoder_forward_flops(tokens, width, int(img["depth"]), int(img["mlp_dim"]),
+                                                _pooled_only(img, pooled_only))
             + 2.0 * width * embed_dim)
 
 
-def text_forward_flops(txt: Mapping[str, Any], embed_dim: int) -> float:
+def text_forward_flops(txt: Mapping[str, Any], embed_dim: int, pooled_only: bool = False) -> float:
     """Text transformer on one max_len sequence (the embedding lookup is a gather: no FLOPs) + head."""
     width = int(txt["width"])
-    return (encoder_forward_flops(int(txt["max_len"]), width, int(txt["depth"]), int(txt["mlp_dim"]))
+    return (encoder_forward_flops(int(txt["max_len"]), width, int(txt["depth"]), int(txt["mlp_dim"]),
+                                  _pooled_only(txt, pooled_only))
             + 2.0 * width * embed_dim)
 
 
-def audio_forward_flops(aud: Mapping[str, Any], embed_dim: int) -> float:
+def audio_forward_flops(aud: Mapping[str, Any], embed_dim: int, pooled_only: bool = False) -> float:
     """Spectrogram transformer on one max-length clip: patch embedding of the mel image, encoder, head.
     (The log-mel front end's FFT is not counted.)"""
     n_mels, max_frames = int(aud["n_mels"]), int(aud["max_frames"])
@@ -75,7 +89,8 @@ def audio_forward_flops(aud: Mapping[str, Any], embed_dim: int) -> float:
     tokens = patches + (1 if aud.get("pool", "cls") == "cls" else 0)
     width = int(aud["width"])
     return (2.0 * patches * pf * pt * width
-            + encoder_forward_flops(tokens, width, int(aud["depth"]), int(aud["mlp_dim"]))
+            + encoder_forward_flops(tokens, width, int(aud["depth"]), int(aud["mlp_dim"]),
+                                    _pooled_only(aud, pooled_only))
             + 2.0 * width * embed_dim)
 
 
@@ -94,13 +109,15 @@ def train_flops_per_example(config) -> float:
 
     The towers are those of `config.model.towers` (what `mmjax.models.build_model` builds). The contrastive
     logits cost 2 B D per example and modality pair of `config.model.pairs` (B = global batch). Fusion/ITM heads of the other tasks are
-    not counted (their towers dominate).
+    not counted (their towers dominate). Task 'contrastive' reads only the towers' pooled features, so their
+    last blocks compute the pooled token only (`encoder_forward_flops` pooled_only); the count follows.
     """
     m = config.model
+    pooled_only = config.get("task", "contrastive") == "contrastive"
     embed_dim = int(m.embed_dim)
     active = tuple(m.get("towers", ("image", "text")))  # model.towers: the towers build_model builds
     towers = [name for name in TOWER_FLOPS if name in active and _section(m, name) is not None]
-    forward = sum(TOWER_FLOPS[name](_section(m, name), embed_dim) for name in towers)
+    forward = sum(TOWER_FLOPS[name](_section(m, name), embed_dim, pooled_only) for name in towers)
     pairs = len(m.get("pairs", ())) or 1  # model.pairs: one B x B logits matrix per modality pair
     forward += pairs * 2.0 * int(config.train.batch_size) * embed_dim
     return 3.0 * forward

@@ -324,6 +324,64 @@ def test_remat_matches_plain_outputs_and_grads(remat, scan):
     assert 'checkpoint' in str(jaxpr) or 'remat' in str(jaxpr)
 
 
+
+def _pooled_loss(module, params, x, return_tokens, **kw):
+    _, pooled = module.apply({'params': params}, x, return_tokens=return_tokens, **kw)
+    return jnp.sum(jnp.sin(pooled) * jnp.linspace(0.5, 1.5, pooled.shape[-1]))
+
+
+@pytest.mark.parametrize('tower,scan,remat', [
+    ('vit', False, 'none'), ('vit', True, 'dots'), ('vit_prompts', True, 'none'), ('vit_mean', False, 'none'),
+    ('text_eot', False, 'none'), ('text_eot', True, 'full'), ('text_eot_prompts_lora', False, 'dots'),
+    ('text_cls', True, 'none')])
+def test_pooled_only_towers_equal_the_full_pass_and_its_gradients(tower, scan, remat):
+    """return_tokens=False (what contrastive training and encode_* run) computes only the pooled token in the
+    last block; the pooled features and every parameter gradient equal the full pass's."""
+    kw = dict(scan_layers=scan, remat=remat)
+    if tower.startswith('vit'):
+        model = ViT(IMG, 4, 3, 32, 3, 2, 64, pool='mean' if tower == 'vit_mean' else 'cls',
+                    num_prompts=2 if 'prompts' in tower else 0, adapter_dim=8, **kw)
+        x = make_batch()['image']
+    else:
+        model = TextTransformer(259, LEN, 32, 3, 2, 64, causal=tower.startswith('text_eot'),
+                                pool=tower.split('_')[1], num_prompts=3 if 'prompts' in tower else 0,
+                                lora_rank=4 if 'lora' in tower else 0, lora_targets='.*', **kw)
+        x = make_tokens([5, 16, 9, 3])
+    params = model.init(jax.random.key(3), x)['params']
+    params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(4), a.shape),
+                          nn.meta.unbox(params))  # non-zero adapters / LoRA B, so every path is exercised
+    tokens, pooled = model.apply({'params': params}, x, return_tokens=False)
+    assert tokens is None
+    _, want = model.apply({'params': params}, x)
+    np.testing.assert_allclose(pooled, want, atol=2e-6)
+    grad = jax.jit(jax.grad(_pooled_loss, argnums=1), static_argnums=(0, 3))
+    g_pooled, g_full = grad(model, params, x, False), grad(model, params, x, True)
+    flat_full = jax.tree_util.tree_leaves_with_path(g_full)
+    assert min(float(jnp.abs(g).max()) for _, g in flat_full) > 0
+    for (path, a), b in zip(flat_full, jax.tree_util.tree_leaves(g_pooled)):
+        scale = max(1.0, float(jnp.abs(a).max()))  # summation order differs: compare against the leaf's scale
+        np.testing.assert_allclose(b, a, atol=1e-5 * scale, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def test_pooled_only_contrastive_step_does_less_work():
+    """The contrastive model's forward (pooled features only) compiles to fewer FLOPs than the same towers
+    returning their tokens, by about the last block's work on the non-pooled tokens."""
+    model = build_model(tiny_model_config(**{'image.depth': 2, 'text.depth': 2}))
+    batch = make_batch()
+    params = jax.jit(model.init)(jax.random.key(0), batch)['params']
+
+    def flops(return_tokens):
+        def embeddings(p):
+            outputs = model.apply({'params': p}, batch, return_tokens, method='tower_outputs')
+            return {name: out['embedding'] for name, out in outputs.items()}
+
+        cost = jax.jit(embeddings).lower(params).compile().cost_analysis()
+        return (cost[0] if isinstance(cost, list) else cost)['flops']
+
+    full, pooled = flops(True), flops(False)
+    assert pooled < 0.8 * full, (pooled, full)
+
+
 def test_invalid_remat_is_rejected():
     x = jnp.zeros((1, 4, 32))
     with pytest.raises(ValueError, match='model.remat'):

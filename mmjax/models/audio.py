@@ -99,12 +99,14 @@ class AudioTransformer(nn.Module):
         return log_mel, patch_mask
 
     @nn.compact
-    def __call__(self, audio: jax.Array | Mapping[str, jax.Array],
-                 lengths: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, audio: jax.Array | Mapping[str, jax.Array], lengths: jax.Array | None = None,
+                 return_tokens: bool = True) -> tuple[jax.Array | None, jax.Array]:
         """audio: float waveform [B, T] at `sample_rate` (T <= max_samples), or {'waveform': [B, T],
         'length': int [B]}; lengths int [B] = real samples per clip (default T).
         -> (tokens [B, 1 + N, width] with N = ceil(frames / patch_time) * (n_mels / patch_freq), frames =
-        1 + T // hop, tokens at padded patches zero; pooled [B, width]) in `dtype`."""
+        1 + T // hop, tokens at padded patches zero; pooled [B, width]) in `dtype`.
+        return_tokens=False: (None, pooled); with pool='cls' the last block then computes the class token only
+        (`mmjax.models.layers.Encoder` query_index)."""
         if isinstance(audio, Mapping):
             if lengths is not None:
                 raise ValueError('pass lengths either in the audio dict or as an argument, not both')
@@ -137,8 +139,12 @@ class AudioTransformer(nn.Module):
         x = layer_norm(name='ln_pre', **kw)(x)
 
         valid = jnp.concatenate([jnp.ones((b, 1), bool), token_mask], axis=1)  # [B, 1 + N]
-        x = Encoder(self.depth, self.num_heads, self.mlp_dim, remat=self.remat, scan=self.scan_layers,
-                    activation=self.activation, name='transformer', **kw)(x, valid[:, None, None, :])
+        encoder = Encoder(self.depth, self.num_heads, self.mlp_dim, remat=self.remat, scan=self.scan_layers,
+                          activation=self.activation, name='transformer', **kw)
+        if not return_tokens and self.pool == 'cls':
+            x = encoder(x, valid[:, None, None, :], query_index=jnp.zeros((b,), jnp.int32))[:, 0]
+            return None, constrain(layer_norm(name='ln_final', **kw)(x), ACT_POOLED)
+        x = encoder(x, valid[:, None, None, :])
         x = layer_norm(name='ln_final', **kw)(x)
         x = constrain(jnp.where(valid[..., None], x, jnp.zeros((), x.dtype)), ACT_TOKENS)
         if self.pool == 'cls':
@@ -146,4 +152,4 @@ class AudioTransformer(nn.Module):
         else:
             count = jnp.maximum(token_mask.sum(axis=1, keepdims=True), 1).astype(x.dtype)
             pooled = x[:, 1:].sum(axis=1) / count
-        return x, constrain(pooled, ACT_POOLED)
+        return (x if return_tokens else None), constrain(pooled, ACT_POOLED)

@@ -55,8 +55,12 @@ class ViT(nn.Module):
     lora_targets: str = ''
 
     @nn.compact
-    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """images float [B,H,W,C] -> (tokens [B,N,width], pooled [B,width]) in `dtype`."""
+    def __call__(self, images: jax.Array, return_tokens: bool = True) -> tuple[jax.Array | None, jax.Array]:
+        """images float [B,H,W,C] -> (tokens [B,N,width], pooled [B,width]) in `dtype`.
+
+        return_tokens=False: (None, pooled); with pool='cls' the last block then computes the class token
+        only (`mmjax.models.layers.Encoder` query_index), the same pooled features for less work.
+        """
         if self.pool not in ('cls', 'mean'):
             raise ValueError(f"model.image.pool must be 'cls' or 'mean'; got {self.pool!r}")
         if images.shape[1:] != (self.image_size, self.image_size, self.channels):
@@ -79,13 +83,17 @@ class ViT(nn.Module):
         if self.num_prompts > 0:
             x = jnp.concatenate([x[:, :first], prompt_tokens(self, x.shape[0]), x[:, first:]], axis=1)
         x = layer_norm(name='ln_pre', **kw)(x)
-        x = Encoder(self.depth, self.num_heads, self.mlp_dim, remat=self.remat, scan=self.scan_layers,
-                    activation=self.activation, name='transformer', **finetune_kwargs(self), **kw)(x)
+        encoder = Encoder(self.depth, self.num_heads, self.mlp_dim, remat=self.remat, scan=self.scan_layers,
+                          activation=self.activation, name='transformer', **finetune_kwargs(self), **kw)
+        if not return_tokens and self.pool == 'cls':
+            x = encoder(x, query_index=jnp.zeros((x.shape[0],), jnp.int32))[:, 0]
+            return None, constrain(layer_norm(name='ln_final', **kw)(x), ACT_POOLED)
+        x = encoder(x)
         if self.num_prompts > 0:
             x = jnp.concatenate([x[:, :first], x[:, first + self.num_prompts:]], axis=1)
         x = constrain(layer_norm(name='ln_final', **kw)(x), ACT_TOKENS)
         pooled = x[:, 0] if self.pool == 'cls' else x.mean(axis=1)
-        return x, constrain(pooled, ACT_POOLED)
+        return (x if return_tokens else None), constrain(pooled, ACT_POOLED)
 
 
 def finetune_kwargs(encoder: nn.Module) -> dict[str, Any]:
@@ -141,10 +149,13 @@ class TextTransformer(nn.Module):
     lora_targets: str = ''
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, tokens: jax.Array, valid: jax.Array | None = None,
+                 return_tokens: bool = True) -> tuple[jax.Array | None, jax.Array]:
         """tokens int32 [B,L] (L <= max_len, pad id 0) -> (tokens [B,L,width], pooled [B,width]) in `dtype`.
 
         `valid` bool [B,L] marks real tokens; default `tokens != 0`. Invalid positions are masked as keys.
+        return_tokens=False: (None, pooled), and the last block computes the pooled token only
+        (`mmjax.models.layers.Encoder` query_index), the same pooled features for less work.
         """
         if self.pool not in ('eot', 'cls'):
             raise ValueError(f"model.text.pool must be 'eot' or 'cls'; got {self.pool!r}")
@@ -168,12 +179,15 @@ class TextTransformer(nn.Module):
         mask = keys[:, None, None, :]  # [B,1,1,P+L] keys
         if self.causal:
             mask = mask & jnp.tril(jnp.ones((p + length, p + length), bool))[None, None]
-        x = Encoder(self.depth, self.num_heads, self.mlp_dim, remat=self.remat, scan=self.scan_layers,
-                    activation=self.activation, name='transformer', **finetune_kwargs(self), **kw)(x, mask)
-        x = constrain(layer_norm(name='ln_final', **kw)(x[:, p:]), ACT_TOKENS)  # [B,L,width], prompts dropped
+        encoder = Encoder(self.depth, self.num_heads, self.mlp_dim, remat=self.remat, scan=self.scan_layers,
+                          activation=self.activation, name='transformer', **finetune_kwargs(self), **kw)
         if self.pool == 'cls':
-            pooled = x[:, 0]
+            index = jnp.zeros((x.shape[0],), jnp.int32)
         else:
             index = last_nonpad_index(jnp.where(valid, 1, PAD_ID))
-            pooled = jnp.take_along_axis(x, index[:, None, None], axis=1)[:, 0]
+        if not return_tokens:  # the pooled token only, at its position after the prompts
+            x = encoder(x, mask, query_index=index + p)[:, 0]
+            return None, constrain(layer_norm(name='ln_final', **kw)(x), ACT_POOLED)
+        x = constrain(layer_norm(name='ln_final', **kw)(encoder(x, mask)[:, p:]), ACT_TOKENS)  # prompts dropped
+        pooled = jnp.take_along_axis(x, index[:, None, None], axis=1)[:, 0]
         return x, constrain(pooled, ACT_POOLED)

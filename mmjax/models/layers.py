@@ -319,6 +319,19 @@ class Mlp(nn.Module):
                      name='fc_out', **lora_kwargs(self, 'fc_out'))(h)
 
 
+def take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
+    """x [B,L,...], index int [B] -> [B,1,...]: row index[b] of each sequence."""
+    return jnp.take_along_axis(x, index.reshape((-1, 1) + (1,) * (x.ndim - 2)), axis=1)
+
+
+def query_mask_rows(mask: jax.Array, index: jax.Array) -> jax.Array:
+    """Attention mask bool [B|1,1|H,Lq|1,Lk] -> [B,1|H,1,Lk]: the rows of queries `index` int [B]."""
+    mask = jnp.broadcast_to(mask, (index.shape[0],) + mask.shape[1:])
+    if mask.shape[2] == 1:
+        return mask
+    return jnp.take_along_axis(mask, index.reshape(-1, 1, 1, 1), axis=2)
+
+
 class EncoderBlock(nn.Module):
     """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x)).
 
@@ -339,12 +352,21 @@ class EncoderBlock(nn.Module):
     lora_targets: str = ''
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None):
-        """x [B,L,E], mask bool [B,1|H,L,L] or None -> [B,L,E] (or `(x, None)` when `scan_carry`)."""
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, query_index: jax.Array | None = None):
+        """x [B,L,E], mask bool [B|1,1|H,L|1,L] or None -> [B,L,E] (or `(x, None)` when `scan_carry`).
+
+        `query_index` int [B]: compute only token `query_index[b]` of each sequence, attending to all L keys, ->
+        [B,1,E], equal to the full block's output at that token (what a pooled-only last block needs: its
+        other tokens feed nothing). Keys and values are still projected for every token.
+        """
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         lora = dict(lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, lora_targets=self.lora_targets)
         h = layer_norm(name='ln_attn', **kw)(x)
-        h = MultiHeadAttention(self.num_heads, name='attn', **lora, **kw)(h, None, mask)
+        h_kv = None
+        if query_index is not None:
+            x, h_kv, h = take_rows(x, query_index), h, take_rows(h, query_index)
+            mask = None if mask is None else query_mask_rows(mask, query_index)
+        h = MultiHeadAttention(self.num_heads, name='attn', **lora, **kw)(h, h_kv, mask)
         if self.adapter_dim > 0:
             h = Adapter(self.adapter_dim, self.activation, name='adapter_attn', **kw)(h)
         x = constrain(x + h, ACT_TOKENS)
@@ -377,8 +399,14 @@ class Encoder(nn.Module):
     lora_targets: str = ''
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        """x [B,L,E], mask bool [B,1|H,L,L] or None -> [B,L,E]."""
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None,
+                 query_index: jax.Array | None = None) -> jax.Array:
+        """x [B,L,E], mask bool [B|1,1|H,L,L] or None -> [B,L,E].
+
+        With `query_index` int [B] the last block computes only token `query_index[b]` (see `EncoderBlock`)
+        -> [B,1,E]: the pooled token of a tower whose other outputs are not used. Every earlier block runs in
+        full, since the last one attends to all of their tokens.
+        """
         block_cls = EncoderBlock
         if self.remat != 'none':
             if self.remat not in REMAT_POLICIES:
@@ -390,13 +418,44 @@ class Encoder(nn.Module):
                   lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, lora_targets=self.lora_targets)
         x = constrain(x, ACT_TOKENS)
         if self.scan:
+            if query_index is not None and not self.is_initializing():
+                # Same parameters (under 'blocks', leading 'layers' axis), applied as depth-1 scanned blocks
+                # and a last block with one query per sequence.
+                return ScannedBlocksWithQuery(tuple(sorted(kw.items())), self.remat, name='blocks')(
+                    x, mask, query_index)
             blocks = nn.scan(
                 block_cls, variable_axes={'params': 0}, split_rngs={'params': True},
                 in_axes=nn.broadcast, length=self.depth,
                 metadata_params={nn.PARTITION_NAME: 'layers'},
             )(scan_carry=True, name='blocks', **kw)
             x, _ = blocks(x, mask)
-            return x
+            return x if query_index is None else take_rows(x, query_index)
         for i in range(self.depth):
-            x = block_cls(name=f'block_{i}', **kw)(x, mask)
+            last = query_index is not None and i == self.depth - 1
+            x = block_cls(name=f'block_{i}', **kw)(x, mask, query_index if last else None)
         return x
+
+
+class ScannedBlocksWithQuery(nn.Module):
+    """The parameters of `Encoder`'s scanned block stack (this module's variables: every `EncoderBlock`
+    parameter with a leading 'layers' axis of size depth), applied as a `jax.lax.scan` over the first depth-1
+    blocks and the last block with `query_index`. Apply-only: `Encoder` creates the parameters through
+    `nn.scan` at init, so the parameter tree is the one a full pass uses."""
+    block_kwargs: tuple[tuple[str, Any], ...]
+    remat: str = 'none'
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None, query_index: jax.Array) -> jax.Array:
+        """x [B,L,E], mask as `Encoder`, query_index int [B] -> [B,1,E]."""
+        params = jax.tree.map(lambda v: v.unbox(apply_constraint=False) if isinstance(v, nn.meta.AxisMetadata)
+                              else v, self.variables['params'], is_leaf=lambda v: isinstance(v, nn.meta.AxisMetadata))
+        block = EncoderBlock(parent=None, **dict(self.block_kwargs))
+
+        def apply_block(x, layer_params, index):
+            return block.apply({'params': layer_params}, x, mask, index)
+
+        if self.remat != 'none':
+            apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        x, _ = jax.lax.scan(lambda x, p: (apply_block(x, p, None), None), x,
+                            jax.tree.map(lambda a: a[:-1], params))
+        return apply_block(x, jax.tree.map(lambda a: a[-1], params), query_index)

@@ -42,11 +42,13 @@ class Tower(nn.Module):
         self.encoder = self.encoder_cls(**dict(self.encoder_kwargs), name='encoder')
         self.head = ProjectionHead(self.embed_dim, dtype=self.dtype, param_dtype=self.param_dtype, name='head')
 
-    def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
+    def __call__(self, x: jax.Array, return_tokens: bool = True) -> dict[str, jax.Array]:
         """x: the modality input -> {'tokens' [B,N,W], 'pooled' [B,W] (model dtype),
-        'embedding' [B,D] float32 unit-norm}."""
-        tokens, pooled = self.encoder(x)
-        return {'tokens': tokens, 'pooled': pooled, 'embedding': l2_normalize(self.head(pooled))}
+        'embedding' [B,D] float32 unit-norm}. return_tokens=False leaves 'tokens' out, and the encoder skips
+        the last block's work on the tokens that do not feed the pooled features."""
+        tokens, pooled = self.encoder(x, return_tokens=return_tokens)
+        out = {'pooled': pooled, 'embedding': l2_normalize(self.head(pooled))}
+        return {'tokens': tokens, **out} if return_tokens else out
 
 
 class ContrastiveModel(nn.Module):
@@ -74,20 +76,21 @@ class ContrastiveModel(nn.Module):
         self.bias = (None if self.logit_bias_init is None
                      else logit_bias(self, self.logit_bias_init, self.param_dtype))
 
-    def tower_outputs(self, batch: dict[str, jax.Array]) -> dict[str, dict[str, jax.Array]]:
-        """Runs every tower whose input key is in `batch`: {name: Tower outputs}."""
+    def tower_outputs(self, batch: dict[str, jax.Array],
+                      return_tokens: bool = True) -> dict[str, dict[str, jax.Array]]:
+        """Runs every tower whose input key is in `batch`: {name: Tower outputs} (see `Tower`)."""
         present = [name for name, _, _ in self.towers if name in batch]
         if not present:
             raise ValueError(f'batch has none of the model inputs {[n for n, _, _ in self.towers]}; '
                              f'got keys {sorted(batch)}')
-        return {name: self.tower_modules[name](batch[name]) for name in present}
+        return {name: self.tower_modules[name](batch[name], return_tokens) for name in present}
 
     def __call__(self, batch: dict[str, jax.Array], train: bool = False) -> dict[str, Any]:
         """batch {'image': float32 [B,H,W,C], 'text': int32 [B,L], ...} (any subset of towers) ->
         {'embeddings': {name: float32 [B,D] unit-norm}, 'logit_scale': float32 [] (exp'd, clipped),
          'logit_bias': float32 [] (only when configured)}. `train` is accepted for API symmetry (no dropout)."""
         del train
-        outputs = self.tower_outputs(batch)
+        outputs = self.tower_outputs(batch, return_tokens=False)  # the losses read the embeddings only
         result = {'embeddings': {name: out['embedding'] for name, out in outputs.items()},
                   'logit_scale': self.scale}
         if self.bias is not None:
@@ -96,7 +99,7 @@ class ContrastiveModel(nn.Module):
 
     def encode(self, name: str, x: jax.Array) -> jax.Array:
         """Tower `name` on its input -> float32 [B,D] unit-norm."""
-        return self.tower_modules[name](x)['embedding']
+        return self.tower_modules[name](x, return_tokens=False)['embedding']
 
     def encode_image(self, images: jax.Array) -> jax.Array:
         """images float32 [B,H,W,C] -> float32 [B,D] unit-norm."""
