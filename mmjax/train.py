@@ -162,12 +162,16 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
             (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        # A non-finite loss or gradient skips the update: params and optimizer state stay as they were.
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-        params = jax.tree.map(keep, params, state.params)
-        opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+
+        def update(params, opt_state, grads):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        # A non-finite loss or gradient skips the update: params and optimizer state stay as they were. A
+        # conditional rather than an elementwise select of new and old: the select kept both copies of params
+        # and optimizer state alive (0.75 s against 0.44 s for ViT-B/32's update on the CPU).
+        params, opt_state = jax.lax.cond(finite, update, lambda params, opt_state, grads: (params, opt_state),
+                                         state.params, state.opt_state, grads)
         metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
                        skipped=(~finite).astype(jnp.int32))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
