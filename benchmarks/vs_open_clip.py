@@ -10,7 +10,8 @@ mmjax runs `mmjax.train.make_train_step` on configs/clip_vit_b32.py (f32, no rem
 device = all cores); open_clip runs `open_clip.create_model('ViT-B-32')` (random init) with
 `open_clip.loss.ClipLoss` and `torch.optim.AdamW`, `torch.set_num_threads(<cores>)`. Each round times
 `--steps` steps of mmjax, then of open_clip (after warm-up steps that are not timed); the figures are the
-medians over rounds. Model FLOPs come from `mmjax.speed.train_flops_per_example`; the matmul peak is a
+medians over rounds. Model FLOPs come from `mmjax.speed.train_flops_per_example`, for each side what it
+computes (mmjax's last blocks compute the pooled token only, open_clip's every token); the matmul peak is a
 float32 matmul measured in the same process (`mmjax.speed.measure_matmul_flops`). Like `mmjax train`, the
 script adds mmjax's CPU defaults (`mmjax.speed`): XLA flags for mmjax's step, and the glibc malloc tunable for
 the whole process, so open_clip's step runs with it too (MMJAX_XLA_CPU_DEFAULTS=1: neither).
@@ -250,16 +251,19 @@ def main() -> int:
                   flush=True)
     breakdown = {name: fn() for name, fn in part_fns.items()} if args.breakdown else {}
     peak = speed.measure_matmul_flops(n=2048, repeats=5)
-    result = {"batch": args.batch, "threads": args.threads, "flops_per_example": flops,
+    # FLOPs each side computes: mmjax's last blocks run the pooled token only, open_clip's every token.
+    side_flops = {"mmjax": flops, "open_clip": speed.train_flops_per_example(config, pooled_only=False)}
+    result = {"batch": args.batch, "threads": args.threads, "flops_per_example": side_flops,
               "matmul_peak_gflops": peak / 1e9}
     for name, ts in times.items():
         sps = args.batch * args.steps / statistics.median(ts)
-        result[name] = {"samples_per_second": sps, "gflops": sps * flops / 1e9,
-                        "fraction_of_peak": sps * flops / peak}
+        result[name] = {"samples_per_second": sps, "gflops": sps * side_flops[name] / 1e9,
+                        "fraction_of_peak": sps * side_flops[name] / peak}
     if len(times) == 2:
         result["ratio_mmjax_over_open_clip"] = (result["mmjax"]["samples_per_second"]
                                                 / result["open_clip"]["samples_per_second"])
-    print(f"\nf32 matmul peak (measured): {peak / 1e9:.0f} GFLOP/s; model FLOPs {flops / 1e9:.1f} GFLOP/example")
+    print(f"\nf32 matmul peak (measured): {peak / 1e9:.0f} GFLOP/s; model FLOPs per example: "
+          + ", ".join(f"{name} {side_flops[name] / 1e9:.1f} GFLOP" for name in times))
     for name in times:
         r = result[name]
         print(f"{name:9s} {r['samples_per_second']:6.2f} samples/s  {r['gflops']:6.0f} GFLOP/s  "

@@ -104,16 +104,19 @@ def _section(model_cfg, name):
     return section.to_dict() if hasattr(section, "to_dict") else dict(section)
 
 
-def train_flops_per_example(config) -> float:
+def train_flops_per_example(config, pooled_only: bool | None = None) -> float:
     """Model FLOPs of one training example: 3 x (forward of every tower + its share of the loss).
 
     The towers are those of `config.model.towers` (what `mmjax.models.build_model` builds). The contrastive
     logits cost 2 B D per example and modality pair of `config.model.pairs` (B = global batch). Fusion/ITM heads of the other tasks are
     not counted (their towers dominate). Task 'contrastive' reads only the towers' pooled features, so their
     last blocks compute the pooled token only (`encoder_forward_flops` pooled_only); the count follows.
+    pooled_only=False counts full last blocks (what a model that computes every token's output does, e.g.
+    open_clip's), None decides by the task.
     """
     m = config.model
-    pooled_only = config.get("task", "contrastive") == "contrastive"
+    if pooled_only is None:
+        pooled_only = config.get("task", "contrastive") == "contrastive"
     embed_dim = int(m.embed_dim)
     active = tuple(m.get("towers", ("image", "text")))  # model.towers: the towers build_model builds
     towers = [name for name in TOWER_FLOPS if name in active and _section(m, name) is not None]
