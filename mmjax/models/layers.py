@@ -447,8 +447,9 @@ class ScannedBlocksWithQuery(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None, query_index: jax.Array) -> jax.Array:
         """x [B,L,E], mask as `Encoder`, query_index int [B] -> [B,1,E]."""
-        params = jax.tree.map(lambda v: v.unbox(apply_constraint=False) if isinstance(v, nn.meta.AxisMetadata)
-                              else v, self.variables['params'], is_leaf=lambda v: isinstance(v, nn.meta.AxisMetadata))
+        is_box = lambda v: isinstance(v, nn.meta.AxisMetadata)  # noqa: E731 (boxed when applied to init output)
+        params = jax.tree.map(lambda v: v.unbox(apply_constraint=False) if is_box(v) else v,
+                              self.variables['params'], is_leaf=is_box)
         block = EncoderBlock(parent=None, **dict(self.block_kwargs))
 
         def apply_block(x, layer_params, index):
