@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from mmjax import finetune
 from mmjax import sharding as shd
 from mmjax.models import build_fusion_classifier, build_itm_mlm_model, build_model
+from mmjax.models.layers import strip_boxes
 from mmjax.optim import build_optimizer
 
 
@@ -31,14 +32,6 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
-
-
-def strip_boxes(tree):
-    """Replaces logical-axis boxes by their values, without the sharding constraint `nn.unbox` adds
-    (which needs a trace; this also works on abstract trees)."""
-    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
-    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree,
-                        is_leaf=is_box)
 
 
 def dummy_batch(config, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:

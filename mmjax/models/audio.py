@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.data.audio import LogMel
-from mmjax.models.layers import ACT_POOLED, ACT_TOKENS, Encoder, constrain, dense, layer_norm, partitioned
+from mmjax.models.layers import (ACT_POOLED, ACT_TOKENS, Encoder, constrain, dense, layer_norm, partitioned,
+                                 pooled_token_features)
 
 Dtype = Any
 
@@ -142,8 +143,7 @@ class AudioTransformer(nn.Module):
         encoder = Encoder(self.depth, self.num_heads, self.mlp_dim, remat=self.remat, scan=self.scan_layers,
                           activation=self.activation, name='transformer', **kw)
         if not return_tokens and self.pool == 'cls':
-            x = encoder(x, valid[:, None, None, :], query_index=jnp.zeros((b,), jnp.int32))[:, 0]
-            return None, constrain(layer_norm(name='ln_final', **kw)(x), ACT_POOLED)
+            return None, pooled_token_features(encoder, x, valid[:, None, None, :], jnp.zeros((b,), jnp.int32), **kw)
         x = encoder(x, valid[:, None, None, :])
         x = layer_norm(name='ln_final', **kw)(x)
         x = constrain(jnp.where(valid[..., None], x, jnp.zeros((), x.dtype)), ACT_TOKENS)

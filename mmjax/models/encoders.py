@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.models.layers import (ACT_POOLED, ACT_TOKENS, Embed, Encoder, constrain, dense, layer_norm,
-                                 partitioned)
+                                 partitioned, pooled_token_features)
 
 Dtype = Any
 PAD_ID = 0
@@ -86,8 +86,7 @@ class ViT(nn.Module):
         encoder = Encoder(self.depth, self.num_heads, self.mlp_dim, remat=self.remat, scan=self.scan_layers,
                           activation=self.activation, name='transformer', **finetune_kwargs(self), **kw)
         if not return_tokens and self.pool == 'cls':
-            x = encoder(x, query_index=jnp.zeros((x.shape[0],), jnp.int32))[:, 0]
-            return None, constrain(layer_norm(name='ln_final', **kw)(x), ACT_POOLED)
+            return None, pooled_token_features(encoder, x, None, jnp.zeros((x.shape[0],), jnp.int32), **kw)
         x = encoder(x)
         if self.num_prompts > 0:
             x = jnp.concatenate([x[:, :first], x[:, first + self.num_prompts:]], axis=1)
@@ -186,8 +185,7 @@ class TextTransformer(nn.Module):
         else:
             index = last_nonpad_index(jnp.where(valid, 1, PAD_ID))
         if not return_tokens:  # the pooled token only, at its position after the prompts
-            x = encoder(x, mask, query_index=index + p)[:, 0]
-            return None, constrain(layer_norm(name='ln_final', **kw)(x), ACT_POOLED)
+            return None, pooled_token_features(encoder, x, mask, index + p, **kw)
         x = constrain(layer_norm(name='ln_final', **kw)(encoder(x, mask)[:, p:]), ACT_TOKENS)  # prompts dropped
         pooled = jnp.take_along_axis(x, index[:, None, None], axis=1)[:, 0]
         return x, constrain(pooled, ACT_POOLED)

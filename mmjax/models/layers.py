@@ -37,6 +37,14 @@ def partitioned(init: Initializer, names: Sequence[str]) -> Initializer:
     return nn.with_logical_partitioning(init, tuple(names))
 
 
+def strip_boxes(tree):
+    """Replaces logical-axis boxes by their values, without the sharding constraint `nn.unbox` adds
+    (which needs a trace; this also works on abstract trees)."""
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree,
+                        is_leaf=is_box)
+
+
 def _flat_init(init: Initializer, n_in: int) -> Initializer:
     """Applies a 2-D initializer (fan_in x fan_out) to a kernel whose first `n_in` axes are inputs."""
     def fn(key, shape, dtype=jnp.float32):
@@ -436,6 +444,14 @@ class Encoder(nn.Module):
         return x
 
 
+def pooled_token_features(encoder: 'Encoder', x: jax.Array, mask: jax.Array | None, index: jax.Array,
+                          dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> jax.Array:
+    """A tower's pooled features without its tokens: `encoder` on x [B,L,E] with its last block computing
+    token `index` int [B] only, then the calling tower's final LayerNorm 'ln_final' -> [B,E].
+    Call it from the tower's compact `__call__` (the LayerNorm is created there)."""
+    x = encoder(x, mask, query_index=index)[:, 0]
+    return constrain(layer_norm(name='ln_final', dtype=dtype, param_dtype=param_dtype)(x), ACT_POOLED)
+
 class ScannedBlocksWithQuery(nn.Module):
     """The parameters of `Encoder`'s scanned block stack (this module's variables: every `EncoderBlock`
     parameter with a leading 'layers' axis of size depth), applied as a `jax.lax.scan` over the first depth-1
@@ -447,9 +463,7 @@ class ScannedBlocksWithQuery(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None, query_index: jax.Array) -> jax.Array:
         """x [B,L,E], mask as `Encoder`, query_index int [B] -> [B,1,E]."""
-        is_box = lambda v: isinstance(v, nn.meta.AxisMetadata)  # noqa: E731 (boxed when applied to init output)
-        params = jax.tree.map(lambda v: v.unbox(apply_constraint=False) if is_box(v) else v,
-                              self.variables['params'], is_leaf=is_box)
+        params = strip_boxes(self.variables['params'])  # boxed when applied to an init output
         block = EncoderBlock(parent=None, **dict(self.block_kwargs))
 
         def apply_block(x, layer_params, index):
