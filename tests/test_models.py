@@ -363,7 +363,7 @@ def test_pooled_only_towers_equal_the_full_pass_and_its_gradients(tower, scan, r
         np.testing.assert_allclose(b, a, atol=1e-5 * scale, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
-def test_pooled_only_contrastive_step_does_less_work():
+def test_pooled_only_contrastive_forward_does_less_work():
     """The contrastive model's forward (pooled features only) compiles to fewer FLOPs than the same towers
     returning their tokens, by about the last block's work on the non-pooled tokens."""
     model = build_model(tiny_model_config(**{'image.depth': 2, 'text.depth': 2}))
