@@ -161,6 +161,24 @@ def constrain(x: jax.Array, names: Sequence[str]) -> jax.Array:
     return nn.with_logical_constraint(x, tuple(names))
 
 
+def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float,
+                     dtype: Dtype) -> jax.Array:
+    """Softmax attention spelled out: q [B,Lq,H,D], k and v [B,Lk,H,D], bool mask broadcastable to
+    [B,H,Lq,Lk] (True = may attend) -> [B,Lq,H,D]. Logits and softmax in float32, products in `dtype`.
+
+    The heads move next to the batch axis first ([B,H,L,D]), so both products are batched matmuls over (B, H)
+    contracting each operand's last axis. Contracting the [B,L,H,D] layouts directly, XLA:CPU made two more
+    transposed copies per layer and ran an attention layer's forward (projections included) 9-18 % slower at
+    ViT-B/32's text [32,77,8,64] and image [32,50,12,64] shapes (forward + backward: within +-5 %).
+    """
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q * jnp.asarray(scale, q.dtype), k, v))
+    logits = jnp.einsum('bhqd,bhkd->bhqk', q, k).astype(jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    return jnp.swapaxes(jnp.einsum('bhqk,bhkd->bhqd', weights, v), 1, 2)
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head dot-product attention, used for both self- and cross-attention.
 
@@ -210,12 +228,7 @@ class MultiHeadAttention(nn.Module):
                 mask = jnp.broadcast_to(mask, (q.shape[0], mask.shape[1], q.shape[1], k.shape[1]))
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=head_dim ** -0.5)
         else:
-            q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
-            logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
-            if mask is not None:
-                logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-            weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-            out = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+            out = einsum_attention(q, k, v, mask, head_dim ** -0.5, self.dtype)
         out = constrain(out, ACT_HEADS)
         return dense(out_features, ('heads', 'kv', 'embed'), axis=(-2, -1), dtype=self.dtype,
                      param_dtype=self.param_dtype, name='out', **lora_kwargs(self, 'out'))(out)
