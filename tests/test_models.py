@@ -453,6 +453,35 @@ def test_dot_product_attention_path_equals_einsum_path(masked):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_add_positions_equals_broadcast_add_values_and_gradients(dtype):
+    """`add_positions` (position embeddings with a dot-product gradient) is `x + pos[None]`: value, gradient of
+    both inputs and their dtypes, also with the batch split over 8 devices (the gradient of pos is summed
+    across them)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from mmjax.models.layers import add_positions
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(8, 5, 6)), dtype)
+    pos = jnp.asarray(rng.normal(size=(5, 6)), dtype)
+    w = jnp.asarray(rng.normal(size=(8, 5, 6)), dtype)  # a non-uniform incoming gradient
+
+    def loss(add):
+        return lambda x, pos: jnp.sum((add(x, pos) * w).astype(jnp.float32) ** 2)
+
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+    reference = jax.grad(loss(lambda x, pos: x + pos[None]), argnums=(0, 1))(x, pos)
+    np.testing.assert_array_equal(add_positions(x, pos), x + pos[None])
+    mesh = jax.make_mesh((8,), ('data',))
+    sharded_x = jax.device_put(x, NamedSharding(mesh, P('data')))
+    for args in ((x, pos), (sharded_x, pos)):
+        grads = jax.jit(jax.grad(loss(add_positions), argnums=(0, 1)))(*args)
+        for got, want in zip(grads, reference):
+            assert got.dtype == want.dtype == dtype
+            np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **tol)
+
+
 def test_exact_gelu_and_its_gradient_equal_jax_nn_gelu():
     """mmjax's exact GELU (erf form, custom gradient) is jax.nn.gelu(approximate=False), values and gradient,
     over the range activations reach, in float32 and bfloat16. Absolute tolerance 1e-6: like torch's formula,

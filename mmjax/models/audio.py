@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.data.audio import LogMel
-from mmjax.models.layers import (ACT_POOLED, ACT_TOKENS, Encoder, constrain, dense, layer_norm, partitioned,
-                                 pooled_token_features)
+from mmjax.models.layers import (ACT_POOLED, ACT_TOKENS, Encoder, add_positions, constrain, dense, layer_norm,
+                                 partitioned, pooled_token_features)
 
 Dtype = Any
 
@@ -136,7 +136,7 @@ class AudioTransformer(nn.Module):
         max_tokens = 1 + -(-self.max_frames // self.patch_time) * n_freq
         pos = self.param('pos_embed', partitioned(nn.initializers.normal(0.02), ('length', 'embed')),
                          (max_tokens, self.width), self.param_dtype)
-        x = x + constrain(pos[:x.shape[1]].astype(self.dtype), ('act_length', 'act_embed'))[None]
+        x = add_positions(x, constrain(pos[:x.shape[1]].astype(self.dtype), ('act_length', 'act_embed')))
         x = layer_norm(name='ln_pre', **kw)(x)
 
         valid = jnp.concatenate([jnp.ones((b, 1), bool), token_mask], axis=1)  # [B, 1 + N]

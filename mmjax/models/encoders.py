@@ -8,8 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models.layers import (ACT_POOLED, ACT_TOKENS, Embed, Encoder, constrain, dense, layer_norm,
-                                 partitioned, pooled_token_features)
+from mmjax.models.layers import (ACT_POOLED, ACT_TOKENS, Embed, Encoder, add_positions, constrain, dense,
+                                 layer_norm, partitioned, pooled_token_features)
 
 Dtype = Any
 PAD_ID = 0
@@ -78,7 +78,7 @@ class ViT(nn.Module):
             n += 1
         pos = self.param('pos_embed', partitioned(nn.initializers.normal(0.02), ('length', 'embed')),
                          (n, self.width), self.param_dtype)
-        x = x + pos.astype(self.dtype)[None]
+        x = add_positions(x, pos.astype(self.dtype))
         first = 1 if self.pool == 'cls' else 0  # prompts go after the class token
         if self.num_prompts > 0:
             x = jnp.concatenate([x[:, :first], prompt_tokens(self, x.shape[0]), x[:, first:]], axis=1)
@@ -168,7 +168,7 @@ class TextTransformer(nn.Module):
         pos = self.param('pos_embed', partitioned(nn.initializers.normal(0.01), ('length', 'embed')),
                          (self.max_len, self.width), self.param_dtype)
         pos = constrain(pos[:length].astype(self.dtype), ('act_length', 'act_embed'))
-        x = x + pos[None]
+        x = add_positions(x, pos)
 
         p = self.num_prompts
         keys = valid

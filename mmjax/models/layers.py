@@ -340,6 +340,30 @@ class Mlp(nn.Module):
                      name='fc_out', **lora_kwargs(self, 'fc_out'))(h)
 
 
+@jax.custom_vjp
+def add_positions(x: jax.Array, pos: jax.Array) -> jax.Array:
+    """x [B,L,E] + pos [L,E] (learned position embeddings, in x's dtype) -> [B,L,E].
+
+    Same value and gradients as `x + pos[None]`; the gradient of `pos`, the sum of the incoming gradient over
+    the batch, is computed as a [B] ones-vector contraction instead of a reduction. XLA:CPU's YNNPACK reduction
+    over a short leading axis into a large output took 26-33 ms for ViT-B/32's [32,77,512] and [32,50,768]
+    against 1.5-1.7 ms as a dot (71 ms of a 3-layer CLIP step's profile).
+    """
+    return x + pos[None]
+
+
+def _add_positions_fwd(x, pos):
+    return add_positions(x, pos), None
+
+
+def _add_positions_bwd(_, g):
+    ones = jnp.ones((g.shape[0],), g.dtype)
+    return g, jnp.einsum('b,ble->le', ones, g)
+
+
+add_positions.defvjp(_add_positions_fwd, _add_positions_bwd)
+
+
 def take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
     """x [B,L,...], index int [B] -> [B,1,...]: row index[b] of each sequence."""
     return jnp.take_along_axis(x, index.reshape((-1, 1) + (1,) * (x.ndim - 2)), axis=1)
