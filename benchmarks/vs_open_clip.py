@@ -12,7 +12,9 @@ device = all cores); open_clip runs `open_clip.create_model('ViT-B-32')` (random
 `--steps` steps of mmjax, then of open_clip (after warm-up steps that are not timed); the figures are the
 medians over rounds. Model FLOPs come from `mmjax.speed.train_flops_per_example`, for each side what it
 computes (mmjax's last blocks compute the pooled token only, open_clip's every token); the matmul peak is a
-float32 matmul measured in the same process (`mmjax.speed.measure_matmul_flops`). Like `mmjax train`, the
+float32 matmul measured in the same process (`mmjax.speed.measure_matmul_flops`) at the start of every round,
+and each side's fraction of peak is the median over rounds of its GFLOP/s over that round's peak (a shared
+machine's speed drifts between minutes; one probe at the end read anywhere from 100 to 158 GFLOP/s here). Like `mmjax train`, the
 script adds mmjax's CPU defaults (`mmjax.speed`): XLA flags for mmjax's step, and the glibc malloc tunable for
 the whole process, so open_clip's step runs with it too (MMJAX_XLA_CPU_DEFAULTS=1: neither).
 """
@@ -243,31 +245,36 @@ def main() -> int:
         print(f"{name}: warming up ({args.warmup} steps)", flush=True)
         run(args.warmup)
     times = {name: [] for name in sides}
+    peaks = []
     for r in range(args.rounds):
+        peaks.append(speed.measure_matmul_flops(n=2048, repeats=3))
+        print(f"round {r + 1}/{args.rounds}  f32 matmul peak {peaks[-1] / 1e9:.0f} GFLOP/s", flush=True)
         for name, run in sides.items():
             seconds = run(args.steps)
             times[name].append(seconds)
             print(f"round {r + 1}/{args.rounds}  {name:9s} {args.batch * args.steps / seconds:6.2f} samples/s",
                   flush=True)
     breakdown = {name: fn() for name, fn in part_fns.items()} if args.breakdown else {}
-    peak = speed.measure_matmul_flops(n=2048, repeats=5)
     # FLOPs each side computes: mmjax's last blocks run the pooled token only, open_clip's every token.
     side_flops = {"mmjax": flops, "open_clip": speed.train_flops_per_example(config, pooled_only=False)}
     result = {"batch": args.batch, "threads": args.threads, "flops_per_example": side_flops,
-              "matmul_peak_gflops": peak / 1e9}
+              "matmul_peak_gflops_per_round": [p / 1e9 for p in peaks]}
     for name, ts in times.items():
         sps = args.batch * args.steps / statistics.median(ts)
+        fractions = [args.batch * args.steps / t * side_flops[name] / p for t, p in zip(ts, peaks)]
         result[name] = {"samples_per_second": sps, "gflops": sps * side_flops[name] / 1e9,
-                        "fraction_of_peak": sps * side_flops[name] / peak}
+                        "fraction_of_peak": statistics.median(fractions),
+                        "fraction_of_peak_per_round": fractions}
     if len(times) == 2:
         result["ratio_mmjax_over_open_clip"] = (result["mmjax"]["samples_per_second"]
                                                 / result["open_clip"]["samples_per_second"])
-    print(f"\nf32 matmul peak (measured): {peak / 1e9:.0f} GFLOP/s; model FLOPs per example: "
+    print(f"\nf32 matmul peak per round (measured): {min(peaks) / 1e9:.0f}-{max(peaks) / 1e9:.0f} GFLOP/s, "
+          f"median {statistics.median(peaks) / 1e9:.0f}; model FLOPs per example: "
           + ", ".join(f"{name} {side_flops[name] / 1e9:.1f} GFLOP" for name in times))
     for name in times:
         r = result[name]
         print(f"{name:9s} {r['samples_per_second']:6.2f} samples/s  {r['gflops']:6.0f} GFLOP/s  "
-              f"{100 * r['fraction_of_peak']:4.0f}% of peak")
+              f"{100 * r['fraction_of_peak']:4.0f}% of peak (median over rounds of GFLOP/s / that round's peak)")
     if "ratio_mmjax_over_open_clip" in result:
         print(f"mmjax / open_clip: {result['ratio_mmjax_over_open_clip']:.2f}x")
     if breakdown:
