@@ -39,7 +39,8 @@ def _parse():
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--layers", type=int, default=None,
                    help="depth of both towers on both sides (default: the model's 12); fewer layers keep "
-                        "the per-layer shapes and make quick comparisons cheaper")
+                        "the per-layer shapes and make quick comparisons cheaper. Use >= 2: at 1, mmjax's only "
+                        "block is its pooled-only last block, so the sides no longer do comparable work")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=3, help="timed steps per framework per round")
     p.add_argument("--warmup", type=int, default=2)
