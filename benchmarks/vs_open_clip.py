@@ -14,8 +14,8 @@ medians over rounds. Model FLOPs come from `mmjax.speed.train_flops_per_example`
 computes (mmjax's last blocks compute the pooled token only, open_clip's every token); the matmul peak is a
 float32 matmul measured in the same process (`mmjax.speed.measure_matmul_flops`) at the start of every round,
 and each side's fraction of peak is the median over rounds of its GFLOP/s over that round's peak (a shared
-machine's speed drifts between minutes; one probe at the end read anywhere from 100 to 158 GFLOP/s here). Like `mmjax train`, the
-script adds mmjax's CPU defaults (`mmjax.speed`): XLA flags for mmjax's step, and the glibc malloc tunable for
+machine's speed drifts between minutes: probes here read anywhere from 100 to 174 GFLOP/s). Like `mmjax train`,
+the script adds mmjax's CPU defaults (`mmjax.speed`): XLA flags for mmjax's step, and the glibc malloc tunable for
 the whole process, so open_clip's step runs with it too (MMJAX_XLA_CPU_DEFAULTS=1: neither).
 """
 

@@ -354,7 +354,7 @@ def add_positions(x: jax.Array, pos: jax.Array) -> jax.Array:
 
 
 def _add_positions_fwd(x, pos):
-    return add_positions(x, pos), None
+    return x + pos[None], None
 
 
 def _add_positions_bwd(_, g):
@@ -489,6 +489,7 @@ def pooled_token_features(encoder: 'Encoder', x: jax.Array, mask: jax.Array | No
     Call it from the tower's compact `__call__` (the LayerNorm is created there)."""
     x = encoder(x, mask, query_index=index)[:, 0]
     return constrain(layer_norm(name='ln_final', dtype=dtype, param_dtype=param_dtype)(x), ACT_POOLED)
+
 
 class ScannedBlocksWithQuery(nn.Module):
     """The parameters of `Encoder`'s scanned block stack (this module's variables: every `EncoderBlock`
