@@ -3,6 +3,7 @@
 import functools
 import math
 import os
+import re
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 
@@ -499,3 +500,17 @@ def test_exact_gelu_and_its_gradient_equal_jax_nn_gelu():
     assert gelu_exact(xb).dtype == jnp.bfloat16 and jax.grad(lambda v: gelu_exact(v).sum())(xb).dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(gelu_exact(xb), np.float32), np.asarray(reference(xb), np.float32),
                                rtol=1e-2, atol=1e-2)
+
+
+def test_exact_gelu_backward_recomputes_erf_instead_of_reading_a_saved_copy():
+    """In a compiled MLP forward + backward the backward computes its own erf: the program holds two erf ops.
+    With one (XLA merging the backward's erf into the forward's), the forward writes erf's [B, L, mlp_dim]
+    output out as an extra pass for the backward to read."""
+    from mmjax.models.layers import gelu_exact
+
+    def loss(w_in, b_in, w_out, x):
+        return jnp.sum(gelu_exact(x @ w_in + b_in) @ w_out)
+
+    args = (jnp.ones((16, 64)), jnp.zeros(64), jnp.ones((64, 16)), jnp.ones((128, 16)))
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile().as_text()
+    assert len(re.findall(r'= f32\[[0-9,]*\]\S* erf\(', hlo)) == 2
