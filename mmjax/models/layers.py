@@ -297,8 +297,9 @@ def _gelu_fwd(x):
 
 def _gelu_bwd(x, g):
     # The barrier stops XLA from merging this erf with the forward's: merged, the forward split into an erf pass
-    # whose [B, L, mlp_dim] output was written out for the backward to read, and a product pass (~10 ms per
-    # text MLP forward + backward on the CPU, of 43 ms of elementwise work). Recomputed, each is one pass.
+    # whose [B, L, mlp_dim] output was kept alive for the backward to read, and a product pass. Recomputed, each
+    # direction is one pass, and the 12-layer ViT-B/32 CLIP step's temporaries (f32, batch 32, no remat) fall
+    # from 3.22 to 2.78 GB. (Its CPU step time did not change: those passes ran beside matmuls.)
     x = jax.lax.optimization_barrier(x)
     cdf = 0.5 + 0.5 * jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype))
     pdf = jnp.asarray(_INV_SQRT_2PI, x.dtype) * jnp.exp(-0.5 * x * x)
