@@ -17,6 +17,14 @@ and each side's fraction of peak is the median over rounds of its GFLOP/s over t
 machine's speed drifts between minutes: probes here read anywhere from 100 to 174 GFLOP/s). Like `mmjax train`,
 the script adds mmjax's CPU defaults (`mmjax.speed`): XLA flags for mmjax's step, and the glibc malloc tunable for
 the whole process, so open_clip's step runs with it too (MMJAX_XLA_CPU_DEFAULTS=1: neither).
+
+In every round each side first runs `--settle` untimed steps (default 1). On a virtual machine the first step
+after a few idle seconds is slower than the next ones: XLA:CPU takes a step's temporaries as one block, which
+glibc maps fresh and unmaps when the step ends, and memory left free for seconds is handed back to the
+hypervisor, so touching it again costs host-side faults (measured on a 2-core KVM guest: 8.3 s back to back,
+10.5-11 s after 6-12 s idle, the extra 4-5 s all system time). While open_clip runs its steps, mmjax's
+temporaries sit free for that long, so without the settling step every round would time mmjax's first step
+after such a pause, which training, whose steps run back to back, never sees.
 """
 
 from __future__ import annotations
@@ -44,6 +52,10 @@ def _parse():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=3, help="timed steps per framework per round")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--settle", type=int, default=1,
+                   help="untimed steps before each side's timed steps in every round, so both are timed in the "
+                        "steady state of back-to-back training steps (see the module docstring); 0: time the "
+                        "first step after the other side too")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--only", choices=("mmjax", "open_clip"), default=None, help="run one side only")
     p.add_argument("--override", action="append", default=[],
@@ -251,6 +263,7 @@ def main() -> int:
         peaks.append(speed.measure_matmul_flops(n=2048, repeats=3))
         print(f"round {r + 1}/{args.rounds}  f32 matmul peak {peaks[-1] / 1e9:.0f} GFLOP/s", flush=True)
         for name, run in sides.items():
+            run(args.settle)
             seconds = run(args.steps)
             times[name].append(seconds)
             print(f"round {r + 1}/{args.rounds}  {name:9s} {args.batch * args.steps / seconds:6.2f} samples/s",
@@ -258,7 +271,8 @@ def main() -> int:
     breakdown = {name: fn() for name, fn in part_fns.items()} if args.breakdown else {}
     # FLOPs each side computes: mmjax's last blocks run the pooled token only, open_clip's every token.
     side_flops = {"mmjax": flops, "open_clip": speed.train_flops_per_example(config, pooled_only=False)}
-    result = {"batch": args.batch, "threads": args.threads, "flops_per_example": side_flops,
+    result = {"batch": args.batch, "threads": args.threads, "steps": args.steps, "settle": args.settle,
+              "flops_per_example": side_flops,
               "matmul_peak_gflops_per_round": [p / 1e9 for p in peaks]}
     for name, ts in times.items():
         sps = args.batch * args.steps / statistics.median(ts)
