@@ -64,7 +64,11 @@ def _parse():
                    help="also time the parts of each step: image tower forward, text tower forward, forward + "
                         "backward of the loss, optimizer update (where the time goes)")
     p.add_argument("--json", default=None, help="also write the figures to this file")
-    return p.parse_args()
+    args = p.parse_args()
+    for name, least in (("rounds", 1), ("steps", 1), ("warmup", 0), ("settle", 0)):
+        if getattr(args, name) < least:
+            p.error(f"--{name}={getattr(args, name)} must be at least {least}")
+    return args
 
 
 def mmjax_step(batch: int, overrides, layers: int | None = None):
@@ -102,6 +106,7 @@ def mmjax_step(batch: int, overrides, layers: int | None = None):
 
     def run(n: int) -> float:
         t0 = time.perf_counter()
+        metrics = None  # n may be 0 (--settle 0, --warmup 0)
         with jax.set_mesh(mesh):
             for _ in range(n):
                 holder["state"], metrics = step(holder["state"], device_batch)
