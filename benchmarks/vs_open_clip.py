@@ -92,8 +92,8 @@ def mmjax_step(batch: int, overrides, layers: int | None = None):
     mesh = shd.make_mesh(config.mesh, devices)
     factory = StateFactory(config, mesh)
     state = factory.init(0)
-    step = jax.jit(make_train_step(factory.model, factory.tx, factory.schedule, make_objective(config, mesh)),
-                   donate_argnums=0)
+    step = jax.jit(make_train_step(factory.model, factory.tx, factory.schedule, make_objective(config, mesh),
+                                   trainable=factory.trainable), donate_argnums=0)
     rng = np.random.default_rng(0)
     img = config.model.image
     text = rng.integers(3, 255, size=(batch, config.model.text.max_len)).astype(np.int32)

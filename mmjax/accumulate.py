@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mmjax.optim import stop_frozen_gradients
+
 EMBEDDINGS = "embeddings"
 BATCH = "act_batch"
 
@@ -84,7 +86,7 @@ def merge_micro_batches(x: jax.Array) -> jax.Array:
 
 def accumulated_value_and_grad(model: nn.Module, params: Any, batch: dict[str, jax.Array],
                                contrastive_loss: Callable[[dict], tuple[jax.Array, Any]],
-                               num_micro_batches: int) -> tuple[tuple[jax.Array, Any], Any]:
+                               num_micro_batches: int, trainable: Any = None) -> tuple[tuple[jax.Array, Any], Any]:
     """Loss and parameter gradients of the full batch, computed micro-batch by micro-batch.
 
     Args:
@@ -97,6 +99,8 @@ def accumulated_value_and_grad(model: nn.Module, params: Any, batch: dict[str, j
         ``lambda o: mmjax.losses.contrastive_loss(o, 'softmax')``; it always sees the full-batch outputs.
       num_micro_batches: k; must divide B and the per-device batch B / (data*fsdp). 1 is plain
         ``jax.value_and_grad``.
+      trainable: tree of bools like params, or None (all trainable); frozen parameters are constants to
+        autodiff (``mmjax.optim.stop_frozen_gradients``): zero gradients, and no backward work only they need.
 
     Returns:
       ((loss, aux), grads), equal to ``jax.value_and_grad(lambda p: contrastive_loss(model.apply(p, batch)),
@@ -106,7 +110,7 @@ def accumulated_value_and_grad(model: nn.Module, params: Any, batch: dict[str, j
       ValueError if k does not divide the batch or the per-device batch.
     """
     def forward(p, inputs):
-        return model.apply({"params": p}, inputs, train=True)
+        return model.apply({"params": stop_frozen_gradients(p, trainable)}, inputs, train=True)
 
     k = num_micro_batches
     sizes = {x.shape[0] for x in jax.tree.leaves(batch)}

@@ -204,7 +204,7 @@ def lower_train_step(config, mesh):
     # The step exactly as `mmjax.train.train` jits it.
     step_fn = jax.jit(
         train_lib.make_train_step(factory.model, factory.tx, factory.schedule,
-                                  train_lib.make_objective(config, mesh)),
+                                  train_lib.make_objective(config, mesh), trainable=factory.trainable),
         in_shardings=(factory.shardings, batch_sharding),
         out_shardings=(factory.shardings, shd.replicated(mesh)),
         donate_argnums=0,

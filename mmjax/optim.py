@@ -163,6 +163,35 @@ def _weight_decay(weight_decay: float, wd_rules: Rules) -> optax.GradientTransfo
     return optax.chain(*[optax.add_decayed_weights(weight_decay * m, mask=mask_for(m)) for m in multipliers])
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """``optax.clip_by_global_norm`` that can take the norm from its caller: ``update(..., grad_norm=n)`` clips by
+    ``n`` instead of computing it again. The train step computes the gradients' global norm for its metrics
+    anyway, so with it the norm (a pass over every gradient) runs once per step. ``n`` must be the norm of the
+    updates this transform sees (under freezing: of the trainable ones, see ``stop_frozen_gradients``).
+    """
+
+    def update_fn(updates, state, params=None, *, grad_norm=None, **extra_args):
+        del params, extra_args
+        norm = optax.global_norm(updates) if grad_norm is None else grad_norm
+        keep = norm < max_norm
+        return jax.tree.map(lambda t: jax.lax.select(keep, t, (t / norm.astype(t.dtype)) * max_norm), updates), state
+
+    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
+
+
+def stop_frozen_gradients(params: Any, trainable: Any) -> Any:
+    """``params`` with every leaf whose ``trainable`` entry is False under ``lax.stop_gradient``.
+
+    Apply it inside the differentiated function: autodiff then treats frozen parameters as constants, so their
+    gradients are zeros and the backward work only they need (their weight-gradient matmuls; a frozen tower's
+    whole backward) is never done. ``trainable``: a tree of bools like ``params`` (``mmjax.finetune.trainable_mask``), or None
+    for all trainable (``params`` returned as they are).
+    """
+    if trainable is None:
+        return params
+    return jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
+
+
 def _freeze_labels(params: Any, freeze_rules: Sequence[str]) -> Any:
     rules = [(pattern, _FROZEN) for pattern in freeze_rules] + [('.*', _TRAINABLE)]
     return param_labels(params, rules, 'optim.freeze_rules')
@@ -182,7 +211,8 @@ def build_optimizer(optim_cfg: Any, params: Any, total_steps: int
       total_steps: number of training steps (end of the schedule).
 
     Returns:
-      (optimizer, schedule). ``optimizer.update`` needs ``params`` (weight decay reads them).
+      (optimizer, schedule). ``optimizer.update`` needs ``params`` (weight decay reads them) and takes an optional
+      ``grad_norm=`` (the gradients' global norm, when the caller has it; see ``clip_by_global_norm``).
     """
     wd_rules = tuple(tuple(rule) for rule in _get(optim_cfg, 'wd_rules'))
     freeze_rules = _get(optim_cfg, 'freeze_rules')
@@ -205,7 +235,7 @@ def build_optimizer(optim_cfg: Any, params: Any, total_steps: int
             raise ValueError(f'optim.freeze_rules: {pattern!r} matches no parameter.')
 
     schedule = make_schedule(optim_cfg, total_steps)
-    transforms = [optax.clip_by_global_norm(float(clip_norm))] if clip_norm is not None else []
+    transforms = [clip_by_global_norm(float(clip_norm))] if clip_norm is not None else []
     transforms += [
         optax.scale_by_adam(b1=float(_get(optim_cfg, 'b1')), b2=float(_get(optim_cfg, 'b2')),
                             eps=float(_get(optim_cfg, 'eps'))),

@@ -77,6 +77,7 @@ class StateFactory:
     rules: tuple = dataclasses.field(init=False)
     shardings: Any = dataclasses.field(init=False)
     abstract: Any = dataclasses.field(init=False)
+    trainable: Any = dataclasses.field(init=False)  # tree of bools like the params: False where frozen
 
     def __post_init__(self):
         self.rules = shd.logical_rules(self.config)
@@ -87,8 +88,10 @@ class StateFactory:
         self._init_batch = dummy_batch(self.config, batch_shards * per_shard)
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             abstract_params = jax.eval_shape(self._init_params, jax.random.key(0))
-            self.tx, self.schedule = build_optimizer(finetune.optim_config(self.config),
-                                                     strip_boxes(abstract_params), self.config.train.steps)
+            optim_config = finetune.optim_config(self.config)
+            self.tx, self.schedule = build_optimizer(optim_config, strip_boxes(abstract_params),
+                                                     self.config.train.steps)
+            self.trainable = finetune.trainable_mask(strip_boxes(abstract_params), optim_config["freeze_rules"])
             boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
         self.shardings = shd.tree_shardings(boxed, self.mesh, self.rules)
         self.abstract = jax.tree.map(

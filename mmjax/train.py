@@ -23,6 +23,7 @@ from mmjax import accumulate
 from mmjax import chunked_losses
 from mmjax import finetune
 from mmjax import objectives
+from mmjax import optim
 from mmjax import task_eval
 from mmjax import config as config_lib
 from mmjax import losses
@@ -97,9 +98,10 @@ class GradCacheObjective:
         del step
         return self._loss(model.apply({"params": params}, batch, train=True))
 
-    def value_and_grad(self, model, params, batch, step):
+    def value_and_grad(self, model, params, batch, step, trainable=None):
         del step
-        return accumulate.accumulated_value_and_grad(model, params, batch, self._loss, self.micro_batches)
+        return accumulate.accumulated_value_and_grad(model, params, batch, self._loss, self.micro_batches,
+                                                     trainable=trainable)
 
 
 def make_objective(config, mesh):
@@ -143,28 +145,37 @@ def make_objective(config, mesh):
     return contrastive_objective(make_loss_fn(config.model, mesh))
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule, objective):
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule, objective,
+                    trainable: Any = None):
     """A pure step: (state, global batch) -> (new state, metrics dict of scalars).
 
     objective: (model, params, batch, step) -> (loss, metrics), from `make_objective`. Metrics always hold
     'loss', 'grad_norm', 'lr', 'skipped' plus the task's own ('logit_scale' only when the model has one).
+    trainable: `StateFactory.trainable`, a tree of bools like the params matching the freeze rules `tx` was built
+    with. Frozen parameters then enter the loss under `stop_gradient`: the backward work only they need is not
+    done (a locked tower's whole backward, every frozen kernel's weight gradient), 'grad_norm' is the norm of
+    the trainable gradients, and `tx` clips by that norm instead of computing it again. None (every parameter
+    trainable as far as the step knows): gradients of all parameters are computed and `tx` computes its own
+    clipping norm.
     """
 
     value_and_grad = getattr(objective, "value_and_grad", None)
+    tx = optax.with_extra_args_support(tx)
+    norm_args = (lambda norm: {}) if trainable is None else (lambda norm: {"grad_norm": norm})
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         def loss_fn(params):
-            return objective(model, params, batch, state.step)
+            return objective(model, optim.stop_frozen_gradients(params, trainable), batch, state.step)
 
         if value_and_grad is not None:  # e.g. GradCacheObjective: accumulated over micro-batches
-            (loss, metrics), grads = value_and_grad(model, state.params, batch, state.step)
+            (loss, metrics), grads = value_and_grad(model, state.params, batch, state.step, trainable=trainable)
         else:
             (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.global_norm(grads)  # frozen parameters' gradients are zeros here
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def update(params, opt_state, grads):
-            updates, opt_state = tx.update(grads, opt_state, params)
+            updates, opt_state = tx.update(grads, opt_state, params, **norm_args(grad_norm))
             return optax.apply_updates(params, updates), opt_state
 
         # A non-finite loss or gradient skips the update: params and optimizer state stay as they were. A
@@ -217,7 +228,8 @@ def train(config, workdir: str, devices: Sequence[jax.Device] | None = None,
             json.dump(config_json, f, indent=2)
 
     step_fn = jax.jit(
-        make_train_step(factory.model, factory.tx, factory.schedule, objective=make_objective(config, mesh)),
+        make_train_step(factory.model, factory.tx, factory.schedule, objective=make_objective(config, mesh),
+                        trainable=factory.trainable),
         in_shardings=(factory.shardings, shd.batch_sharding(mesh)),
         out_shardings=(factory.shardings, shd.replicated(mesh)),
         donate_argnums=0,

@@ -244,6 +244,35 @@ def test_frozen_params_do_not_count_in_clip_norm():
     assert float(updates['b'][0]) == 0.0
 
 
+
+def test_clip_takes_the_callers_norm():
+    """The train step passes the gradients' norm it computed for its metrics; clipping by it is clipping by
+    the norm the optimizer would compute, and the norm given is the one used."""
+    params = {'a': jnp.zeros((2,)), 'b': jnp.zeros((1,))}
+    grads = {'a': jnp.asarray([3.0, 4.0]), 'b': jnp.asarray([12.0])}  # global norm 13
+    tx, _ = optim.build_optimizer(_cfg(clip_norm=1.0, eps=1.0, weight_decay=0.0), params, 10)
+    state = tx.init(params)
+    own, _ = tx.update(grads, state, params)
+    given, _ = tx.update(grads, state, params, grad_norm=optax.global_norm(grads))
+    for got, want in zip(jax.tree.leaves(given), jax.tree.leaves(own)):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    # Told 26, clipping scales by 1/26 (not 1/13): Adam's first step g / (|g| + 1) shows it.
+    told, _ = tx.update(grads, state, params, grad_norm=jnp.asarray(26.0))
+    np.testing.assert_allclose(told['b'], -LR * np.asarray([12.0 / 26]) / (12.0 / 26 + 1.0), rtol=1e-5)
+
+
+def test_stop_frozen_gradients_zeroes_exactly_the_frozen_gradients():
+    params = {'a': jnp.asarray([1.0, 2.0]), 'b': jnp.asarray([3.0])}
+
+    def loss(p):
+        p = optim.stop_frozen_gradients(p, {'a': True, 'b': False})
+        return jnp.sum(p['a'] ** 2) * p['b'][0]
+
+    grads = jax.grad(loss)(params)
+    np.testing.assert_allclose(grads['a'], [6.0, 12.0])
+    np.testing.assert_array_equal(grads['b'], [0.0])
+    assert optim.stop_frozen_gradients(params, None) is params
+
 # ----------------------------------------------------------------------------------------------- abstract params
 
 def test_build_from_abstract_boxed_params_and_train():

@@ -41,7 +41,7 @@ def _one_step(config, devices, host_batch=None):
     factory = StateFactory(config, mesh)
     state = factory.init(config.seed)
     step = jax.jit(make_train_step(factory.model, factory.tx, factory.schedule,
-                                   make_objective(config, mesh)),
+                                   make_objective(config, mesh), trainable=factory.trainable),
                    in_shardings=(factory.shardings, shd.batch_sharding(mesh)),
                    out_shardings=(factory.shardings, shd.replicated(mesh)))
     with jax.set_mesh(mesh), nn.logical_axis_rules(factory.rules):

@@ -31,7 +31,8 @@ def test_analytic_flops_match_xla_cost_analysis(pool):
     c = _wider([f"config.model.image.pool={pool}"])
     mesh = shd.make_mesh(c.mesh, jax.devices()[:1])
     factory = StateFactory(c, mesh)
-    step = jax.jit(make_train_step(factory.model, factory.tx, factory.schedule, make_objective(c, mesh)))
+    step = jax.jit(make_train_step(factory.model, factory.tx, factory.schedule, make_objective(c, mesh),
+                                   trainable=factory.trainable))
     batch = {"image": jax.ShapeDtypeStruct((16, 32, 32, 3), np.float32),
              "text": jax.ShapeDtypeStruct((16, 32), np.int32)}
     with jax.set_mesh(mesh):
