@@ -24,6 +24,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import optax
 
 Rules = Sequence[tuple[str, Any]]
@@ -173,8 +174,10 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
     def update_fn(updates, state, params=None, *, grad_norm=None, **extra_args):
         del params, extra_args
         norm = optax.global_norm(updates) if grad_norm is None else grad_norm
-        keep = norm < max_norm
-        return jax.tree.map(lambda t: jax.lax.select(keep, t, (t / norm.astype(t.dtype)) * max_norm), updates), state
+        # One scalar factor (exactly 1 below the threshold): XLA fuses `t * factor` into each consumer, where
+        # optax's per-element `t / norm * max_norm` was written out as a copy of every gradient first.
+        factor = jnp.where(norm < max_norm, jnp.ones_like(norm), max_norm / norm)
+        return jax.tree.map(lambda t: t * factor.astype(t.dtype), updates), state
 
     return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
 
