@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import json
 import math
 import os
 import re
@@ -227,6 +228,38 @@ def conform(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError(problems)
     base.lock()
     return base
+
+
+# Files a workdir's config may name by a path relative to the workdir (`mmjax convert` writes the merges file
+# it extracts as 'bpe_merges.txt'), so a workdir stays loadable after it is moved or copied elsewhere.
+WORKDIR_RELATIVE_PATHS = (("model", "text", "tokenizer_path"),)
+
+
+def load_workdir_config(workdir: str, saved: dict | None = None) -> ml_collections.ConfigDict:
+    """The config of a workdir (`W/config.json`, or `saved`, e.g. the copy in a checkpoint), conformed, with
+    each relative path of `WORKDIR_RELATIVE_PATHS` that names a file inside the workdir made absolute
+    (other relative paths stay relative to the current directory, as when the run was started). Unlocked.
+
+    Raises FileNotFoundError naming the workdir when it has no config.json and `saved` is None.
+    """
+    if saved is None:
+        path = os.path.join(workdir, "config.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{workdir!r} is not an mmjax workdir: no config.json in it")
+        with open(path) as f:
+            saved = json.load(f)
+    config = conform(ml_collections.ConfigDict(saved))
+    config.unlock()
+    for keys in WORKDIR_RELATIVE_PATHS:
+        parent = config
+        for key in keys[:-1]:
+            parent = parent.get(key) if parent is not None else None
+        value = parent.get(keys[-1], "") if parent is not None else ""
+        if value and not os.path.isabs(os.path.expanduser(value)):
+            inside = os.path.join(os.path.abspath(workdir), value)
+            if os.path.isfile(inside):
+                parent[keys[-1]] = inside
+    return config
 
 
 def _merge(dst: ml_collections.ConfigDict, src: dict, prefix: str, problems: list[str]) -> None:

@@ -455,7 +455,8 @@ def convert_open_clip(model_config: str, checkpoint: str, workdir: str, *, text_
     if text_ids == 'clip_bpe':
         write_bpe_merges(source, int((oc.get('text_cfg') or {}).get('vocab_size', 49408)), tokenizer_path)
         config.unlock()
-        config.model.text.tokenizer_path = tokenizer_path
+        # Relative to the workdir (`config.load_workdir_config` resolves it), so the workdir can be moved.
+        config.model.text.tokenizer_path = os.path.basename(tokenizer_path)
         config.lock()
     count = write_workdir(config, params, workdir)
     report = {'params': count, 'tensors': len(sd), 'text_ids': text_ids, 'workdir': workdir}

@@ -23,7 +23,6 @@ parameters matching `init_from.include`) and reports what was loaded, newly init
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 from collections import Counter
@@ -245,14 +244,8 @@ def load_source_params(config, mesh) -> tuple[Any, str]:
     workdir, directory, step = resolve_source(config.init_from.path, config.init_from.step)
     ckpt = Checkpointer(directory, async_save=False, read_only=True)
     try:
-        config_path = os.path.join(workdir, 'config.json')
-        if os.path.exists(config_path):
-            with open(config_path) as f:
-                saved = json.load(f)
-        else:
-            saved = ckpt.restore_config(step)
-        source_config = config_lib.conform(ml_collections.ConfigDict(saved))
-        source_config.unlock()
+        saved = None if os.path.exists(os.path.join(workdir, 'config.json')) else ckpt.restore_config(step)
+        source_config = config_lib.load_workdir_config(workdir, saved)  # unlocked
         source_config.mesh.update({axis: int(size) for axis, size in mesh.shape.items()})
         source_config.init_from.path = ''
         source_config.lock()

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
 
@@ -59,13 +58,8 @@ class LoadedModel:
 
 def load(workdir: str, step: int | None = None, devices=None) -> LoadedModel:
     """Restores the checkpoint at `step` (default: latest) of a training workdir for inference."""
-    config_path = os.path.join(workdir, "config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{workdir!r} is not an mmjax workdir: no config.json in it")
-    with open(config_path) as f:
-        config = config_lib.conform(config_lib.ml_collections.ConfigDict(json.load(f)))
+    config = config_lib.load_workdir_config(workdir)  # unlocked
     devices = list(jax.devices()[:1] if devices is None else devices)
-    config.unlock()
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = len(devices), 1, 1
     config.lock()
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False, read_only=True)

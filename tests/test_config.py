@@ -81,3 +81,24 @@ def test_minus_one_takes_the_rest():
     c = config_lib.apply_overrides(tiny(), ["config.mesh.data=-1", "config.mesh.fsdp=2",
                                             "config.mesh.tensor=2"])
     assert config_lib.resolve_mesh_shape(c.mesh, 8) == (2, 2, 2)
+
+
+def test_workdir_config_finds_files_inside_a_moved_workdir(tmp_path, monkeypatch):
+    """A relative tokenizer path in W/config.json names a file in W (what `mmjax convert` writes): loading
+    resolves it wherever W now is; other relative paths stay relative to the current directory."""
+    import json
+
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "bpe_merges.txt").write_text("#version\n")
+    config = config_lib.base_config()
+    config.unlock()
+    config.model.text.tokenizer_path = "bpe_merges.txt"
+    (moved / "config.json").write_text(json.dumps(config.to_dict()))
+    monkeypatch.chdir(tmp_path)  # not the workdir
+    loaded = config_lib.load_workdir_config("moved")
+    assert loaded.model.text.tokenizer_path == str(moved / "bpe_merges.txt")
+    config.model.text.tokenizer_path = "elsewhere/tok.model"  # not in W: left for the current directory
+    assert config_lib.load_workdir_config("moved", config.to_dict()).model.text.tokenizer_path == "elsewhere/tok.model"
+    with pytest.raises(FileNotFoundError, match="'nowhere' is not an mmjax workdir"):
+        config_lib.load_workdir_config("nowhere")

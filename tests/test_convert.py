@@ -6,6 +6,7 @@ checks at the bottom need neither.
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -148,6 +149,15 @@ def test_clip_bpe_ids_and_strings(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (4, 40, 48, 3), dtype=np.uint8)
     want = _oc_image(torch, ref, loaded.preprocess(images))
     assert np.abs(loaded.encode_image(images) - want).max() <= TOL
+
+    # The workdir names its merges file relative to itself: moved elsewhere, it loads and encodes the same.
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["model"]["text"]["tokenizer_path"] == "bpe_merges.txt"
+    moved = str(tmp_path / "copied" / "converted")
+    shutil.move(workdir, moved)
+    again = mmjax.load(moved)
+    again._encoder.batch_size = len(texts)
+    np.testing.assert_array_equal(again.encode_text(texts), loaded.encode_text(texts))
 
 
 def test_full_clip_vocab_matches_open_clip_tokenizer(tmp_path):
