@@ -4,6 +4,8 @@ For each evaluated step it writes `W/eval/<step>.json` (flat keys: zeroshot/top1
 retrieval/i2t/r1|r5|r10, retrieval/t2i/r1|r5|r10, linear_probe/top1, plus linear_probe/l2), prints a
 table, and writes PNGs to `W/eval/`: `curves.png` (loss and eval metrics vs step),
 `confusion_<step>.png` (zero-shot) and `retrieval_<step>.png` (top-5 images for a few text queries).
+A model with an audio tower also gets zeroshot/audio/top1|top5 on the held-out voices' clips (the same figures
+`mmjax train` logs); without an image tower that is its whole evaluation (zeroshot/top1 is then the audio's).
 
 Read-only on the checkpoints (safe while training is still writing them): the model comes from
 `mmjax.load(W, step)`, i.e. the workdir's own config.json; `--config` (with `--config.KEY=VALUE`
@@ -25,8 +27,8 @@ import numpy as np
 CAPTIONS_PER_IMAGE = 5
 CAPTION_SEED = 0
 NUM_QUERIES = 4
-KEY_ORDER = ("zeroshot/top1", "zeroshot/top5", "retrieval/i2t/r1", "retrieval/i2t/r5", "retrieval/i2t/r10",
-             "retrieval/t2i/r1", "retrieval/t2i/r5", "retrieval/t2i/r10", "linear_probe/top1")
+KEY_ORDER = ("zeroshot/top1", "zeroshot/top5", "zeroshot/audio/top1", "zeroshot/audio/top5", "retrieval/i2t/r1",
+             "retrieval/i2t/r5", "retrieval/i2t/r10", "retrieval/t2i/r1", "retrieval/t2i/r5", "retrieval/t2i/r10", "linear_probe/top1")
 
 
 def _data_config(model_config, cli_config):
@@ -57,15 +59,25 @@ def load_eval_data(cfg) -> dict:
             "retrieval": retrieval}
 
 
-def evaluate_model(model, data: dict, progress: bool = False) -> tuple[dict, dict]:
-    """All evaluators on a `mmjax.load`ed model. Returns (flat metrics, extras for the plots)."""
-    from mmjax import evaluators
+def model_towers(config) -> tuple[str, ...]:
+    """The towers of a workdir's model: `model.towers` for contrastive models, image and text otherwise."""
+    return tuple(config.model.towers) if config.get("task", "contrastive") == "contrastive" else ("image", "text")
+
+
+def evaluate_model(model, data: dict, progress: bool = False, clips: dict | None = None) -> tuple[dict, dict]:
+    """All evaluators on a `mmjax.load`ed model. Returns (flat metrics, extras for the plots).
+
+    Zero-shot for each tower with a test set (`mmjax.audio_eval.zeroshot_by_tower`: images, and the held-out
+    voices' `clips` when the model has an audio tower); retrieval, linear probe and the contact sheet with an
+    image tower. Extras: 'zeroshot_preds' (image predictions or None) and, with images, the contact sheet's."""
+    from mmjax import audio_eval, evaluators
 
     enc, tok = model._encoder, model.tokenizer
-    metrics, extras = {}, {}
-    zs, preds = evaluators.zeroshot(enc, tok, data["test"], data["class_names"], data["templates"], progress)
-    metrics.update(zs)
-    extras["zeroshot_preds"] = preds
+    towers = model_towers(model.config)
+    metrics, extras = audio_eval.zeroshot_by_tower(enc, tok, data, clips, towers, progress)
+    extras = {"zeroshot_preds": extras}
+    if "image" not in towers:
+        return metrics, extras
     rt, (image_emb, _) = evaluators.retrieval(enc, tok, data["retrieval"], progress)
     metrics.update(rt)
     lp, info = evaluators.linear_probe_eval(enc, data["train"], data["test"], progress)
@@ -128,7 +140,7 @@ def run(config, workdir: str, step: int | None = None, all_steps: bool = False, 
 
     eval_dir = os.path.join(workdir, "eval")
     os.makedirs(eval_dir, exist_ok=True)
-    data, results = None, {}
+    data, clips, results = None, None, {}
     for s in steps:
         try:
             model = mmjax.load(workdir, s)
@@ -139,13 +151,18 @@ def run(config, workdir: str, step: int | None = None, all_steps: bool = False, 
             continue
         model._encoder.batch_size = max(1, int(config.eval.batch_size))  # 1 device: no shard rounding
         if data is None:
-            data = load_eval_data(_data_config(model.config, config))
+            data_config = _data_config(model.config, config)
+            data = load_eval_data(data_config)
+            if "audio" in model_towers(model.config):  # the held-out voices' clips
+                from mmjax.data import pipeline, speech_triples
+
+                clips = speech_triples.eval_clips(data_config, pipeline.resolve_data_dir(data_config))
         if progress:
             out(f"mmjax: evaluating checkpoint {s} of {workdir}")
-        metrics, extras = evaluate_model(model, data, progress)
+        metrics, extras = evaluate_model(model, data, progress, clips)
         results[s] = metrics
         _write_json(os.path.join(eval_dir, f"{s}.json"), {"step": s, **metrics})
-        if plots:
+        if plots and extras["zeroshot_preds"] is not None:  # the image plots
             from mmjax import plots as plots_lib
 
             plots_lib.confusion_matrix(data["test"]["label"], extras["zeroshot_preds"], data["class_names"],

@@ -357,19 +357,14 @@ def contrastive_evals(config, factory: StateFactory, params, mesh, cache: dict) 
     tokenizer = get_tokenizer(config.model.text)
     results: dict[str, float] = {}
     towers = tuple(config.model.towers) if config.task == "contrastive" else ("image", "text")
-    if "zeroshot" in chosen and "image" in towers:
-        zeroshot = evaluators.zeroshot(encoder, tokenizer, data["test"], data["class_names"], data["templates"])[0]
-        results.update(zeroshot)
-        if "audio" in towers:  # 3 towers: also under 'zeroshot/image/...' next to 'zeroshot/audio/...'
-            results.update({k.replace("zeroshot/", "zeroshot/image/"): v for k, v in zeroshot.items()})
-    if "zeroshot" in chosen and "audio" in towers:  # held-out voices' clips vs the prompts (primary w/o image)
+    if "zeroshot" in chosen:  # images and/or the held-out voices' clips against the prompts
         from mmjax import audio_eval
-        from mmjax.data import speech_triples
 
-        if "clips" not in cache:
+        if "audio" in towers and "clips" not in cache:
+            from mmjax.data import speech_triples
+
             cache["clips"] = speech_triples.eval_clips(config, pipeline.resolve_data_dir(config))
-        results.update(audio_eval.audio_zeroshot(encoder, tokenizer, cache["clips"], data["class_names"],
-                                                 data["templates"], primary="image" not in towers))
+        results.update(audio_eval.zeroshot_by_tower(encoder, tokenizer, data, cache.get("clips"), towers)[0])
     if "retrieval" in chosen:
         results.update(evaluators.retrieval(encoder, tokenizer, data["retrieval"])[0])
     if "linear_probe" in chosen:
