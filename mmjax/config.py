@@ -186,7 +186,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.finetune = ml_collections.ConfigDict()
     f = c.finetune
     f.mode = "none"  # 'none' | 'linear_probe' | 'full' | 'adapter' | 'prompt' | 'lora' | 'locked_image'
-    f.towers = ("image", "text")  # towers that get adapters / prompts / LoRA
+    f.towers = ("image", "text")  # towers that get adapters / prompts / LoRA (any of model.towers)
     f.adapter_dim = 16  # mode 'adapter': bottleneck width
     f.prompt_len = 8  # mode 'prompt': learned tokens per tower
     f.lora_rank = 4  # mode 'lora': W + (lora_alpha / lora_rank) A B
@@ -755,9 +755,12 @@ def _finetune_problems(config, check_params: bool = True) -> list[str]:
     elif f.mode != "none" and config.task != "contrastive":
         problems.append(f"finetune.mode={f.mode!r} is only supported with task 'contrastive' "
                         f"(got task {config.task!r}); use finetune.mode='none'")
-    bad_towers = [t for t in f.towers if t not in ("image", "text")]
-    if bad_towers or not f.towers:
-        problems.append(f"finetune.towers: {tuple(f.towers)!r}; list one or both of 'image', 'text'")
+    model_towers = tuple(config.model.get("towers", ("image", "text"))) if config.task == "contrastive" \
+        else ("image", "text")
+    bad_towers = [t for t in f.towers if t not in model_towers]
+    if f.mode in ("adapter", "prompt", "lora") and (bad_towers or not f.towers):  # the modes that add modules
+        problems.append(f"finetune.towers: {tuple(f.towers)!r}; list one or more of the model's towers "
+                        f"{model_towers} (model.towers)")
     for key in ("adapter_dim", "prompt_len", "lora_rank"):
         if f[key] <= 0:
             problems.append(f"finetune.{key} must be positive, got {f[key]}")

@@ -2,6 +2,7 @@
 AudioTransformer (shapes, padding mask, config build, 1 device == 8 devices under each mesh layout)."""
 
 import dataclasses
+import functools
 import math
 import os
 import shutil
@@ -228,6 +229,26 @@ def test_padding_is_ignored(tower_and_vars, pool):
         np.testing.assert_allclose(alone_tokens[0], tokens[i, :valid], atol=1e-5)
         assert not np.asarray(tokens[i, valid:]).any()
 
+
+
+@pytest.mark.parametrize('pool', ['cls', 'mean'])
+def test_prompts_are_dropped_from_the_audio_tokens(tower_and_vars, pool):
+    """Prompt tuning on the audio tower: the prompts change what the tower computes, yet its tokens keep their
+    shape (prompts dropped; mean pooling over the patches only) and the pooled-only pass equals the full one."""
+    _, variables, waves, lengths = tower_and_vars
+    plain, prompted = tower(pool=pool), tower(pool=pool, num_prompts=3)
+    tuned = prompted.init(jax.random.key(1), waves, lengths)
+    tokens, pooled = jax.jit(prompted.apply)(tuned, waves, lengths)
+    plain_tokens, plain_pooled = jax.jit(plain.apply)(variables, waves, lengths)
+    assert tuned['params']['prompts'].value.shape == (3, 32)
+    assert tokens.shape == plain_tokens.shape
+    _, pooled_only = jax.jit(functools.partial(prompted.apply, return_tokens=False))(tuned, waves, lengths)
+    np.testing.assert_allclose(pooled_only, pooled, atol=1e-5)
+    if pool == 'cls':
+        np.testing.assert_array_equal(pooled, tokens[:, 0])
+    # Same weights but no prompts: a different result.
+    without = {'params': {k: v for k, v in tuned['params'].items() if k != 'prompts'}}
+    assert np.abs(np.asarray(jax.jit(plain.apply)(without, waves, lengths)[1]) - np.asarray(pooled)).max() > 1e-3
 
 def model_config():
     return ml_collections.ConfigDict(dict(

@@ -254,3 +254,62 @@ def test_three_tower_chunked_loss_equals_plain(reference):
     got = _one_step(_layout((2, 2, 2), ["config.model.loss_impl=chunked", "config.model.loss_chunk_size=2"]),
                     jax.devices())
     _assert_same(got, reference)
+
+
+# ----------------------------------------------------------------------------------------- fine-tuning the audio tower
+
+def _audio_finetune_config(mode, towers=("audio", "text")):
+    return tiny_audio(towers=("audio", "text"), pairs=(("audio", "text", 1.0),), overrides=[
+        "config.mesh.data=1", "config.mesh.fsdp=1", "config.optim.warmup_steps=0", "config.optim.decay=constant",
+        f"config.finetune.mode={mode}", f"config.finetune.towers={tuple(towers)!r}",
+        "config.finetune.adapter_dim=4", "config.finetune.prompt_len=3", "config.finetune.lora_targets=.*"])
+
+
+@pytest.mark.parametrize("mode,trains", [
+    ("adapter", lambda n: "/adapter_attn/" in n or "/adapter_mlp/" in n),
+    ("lora", lambda n: n.endswith("/lora_a") or n.endswith("/lora_b")),
+    ("prompt", lambda n: n.endswith("/prompts"))])
+def test_finetune_modes_reach_the_audio_tower(mode, trains):
+    """finetune.towers may name 'audio': the mode's modules go into the audio tower too, two real steps train
+    exactly them, and adapters / LoRA leave the audio embeddings as they were at init."""
+    from mmjax import finetune
+    from mmjax import sharding as shd
+    from mmjax.optim import param_path
+    from mmjax.state import StateFactory
+    from mmjax.train import make_objective, make_train_step
+
+    config = _audio_finetune_config(mode)
+    config_lib.validate(config, 1, 1)
+    mesh = shd.make_mesh(config.mesh, jax.devices()[:1])
+    factory = StateFactory(config, mesh)
+    state = factory.init(0)
+
+    def flat(tree):
+        return {param_path(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
+
+    before = flat(state.params)
+    expected = {n for n in before if trains(n)}
+    assert any(n.startswith("audio/") for n in expected) and any(n.startswith("text/") for n in expected)
+    batch = _synthetic_batch(config, n=8)
+    if mode != "prompt":  # zero-initialised factors: the tuned audio tower equals the plain one at init
+        base = StateFactory(_audio_finetune_config("none"), mesh)
+        base_params = base.init(0).params
+        params, _ = finetune.merge_params(state.params, base_params)
+        apply = lambda f, p: np.asarray(f.model.apply({"params": p}, "audio", batch["audio"], method="encode"))
+        np.testing.assert_allclose(apply(factory, params), apply(base, base_params), atol=1e-6, rtol=0)
+    step = jax.jit(make_train_step(factory.model, factory.tx, factory.schedule, make_objective(config, mesh),
+                                   trainable=factory.trainable))
+    device_batch = shd.global_batch(batch, mesh)
+    with jax.set_mesh(mesh):
+        for _ in range(2):
+            state, metrics = step(state, device_batch)
+    assert np.isfinite(float(metrics["loss"]))
+    after = flat(state.params)
+    changed = {n for n in before if not np.array_equal(before[n], after[n])}
+    assert changed == expected, (sorted(changed - expected), sorted(expected - changed))
+
+
+def test_finetune_towers_must_be_the_models():
+    with pytest.raises(config_lib.ConfigError, match=r"finetune.towers: \('image',\).*\('audio', 'text'\)"):
+        config_lib.validate(_audio_finetune_config("lora", towers=("image",)), 1, 1)
+    config_lib.validate(_audio_finetune_config("none", towers=("image", "text")), 1, 1)  # no modules: ignored

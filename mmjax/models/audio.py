@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from mmjax.data.audio import LogMel
 from mmjax.models.layers import (ACT_POOLED, ACT_TOKENS, Encoder, add_positions, constrain, dense, layer_norm,
                                  partitioned, pooled_token_features)
+from mmjax.models.encoders import finetune_kwargs, prompt_tokens
 
 Dtype = Any
 
@@ -46,6 +47,9 @@ class AudioTransformer(nn.Module):
     Log-mel dB values are standardised with the fixed `input_mean` / `input_std` (defaults measured on the
     spoken-numbers set, whose real frames have mean -37 dB, std 22 dB, range [-100, 13] dB).
     pool='cls': pooled = CLS token; pool='mean': mean over the valid patch tokens.
+    Fine-tuning fields (off by default; see `mmjax.finetune`), as in `mmjax.models.encoders.ViT`: `num_prompts`
+    P > 0 inserts P learned tokens after the class token (no position embeddings; always attended to, dropped
+    from the returned tokens and from mean pooling); `adapter_dim` / `lora_*` go to every encoder block.
     """
     sample_rate: int
     n_fft: int
@@ -69,6 +73,11 @@ class AudioTransformer(nn.Module):
     activation: str = 'gelu'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    num_prompts: int = 0
+    adapter_dim: int = 0
+    lora_rank: int = 0
+    lora_alpha: float = 1.0
+    lora_targets: str = ''
 
     @property
     def frontend(self) -> LogMel:
@@ -137,14 +146,22 @@ class AudioTransformer(nn.Module):
         pos = self.param('pos_embed', partitioned(nn.initializers.normal(0.02), ('length', 'embed')),
                          (max_tokens, self.width), self.param_dtype)
         x = add_positions(x, constrain(pos[:x.shape[1]].astype(self.dtype), ('act_length', 'act_embed')))
+        valid = jnp.concatenate([jnp.ones((b, 1), bool), token_mask], axis=1)  # [B, 1 + N]
+        p = self.num_prompts
+        attend = valid  # keys the encoder may attend to: [B, 1 + P + N] with prompts
+        if p > 0:
+            x = jnp.concatenate([x[:, :1], prompt_tokens(self, b), x[:, 1:]], axis=1)
+            attend = jnp.concatenate([valid[:, :1], jnp.ones((b, p), bool), valid[:, 1:]], axis=1)
         x = layer_norm(name='ln_pre', **kw)(x)
 
-        valid = jnp.concatenate([jnp.ones((b, 1), bool), token_mask], axis=1)  # [B, 1 + N]
         encoder = Encoder(self.depth, self.num_heads, self.mlp_dim, remat=self.remat, scan=self.scan_layers,
-                          activation=self.activation, name='transformer', **kw)
+                          activation=self.activation, name='transformer', **finetune_kwargs(self), **kw)
         if not return_tokens and self.pool == 'cls':
-            return None, pooled_token_features(encoder, x, valid[:, None, None, :], jnp.zeros((b,), jnp.int32), **kw)
-        x = encoder(x, valid[:, None, None, :])
+            return None, pooled_token_features(encoder, x, attend[:, None, None, :], jnp.zeros((b,), jnp.int32),
+                                               **kw)
+        x = encoder(x, attend[:, None, None, :])
+        if p > 0:
+            x = jnp.concatenate([x[:, :1], x[:, 1 + p:]], axis=1)
         x = layer_norm(name='ln_final', **kw)(x)
         x = constrain(jnp.where(valid[..., None], x, jnp.zeros((), x.dtype)), ACT_TOKENS)
         if self.pool == 'cls':
