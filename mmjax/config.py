@@ -230,6 +230,13 @@ def conform(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return base
 
 
+def model_towers(config) -> tuple[str, ...]:
+    """The towers `config`'s model has: `model.towers` for task 'contrastive', image and text otherwise."""
+    if config.get("task", "contrastive") == "contrastive":
+        return tuple(config.model.get("towers", ("image", "text")))
+    return ("image", "text")
+
+
 # Files a workdir's config may name by a path relative to the workdir (`mmjax convert` writes the merges file
 # it extracts as 'bpe_merges.txt'), so a workdir stays loadable after it is moved or copied elsewhere.
 WORKDIR_RELATIVE_PATHS = (("model", "text", "tokenizer_path"),)
@@ -755,12 +762,11 @@ def _finetune_problems(config, check_params: bool = True) -> list[str]:
     elif f.mode != "none" and config.task != "contrastive":
         problems.append(f"finetune.mode={f.mode!r} is only supported with task 'contrastive' "
                         f"(got task {config.task!r}); use finetune.mode='none'")
-    model_towers = tuple(config.model.get("towers", ("image", "text"))) if config.task == "contrastive" \
-        else ("image", "text")
-    bad_towers = [t for t in f.towers if t not in model_towers]
+    towers = model_towers(config)
+    bad_towers = [t for t in f.towers if t not in towers]
     if f.mode in ("adapter", "prompt", "lora") and (bad_towers or not f.towers):  # the modes that add modules
         problems.append(f"finetune.towers: {tuple(f.towers)!r}; list one or more of the model's towers "
-                        f"{model_towers} (model.towers)")
+                        f"{towers} (model.towers)")
     for key in ("adapter_dim", "prompt_len", "lora_rank"):
         if f[key] <= 0:
             problems.append(f"finetune.{key} must be positive, got {f[key]}")

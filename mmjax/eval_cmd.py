@@ -24,11 +24,14 @@ import sys
 import ml_collections
 import numpy as np
 
+from mmjax import config as config_lib
+
 CAPTIONS_PER_IMAGE = 5
 CAPTION_SEED = 0
 NUM_QUERIES = 4
-KEY_ORDER = ("zeroshot/top1", "zeroshot/top5", "zeroshot/audio/top1", "zeroshot/audio/top5", "retrieval/i2t/r1",
-             "retrieval/i2t/r5", "retrieval/i2t/r10", "retrieval/t2i/r1", "retrieval/t2i/r5", "retrieval/t2i/r10", "linear_probe/top1")
+KEY_ORDER = ("zeroshot/top1", "zeroshot/top5", "zeroshot/audio/top1", "zeroshot/audio/top5",
+             "retrieval/i2t/r1", "retrieval/i2t/r5", "retrieval/i2t/r10",
+             "retrieval/t2i/r1", "retrieval/t2i/r5", "retrieval/t2i/r10", "linear_probe/top1")
 
 
 def _data_config(model_config, cli_config):
@@ -59,11 +62,6 @@ def load_eval_data(cfg) -> dict:
             "retrieval": retrieval}
 
 
-def model_towers(config) -> tuple[str, ...]:
-    """The towers of a workdir's model: `model.towers` for contrastive models, image and text otherwise."""
-    return tuple(config.model.towers) if config.get("task", "contrastive") == "contrastive" else ("image", "text")
-
-
 def evaluate_model(model, data: dict, progress: bool = False, clips: dict | None = None) -> tuple[dict, dict]:
     """All evaluators on a `mmjax.load`ed model. Returns (flat metrics, extras for the plots).
 
@@ -73,9 +71,9 @@ def evaluate_model(model, data: dict, progress: bool = False, clips: dict | None
     from mmjax import audio_eval, evaluators
 
     enc, tok = model._encoder, model.tokenizer
-    towers = model_towers(model.config)
-    metrics, extras = audio_eval.zeroshot_by_tower(enc, tok, data, clips, towers, progress)
-    extras = {"zeroshot_preds": extras}
+    towers = config_lib.model_towers(model.config)
+    metrics, image_preds = audio_eval.zeroshot_by_tower(enc, tok, data, clips, towers, progress)
+    extras = {"zeroshot_preds": image_preds}
     if "image" not in towers:
         return metrics, extras
     rt, (image_emb, _) = evaluators.retrieval(enc, tok, data["retrieval"], progress)
@@ -153,7 +151,7 @@ def run(config, workdir: str, step: int | None = None, all_steps: bool = False, 
         if data is None:
             data_config = _data_config(model.config, config)
             data = load_eval_data(data_config)
-            if "audio" in model_towers(model.config):  # the held-out voices' clips
+            if "audio" in config_lib.model_towers(model.config):  # the held-out voices' clips
                 from mmjax.data import pipeline, speech_triples
 
                 clips = speech_triples.eval_clips(data_config, pipeline.resolve_data_dir(data_config))

@@ -187,8 +187,8 @@ def stop_frozen_gradients(params: Any, trainable: Any) -> Any:
 
     Apply it inside the differentiated function: autodiff then treats frozen parameters as constants, so their
     gradients are zeros and the backward work only they need (their weight-gradient matmuls; a frozen tower's
-    whole backward) is never done. ``trainable``: a tree of bools like ``params`` (``mmjax.finetune.trainable_mask``), or None
-    for all trainable (``params`` returned as they are).
+    whole backward) is never done. ``trainable``: a tree of bools like ``params``
+    (``mmjax.finetune.trainable_mask``), or None for all trainable (``params`` returned as they are).
     """
     if trainable is None:
         return params

@@ -356,7 +356,7 @@ def contrastive_evals(config, factory: StateFactory, params, mesh, cache: dict) 
     encoder = TowerEncoder(factory.model, params, mesh, factory.rules, config.eval.batch_size)
     tokenizer = get_tokenizer(config.model.text)
     results: dict[str, float] = {}
-    towers = tuple(config.model.towers) if config.task == "contrastive" else ("image", "text")
+    towers = config_lib.model_towers(config)
     if "zeroshot" in chosen:  # images and/or the held-out voices' clips against the prompts
         from mmjax import audio_eval
 
