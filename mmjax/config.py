@@ -767,6 +767,9 @@ def _finetune_problems(config, check_params: bool = True) -> list[str]:
     if f.mode in ("adapter", "prompt", "lora") and (bad_towers or not f.towers):  # the modes that add modules
         problems.append(f"finetune.towers: {tuple(f.towers)!r}; list one or more of the model's towers "
                         f"{towers} (model.towers)")
+    if f.mode == "locked_image" and "image" not in towers:
+        problems.append(f"finetune.mode='locked_image' locks the image tower, but the model has none "
+                        f"(model.towers={towers}); freeze a tower with optim.freeze_rules, e.g. ['audio/.*']")
     for key in ("adapter_dim", "prompt_len", "lora_rank"):
         if f[key] <= 0:
             problems.append(f"finetune.{key} must be positive, got {f[key]}")

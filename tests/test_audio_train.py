@@ -313,3 +313,5 @@ def test_finetune_towers_must_be_the_models():
     with pytest.raises(config_lib.ConfigError, match=r"finetune.towers: \('image',\).*\('audio', 'text'\)"):
         config_lib.validate(_audio_finetune_config("lora", towers=("image",)), 1, 1)
     config_lib.validate(_audio_finetune_config("none", towers=("image", "text")), 1, 1)  # no modules: ignored
+    with pytest.raises(config_lib.ConfigError, match="finetune.mode='locked_image' locks the image tower, but"):
+        config_lib.validate(_audio_finetune_config("locked_image"), 1, 1)
