@@ -55,10 +55,10 @@ def audio_zeroshot(encoder: TowerEncoder, tokenizer, clips: dict, class_names, t
     return result
 
 
-def zeroshot_by_tower(encoder: TowerEncoder, tokenizer, data: dict, clips: dict | None, towers,
+def zeroshot_by_tower(encoder: TowerEncoder, tokenizer, data: dict, towers,
                       progress: bool = False) -> tuple[dict[str, float], np.ndarray | None]:
     """Zero-shot of every tower that has a test set: images (`data['test']`) with an image tower, held-out clips
-    (`clips`, `mmjax.data.speech_triples.eval_clips`) with an audio tower, both against `data`'s class prompts.
+    (`data['clips']`) with an audio tower, both against `data`'s class prompts (`mmjax.eval_cmd.load_eval_data`).
     The image figures are 'zeroshot/top1|top5' (also under 'zeroshot/image/' when there is an audio tower too);
     the audio figures 'zeroshot/audio/top1|top5' (also as 'zeroshot/top1|top5' without an image tower).
     Returns (metrics, image predictions [N] or None). What `mmjax train` logs and `mmjax eval` writes."""
@@ -71,8 +71,8 @@ def zeroshot_by_tower(encoder: TowerEncoder, tokenizer, data: dict, clips: dict 
         if 'audio' in towers:
             results.update({k.replace('zeroshot/', 'zeroshot/image/'): v for k, v in zeroshot.items()})
     if 'audio' in towers:
-        if clips is None:
-            raise ValueError('audio zero-shot needs the held-out clips (speech_triples.eval_clips)')
-        results.update(audio_zeroshot(encoder, tokenizer, clips, data['class_names'], data['templates'],
+        if 'clips' not in data:
+            raise ValueError("audio zero-shot needs the held-out clips (data['clips'], from load_eval_data)")
+        results.update(audio_zeroshot(encoder, tokenizer, data['clips'], data['class_names'], data['templates'],
                                       primary='image' not in towers))
     return results, preds

@@ -237,15 +237,11 @@ def model_towers(config) -> tuple[str, ...]:
     return ("image", "text")
 
 
-# Files a workdir's config may name by a path relative to the workdir (`mmjax convert` writes the merges file
-# it extracts as 'bpe_merges.txt'), so a workdir stays loadable after it is moved or copied elsewhere.
-WORKDIR_RELATIVE_PATHS = (("model", "text", "tokenizer_path"),)
-
-
 def load_workdir_config(workdir: str, saved: dict | None = None) -> ml_collections.ConfigDict:
-    """The config of a workdir (`W/config.json`, or `saved`, e.g. the copy in a checkpoint), conformed, with
-    each relative path of `WORKDIR_RELATIVE_PATHS` that names a file inside the workdir made absolute
-    (other relative paths stay relative to the current directory, as when the run was started). Unlocked.
+    """The config of a workdir (`W/config.json`, or `saved`, e.g. the copy in a checkpoint), conformed, with a
+    relative `model.text.tokenizer_path` that names a file inside the workdir made absolute (`mmjax convert`
+    writes its merges file as 'bpe_merges.txt', so a workdir stays loadable after it is moved); other relative
+    paths stay relative to the current directory, as when the run was started. Unlocked.
 
     Raises FileNotFoundError naming the workdir when it has no config.json and `saved` is None.
     """
@@ -257,15 +253,10 @@ def load_workdir_config(workdir: str, saved: dict | None = None) -> ml_collectio
             saved = json.load(f)
     config = conform(ml_collections.ConfigDict(saved))
     config.unlock()
-    for keys in WORKDIR_RELATIVE_PATHS:
-        parent = config
-        for key in keys[:-1]:
-            parent = parent.get(key) if parent is not None else None
-        value = parent.get(keys[-1], "") if parent is not None else ""
-        if value and not os.path.isabs(os.path.expanduser(value)):
-            inside = os.path.join(os.path.abspath(workdir), value)
-            if os.path.isfile(inside):
-                parent[keys[-1]] = inside
+    path = config.model.text.tokenizer_path
+    inside = os.path.join(os.path.abspath(workdir), path)
+    if path and not os.path.isabs(os.path.expanduser(path)) and os.path.isfile(inside):
+        config.model.text.tokenizer_path = inside
     return config
 
 

@@ -42,7 +42,8 @@ def _data_config(model_config, cli_config):
 
 
 def load_eval_data(cfg) -> dict:
-    """Everything the evaluators need, preprocessed for the model in `cfg`."""
+    """Everything the evaluators need, preprocessed for the model in `cfg`; with an audio tower also 'clips',
+    the held-out voices' clips (`mmjax.data.speech_triples.eval_clips`)."""
     from mmjax.data import pipeline
     from mmjax import evaluators
 
@@ -58,21 +59,26 @@ def load_eval_data(cfg) -> dict:
         owners = np.repeat(np.arange(len(test["label"])), CAPTIONS_PER_IMAGE)
     retrieval = {"image": test["image"], "captions": captions, "text_image": owners,
                  "image_group": test["label"]}
-    return {"test": test, "train": train, "class_names": class_names, "templates": templates,
+    data = {"test": test, "train": train, "class_names": class_names, "templates": templates,
             "retrieval": retrieval}
+    if "audio" in config_lib.model_towers(cfg):
+        from mmjax.data import speech_triples
+
+        data["clips"] = speech_triples.eval_clips(cfg, pipeline.resolve_data_dir(cfg))
+    return data
 
 
-def evaluate_model(model, data: dict, progress: bool = False, clips: dict | None = None) -> tuple[dict, dict]:
+def evaluate_model(model, data: dict, progress: bool = False) -> tuple[dict, dict]:
     """All evaluators on a `mmjax.load`ed model. Returns (flat metrics, extras for the plots).
 
     Zero-shot for each tower with a test set (`mmjax.audio_eval.zeroshot_by_tower`: images, and the held-out
-    voices' `clips` when the model has an audio tower); retrieval, linear probe and the contact sheet with an
+    voices' clips when the model has an audio tower); retrieval, linear probe and the contact sheet with an
     image tower. Extras: 'zeroshot_preds' (image predictions or None) and, with images, the contact sheet's."""
     from mmjax import audio_eval, evaluators
 
     enc, tok = model._encoder, model.tokenizer
     towers = config_lib.model_towers(model.config)
-    metrics, image_preds = audio_eval.zeroshot_by_tower(enc, tok, data, clips, towers, progress)
+    metrics, image_preds = audio_eval.zeroshot_by_tower(enc, tok, data, towers, progress)
     extras = {"zeroshot_preds": image_preds}
     if "image" not in towers:
         return metrics, extras
@@ -138,7 +144,7 @@ def run(config, workdir: str, step: int | None = None, all_steps: bool = False, 
 
     eval_dir = os.path.join(workdir, "eval")
     os.makedirs(eval_dir, exist_ok=True)
-    data, clips, results = None, None, {}
+    data, results = None, {}
     for s in steps:
         try:
             model = mmjax.load(workdir, s)
@@ -149,15 +155,10 @@ def run(config, workdir: str, step: int | None = None, all_steps: bool = False, 
             continue
         model._encoder.batch_size = max(1, int(config.eval.batch_size))  # 1 device: no shard rounding
         if data is None:
-            data_config = _data_config(model.config, config)
-            data = load_eval_data(data_config)
-            if "audio" in config_lib.model_towers(model.config):  # the held-out voices' clips
-                from mmjax.data import pipeline, speech_triples
-
-                clips = speech_triples.eval_clips(data_config, pipeline.resolve_data_dir(data_config))
+            data = load_eval_data(_data_config(model.config, config))
         if progress:
             out(f"mmjax: evaluating checkpoint {s} of {workdir}")
-        metrics, extras = evaluate_model(model, data, progress, clips)
+        metrics, extras = evaluate_model(model, data, progress)
         results[s] = metrics
         _write_json(os.path.join(eval_dir, f"{s}.json"), {"step": s, **metrics})
         if plots and extras["zeroshot_preds"] is not None:  # the image plots

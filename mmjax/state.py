@@ -18,6 +18,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from mmjax import config as config_lib
 from mmjax import finetune
 from mmjax import sharding as shd
 from mmjax.models import build_fusion_classifier, build_itm_mlm_model, build_model
@@ -42,8 +43,7 @@ def dummy_batch(config, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
                                       jnp.float32),
         "text": jax.ShapeDtypeStruct((batch_size, txt.max_len), jnp.int32),
     }
-    towers = tuple(config.model.get("towers", ("image", "text")))
-    if config.get("task", "contrastive") == "contrastive" and "audio" in towers:  # waveforms [B, T]
+    if "audio" in config_lib.model_towers(config):  # waveforms [B, T]
         audio = config.model.audio
         shapes["audio"] = jax.ShapeDtypeStruct((batch_size, audio.max_frames * audio.hop - 1), jnp.float32)
     return shapes
@@ -88,10 +88,9 @@ class StateFactory:
         self._init_batch = dummy_batch(self.config, batch_shards * per_shard)
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             abstract_params = jax.eval_shape(self._init_params, jax.random.key(0))
-            optim_config = finetune.optim_config(self.config)
-            self.tx, self.schedule = build_optimizer(optim_config, strip_boxes(abstract_params),
-                                                     self.config.train.steps)
-            self.trainable = finetune.trainable_mask(strip_boxes(abstract_params), optim_config["freeze_rules"])
+            optim_config, plain_params = finetune.optim_config(self.config), strip_boxes(abstract_params)
+            self.tx, self.schedule = build_optimizer(optim_config, plain_params, self.config.train.steps)
+            self.trainable = finetune.trainable_mask(plain_params, optim_config["freeze_rules"])
             boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
         self.shardings = shd.tree_shardings(boxed, self.mesh, self.rules)
         self.abstract = jax.tree.map(

@@ -360,11 +360,7 @@ def contrastive_evals(config, factory: StateFactory, params, mesh, cache: dict) 
     if "zeroshot" in chosen:  # images and/or the held-out voices' clips against the prompts
         from mmjax import audio_eval
 
-        if "audio" in towers and "clips" not in cache:
-            from mmjax.data import speech_triples
-
-            cache["clips"] = speech_triples.eval_clips(config, pipeline.resolve_data_dir(config))
-        results.update(audio_eval.zeroshot_by_tower(encoder, tokenizer, data, cache.get("clips"), towers)[0])
+        results.update(audio_eval.zeroshot_by_tower(encoder, tokenizer, data, towers)[0])
     if "retrieval" in chosen:
         results.update(evaluators.retrieval(encoder, tokenizer, data["retrieval"])[0])
     if "linear_probe" in chosen:
