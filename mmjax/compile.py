@@ -198,17 +198,9 @@ def lower_train_step(config, mesh):
     batch_sharding = shd.batch_sharding(mesh)
     b = config.train.batch_size
     shapes = dict(dummy_batch(config, b), label=jax.ShapeDtypeStruct((b,), jnp.int32))
-    inputs = train_lib.TASK_INPUTS.get(config.task, train_lib.MODEL_INPUTS)
     batch = {k: jax.ShapeDtypeStruct(shapes[k].shape, shapes[k].dtype, sharding=batch_sharding)
-             for k in inputs}
-    # The step exactly as `mmjax.train.train` jits it.
-    step_fn = jax.jit(
-        train_lib.make_train_step(factory.model, factory.tx, factory.schedule,
-                                  train_lib.make_objective(config, mesh), trainable=factory.trainable),
-        in_shardings=(factory.shardings, batch_sharding),
-        out_shardings=(factory.shardings, shd.replicated(mesh)),
-        donate_argnums=0,
-    )
+             for k in train_lib.step_inputs(config)}
+    step_fn = train_lib.jit_train_step(config, factory, mesh)  # the step exactly as training jits it
     with jax.set_mesh(mesh), nn.logical_axis_rules(factory.rules):
         lowered = step_fn.lower(factory.abstract, batch)
     return lowered, factory

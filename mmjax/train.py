@@ -42,10 +42,16 @@ from mmjax.state import StateFactory, TrainState
 # Block on a step's result at least this often: bounds the work queued ahead of the host (and the
 # collectives in flight, which deadlock multi-process CPU runs past ~30).
 MAX_STEPS_IN_FLIGHT = 8
-MODEL_INPUTS = ("image", "text")
-# config.task -> the batch keys the step reads.
-TASK_INPUTS = {"contrastive": MODEL_INPUTS, "classification": ("image", "text", "label"),
-               "itm_mlm": MODEL_INPUTS}
+# config.task -> the batch keys the step reads (a contrastive step reads its towers' inputs instead).
+TASK_INPUTS = {"classification": ("image", "text", "label"), "itm_mlm": ("image", "text")}
+
+
+def step_inputs(config) -> tuple[str, ...]:
+    """The batch keys `config`'s train step reads: the contrastive towers' inputs ('image', 'text', 'audio'),
+    or `TASK_INPUTS` of the other tasks. Batches keep only these (the loader may carry more)."""
+    if config.task == "contrastive":
+        return tuple(config.model.towers)
+    return TASK_INPUTS[config.task]
 
 
 def make_loss_fn(model_cfg, mesh):
@@ -190,6 +196,19 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     return train_step
 
 
+def jit_train_step(config, factory: StateFactory, mesh):
+    """`config`'s train step jitted as every run uses it (`train`, `mmjax compile`, `mmjax bench`): (state,
+    global batch) -> (new state, metrics); the state sharded as `factory.shardings`, the batch over the batch
+    axes, the metrics replicated, and the input state donated (its buffers become the new state's)."""
+    return jax.jit(
+        make_train_step(factory.model, factory.tx, factory.schedule, objective=make_objective(config, mesh),
+                        trainable=factory.trainable),
+        in_shardings=(factory.shardings, shd.batch_sharding(mesh)),
+        out_shardings=(factory.shardings, shd.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
 def config_to_json(config) -> dict:
     return json.loads(config.to_json_best_effort())
 
@@ -227,13 +246,7 @@ def train(config, workdir: str, devices: Sequence[jax.Device] | None = None,
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(config_json, f, indent=2)
 
-    step_fn = jax.jit(
-        make_train_step(factory.model, factory.tx, factory.schedule, objective=make_objective(config, mesh),
-                        trainable=factory.trainable),
-        in_shardings=(factory.shardings, shd.batch_sharding(mesh)),
-        out_shardings=(factory.shardings, shd.replicated(mesh)),
-        donate_argnums=0,
-    )
+    step_fn = jit_train_step(config, factory, mesh)
     total = config.train.steps
     end = total if stop_at_step is None else min(stop_at_step, total)
     start = int(jax.device_get(state.step))
@@ -248,9 +261,7 @@ def train(config, workdir: str, devices: Sequence[jax.Device] | None = None,
     pending: list[tuple[int, Any]] = []  # (step, device metrics) not yet read on the host
     wait_time, timing_start = 0.0, None  # input_wait_fraction = wait_time / wall time since compiling
     step = start
-    inputs = TASK_INPUTS[config.task]
-    if config.task == "contrastive":  # the towers' inputs ('audio': {'waveform', 'length'}); absent ones unpaired
-        inputs = tuple(config.model.towers)
+    inputs = step_inputs(config)  # absent ones unpaired ('audio': {'waveform', 'length'})
     try:
         with PreemptionGuard(log=warn) as guard, jax.set_mesh(mesh), \
                 nn.logical_axis_rules(factory.rules):

@@ -70,13 +70,13 @@ def test_out_of_memory_message_parsed():
     assert r["bytes_per_chip"] == int(34.5 * 2 ** 30) and r["flops_per_chip"] is None
 
 
-def _compile(tmp_path, *overrides):
+def _compile(tmp_path, *overrides, config=DEMO):
     out = tmp_path / "report.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + sys.path))
     env.pop("XLA_FLAGS", None)  # the host needs no fake CPU devices; mmjax compile asks for its own
     env.pop("JAX_PLATFORMS", None)  # mmjax compile picks the CPU host itself
     proc = subprocess.run(
-        [sys.executable, "-m", "mmjax", "compile", "--config", DEMO, "--topology", "v5e-8",
+        [sys.executable, "-m", "mmjax", "compile", "--config", config, "--topology", "v5e-8",
          "--json", str(out), *SMALL, *overrides],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     report = json.loads(out.read_text()) if out.exists() else None
@@ -103,6 +103,15 @@ def test_demo_compiles_for_v5e_8(tmp_path):
     assert r["xla_counts_scan_body_once"] is False
     assert 0.9 < r["flops_per_step"] / r["model_flops_per_step"] < 2.0
     assert r["model_flops_per_chip"] == pytest.approx(r["model_flops_per_step"] / 8)
+
+
+@needs_libtpu
+def test_audio_text_config_compiles_with_its_audio_input(tmp_path):
+    # The step's inputs are the towers' (audio, text), as in training; the image of the image-text configs
+    # would leave the audio-text pair without its audio.
+    proc, r = _compile(tmp_path, config=os.path.join(ROOT, "configs", "audio_text.py"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert r["fits"] is True and r["flops_per_step"] > r["model_flops_per_step"] > 0
 
 
 @needs_libtpu
