@@ -6,8 +6,8 @@ Run (needs the optional extra: pip install -e '.[openclip]' -c .ci/constraints.t
 
 Both steps are the whole training step: forward of both towers, symmetric InfoNCE with learned
 temperature, backward, global-norm clipping at 1.0 and AdamW (lr 5e-4, wd 0.2, betas 0.9/0.98, eps 1e-6).
-mmjax runs `mmjax.train.make_train_step` on configs/clip_vit_b32.py (f32, no remat, unscanned, one
-device = all cores); open_clip runs `open_clip.create_model('ViT-B-32')` (random init) with
+mmjax runs the step of `mmjax bench` (`mmjax.bench.StepTimer`: built as `mmjax train` builds it) on
+configs/clip_vit_b32.py (f32, no remat, unscanned, one device = all cores); open_clip runs `open_clip.create_model('ViT-B-32')` (random init) with
 `open_clip.loss.ClipLoss` and `torch.optim.AdamW`, `torch.set_num_threads(<cores>)`. Each round times
 `--steps` steps of mmjax, then of open_clip (after warm-up steps that are not timed); the figures are the
 medians over rounds. Model FLOPs come from `mmjax.speed.train_flops_per_example`, for each side what it
@@ -72,14 +72,13 @@ def _parse():
 
 
 def mmjax_step(batch: int, overrides, layers: int | None = None):
-    """(run(n) -> seconds for n steps, config) for mmjax's train step on one CPU device."""
+    """(run(n) -> seconds for n steps, config, parts) for mmjax's train step on one CPU device: the step of
+    `mmjax bench` (`mmjax.bench.StepTimer`, built as `mmjax train` builds it) on a fixed synthetic batch."""
     import jax
-    import numpy as np
 
+    from mmjax import bench
     from mmjax import config as config_lib
-    from mmjax import sharding as shd
-    from mmjax.state import StateFactory
-    from mmjax.train import make_objective, make_train_step
+    from mmjax.train import make_objective
 
     config = config_lib.load_config_file(os.path.join(ROOT, "configs", "clip_vit_b32.py"))
     config = config_lib.apply_overrides(config, [
@@ -88,36 +87,14 @@ def mmjax_step(batch: int, overrides, layers: int | None = None):
         "config.optim.warmup_steps=10",
         *([f"config.model.image.depth={layers}", f"config.model.text.depth={layers}"] if layers else []),
         *overrides])
-    devices = jax.devices()[:1]
-    mesh = shd.make_mesh(config.mesh, devices)
-    factory = StateFactory(config, mesh)
-    state = factory.init(0)
-    step = jax.jit(make_train_step(factory.model, factory.tx, factory.schedule, make_objective(config, mesh),
-                                   trainable=factory.trainable), donate_argnums=0)
-    rng = np.random.default_rng(0)
-    img = config.model.image
-    text = rng.integers(3, 255, size=(batch, config.model.text.max_len)).astype(np.int32)
-    for i, n in enumerate(rng.integers(8, config.model.text.max_len, size=batch)):
-        text[i, 0], text[i, n - 1], text[i, n:] = 1, 2, 0
-    host = {"image": rng.normal(size=(batch, img.image_size, img.image_size, 3)).astype(np.float32), "text": text}
-    with jax.set_mesh(mesh):
-        device_batch = shd.global_batch(host, mesh)
-    holder = {"state": state}
-
-    def run(n: int) -> float:
-        t0 = time.perf_counter()
-        metrics = None  # n may be 0 (--settle 0, --warmup 0)
-        with jax.set_mesh(mesh):
-            for _ in range(n):
-                holder["state"], metrics = step(holder["state"], device_batch)
-            jax.block_until_ready(metrics)
-        return time.perf_counter() - t0
+    timer = bench.StepTimer(config, jax.devices()[:1])
+    factory, mesh, device_batch = timer.factory, timer.mesh, timer.batch
 
     def parts():
         """{part: seconds for one call}: forward of each tower, loss forward + backward, optimizer update."""
         import optax
 
-        params = holder["state"].params
+        params = timer.state.params
         model = factory.model
         fns = {
             "image forward": jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_image")),
@@ -140,12 +117,12 @@ def mmjax_step(batch: int, overrides, layers: int | None = None):
                 u, s = factory.tx.update(g, s, p)
                 return optax.apply_updates(p, u), s
 
-            opt_state = holder["state"].opt_state
+            opt_state = timer.state.opt_state
             jax.block_until_ready(update(params, grads, opt_state))
             out["optimizer update"] = _best(lambda: jax.block_until_ready(update(params, grads, opt_state)))
         return out
 
-    return run, config, parts
+    return timer.run, config, parts
 
 
 def _best(fn, repeats: int = 2) -> float:

@@ -1,4 +1,5 @@
-"""`mmjax train --config C --workdir W [--config.KEY=VALUE ...]` (also `python -m mmjax`)."""
+"""`mmjax train --config C --workdir W [--config.KEY=VALUE ...]` (also `python -m mmjax`); also eval, bench,
+compile and convert (`mmjax --help`)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--topology", required=True, help="v4-N, v5p-N (N TensorCores), v5e-N, v6e-N (N chips)")
     c.add_argument("--num-slices", type=int, default=1, help="slices joined over DCN (mesh.data spans them)")
     c.add_argument("--json", default=None, help="also write the report as JSON to this file")
+    b = sub.add_parser("bench", help="time the train step on this host's devices with a synthetic batch: "
+                                     "samples/s, TFLOP/s per device, MFU, memory",
+                       epilog="Any config key can be overridden: --config.train.batch_size=256. A multi-process "
+                              "run joins as `mmjax train` does (MMJAX_* variables, TPU VMs, SLURM).")
+    b.add_argument("--config", required=True, help="a configs/*.py file (optionally file.py:arg)")
+    b.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
+    b.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+    b.add_argument("--json", default=None, help="also write the report as JSON to this file")
     e = sub.add_parser("eval", help="evaluate checkpoints of a workdir (zero-shot, retrieval, linear "
                                     "probe) into W/eval/<step>.json and PNGs")
     e.add_argument("--config", required=True, help="a configs/*.py file: data settings, eval.batch_size")
@@ -93,10 +102,10 @@ def _convert(args) -> int:
 def run() -> int:
     """Entry point of the `mmjax` command (and `python -m mmjax`): `main` on sys.argv.
 
-    For train and eval on a CPU it first re-executes the process with glibc's transparent huge pages for large
+    For train, eval and bench on a CPU it first re-executes the process with glibc's transparent huge pages for large
     blocks (`mmjax.speed.cpu_malloc_tunables`; MMJAX_XLA_CPU_DEFAULTS=1 turns that off).
     """
-    if sys.argv[1:2] in (["train"], ["eval"]):
+    if sys.argv[1:2] in (["train"], ["eval"], ["bench"]):
         from mmjax import speed
 
         speed.reexec_with_cpu_malloc_tunables()
@@ -114,11 +123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mmjax import distributed
     from mmjax import speed
 
-    if args.command in ("train", "eval"):
+    if args.command in ("train", "eval", "bench"):
         defaults = list(speed.tune_cpu_xla_flags())  # before JAX creates its CPU backend
         if speed.CPU_MALLOC_TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":"):
             defaults.append(f"GLIBC_TUNABLES={speed.CPU_MALLOC_TUNABLE}")  # in effect (`run` sets it)
-        if defaults and not args.quiet:
+        if defaults and not getattr(args, "quiet", False):
             print(f"mmjax: CPU speed defaults (MMJAX_XLA_CPU_DEFAULTS=1 turns them off): {' '.join(defaults)}")
     from mmjax.checkpoint import CheckpointMismatchError, CheckpointWriteError
     from mmjax.health import NonFiniteError
@@ -132,6 +141,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from mmjax.train import train
 
             train(config, args.workdir, stop_at_step=args.stop_at_step, verbose=not args.quiet)
+        elif args.command == "bench":
+            distributed.initialize()
+            from mmjax import bench
+
+            return bench.run(config, args.steps, args.warmup, args.json)
         elif args.command == "compile":
             from mmjax import compile as compile_lib
 

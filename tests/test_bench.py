@@ -1,0 +1,121 @@
+"""`mmjax bench`: the train step timed on a synthetic batch reports figures that agree with each other and
+with XLA, runs the step training runs, and refuses a bad config before compiling."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from mmjax import bench
+from mmjax import config as config_lib
+from mmjax.state import dummy_batch
+
+from subprocess_env import ROOT, mmjax_env
+from test_config import TINY, tiny
+
+
+def test_synthetic_batch_has_the_step_inputs_shapes_and_valid_values():
+    c = config_lib.apply_overrides(tiny(), ["config.model.towers=('image','text','audio')",
+                                            "config.model.pairs=(('image','text',1.0),('audio','text',1.0))",
+                                            "config.data.name=digits_speech"])
+    batch = bench.synthetic_batch(c, 8, seed=1)
+    shapes = dummy_batch(c, 8)
+    assert sorted(batch) == ["audio", "image", "text"]
+    for key, value in batch.items():
+        assert value.shape == shapes[key].shape and value.dtype == shapes[key].dtype, key
+    ids = batch["text"]
+    lengths = (ids != 0).sum(axis=1)
+    assert lengths.min() >= 2 and lengths.max() <= ids.shape[1]
+    # real tokens first, padding after: each row is nonzero exactly on its first `length` positions
+    assert ((ids != 0) == (np.arange(ids.shape[1])[None] < lengths[:, None])).all()
+    assert ids.max() < c.model.text.vocab_size
+    assert not np.array_equal(batch["image"], bench.synthetic_batch(c, 8, seed=2)["image"])
+
+    fusion = config_lib.load_config_file(os.path.join(ROOT, "configs", "fusion_classifier.py"))
+    labels = bench.synthetic_batch(fusion, 16)["label"]
+    assert labels.shape == (16,) and 0 <= labels.min() and labels.max() < fusion.model.fusion.num_classes
+
+
+def test_report_figures_agree_with_each_other_and_with_xla():
+    c = config_lib.apply_overrides(tiny(), ["config.mesh.data=2", "config.train.batch_size=8"])
+    lines = []
+    r = bench.measure(c, steps=3, warmup=1, devices=jax.devices()[:2], log=lines.append)
+    assert r["devices"] == 2 and r["mesh"]["data"] == 2 and r["global_batch"] == 8
+    assert len(r["step_seconds"]) == 3 and r["median_step_seconds"] == sorted(r["step_seconds"])[1]
+    assert r["samples_per_second"] == pytest.approx(8 / r["median_step_seconds"])
+    assert r["tflops_per_device"] * 1e12 == pytest.approx(
+        r["model_flops_per_example"] * r["samples_per_second"] / 2)
+    assert r["mfu"] == pytest.approx(r["tflops_per_device"] * 1e12 / r["peak_flops_per_device"])
+    # the analytic count of the step's work per device agrees with what XLA compiled (unscanned model)
+    assert abs(r["xla_flops_per_device"] / r["model_flops_per_device"] - 1) < 0.15, r
+    assert r["memory_bytes_per_device"]["temp"] > 0 and r["memory_bytes_per_device"]["argument"] > 0
+    # real training steps ran: 4 steps on the one fixed batch take InfoNCE below chance, log(8)
+    assert 0 < r["loss"] < np.log(8)
+    assert "compiled in" in lines[0] and "mesh {'data': 2" in lines[0]
+    text = bench.format_report(r)
+    assert "samples/s" in text and "MFU" in text and "temporaries" in text
+
+
+def test_step_timer_advances_the_state_like_training():
+    c = config_lib.apply_overrides(tiny(), ["config.mesh.data=1", "config.train.batch_size=4"])
+    timer = bench.StepTimer(c, jax.devices()[:1])
+    first = jax.device_get(timer.state.params)
+    assert timer.run(0) >= 0 and int(timer.state.step) == 0
+    timer.run(2)
+    assert int(timer.state.step) == 2 and np.isfinite(timer.metrics["loss"])
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(np.asarray(a) - b).max(),
+                                         jax.device_get(timer.state.params), first))
+    assert max(moved) > 0
+
+
+def test_bad_counts_are_refused_by_name():
+    with pytest.raises(ValueError, match="--steps"):
+        bench.measure(tiny(), steps=0, warmup=1)
+
+
+def _bench(tmp_path, *args):
+    return subprocess.run([sys.executable, "-m", "mmjax", "bench", "--config", TINY, *args],
+                          cwd=tmp_path, env=mmjax_env(devices=2), capture_output=True, text=True, timeout=600)
+
+
+def test_cli_prints_and_writes_the_report(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = _bench(tmp_path, "--steps", "2", "--warmup", "1", "--json", str(out),
+                  "--config.train.batch_size=8", "--config.mesh.data=2")
+    assert proc.returncode == 0, proc.stderr
+    assert "samples/s" in proc.stdout and "MFU" in proc.stdout
+    r = json.loads(out.read_text())
+    assert r["devices"] == 2 and r["global_batch"] == 8 and r["samples_per_second"] > 0
+    assert r["mfu"] is not None and 0 < r["mfu"]
+
+
+def test_cli_refuses_a_batch_the_mesh_cannot_split_before_compiling(tmp_path):
+    proc = _bench(tmp_path, "--config.train.batch_size=7", "--config.mesh.data=2")
+    assert proc.returncode == 2
+    assert "train.batch_size=7" in proc.stderr and "compiled" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_vs_open_clip_times_both_sides_and_reports_consistent_figures(tmp_path):
+    if importlib.util.find_spec("open_clip") is None:  # not imported here: the script readies torchvision first
+        pytest.skip("the open_clip side needs pip install -e '.[openclip]'")
+    out = tmp_path / "vs.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "vs_open_clip.py"), "--layers", "2", "--batch", "4",
+         "--rounds", "2", "--steps", "1", "--warmup", "1", "--json", str(out)],
+        cwd=tmp_path, env=mmjax_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = json.loads(out.read_text())
+    assert r["ratio_mmjax_over_open_clip"] == pytest.approx(
+        r["mmjax"]["samples_per_second"] / r["open_clip"]["samples_per_second"])
+    for side in ("mmjax", "open_clip"):
+        fractions = r[side]["fraction_of_peak_per_round"]
+        assert len(fractions) == 2 and all(0 < f < 2 for f in fractions)
+    # mmjax's pooled-only last blocks compute less than open_clip's full ones
+    assert r["flops_per_example"]["mmjax"] < r["flops_per_example"]["open_clip"]
+    assert "mmjax / open_clip:" in proc.stdout
