@@ -25,31 +25,36 @@ from typing import Any, Callable
 import numpy as np
 
 
-def synthetic_batch(config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+def synthetic_batch(config, batch_size: int, seed: int = 0, start: int = 0) -> dict[str, np.ndarray]:
     """Random host inputs of `config`'s train step (`train.step_inputs`), shaped as `state.dummy_batch`:
     'image' float32 [B, H, W, C] ~ N(0, 1); 'text' int32 [B, L], ids in [3, vocab) over a random length in
-    [2, L] and pad (0) after it; 'audio' float32 [B, T] ~ N(0, 0.1); 'label' int32 [B] in [0, classes)."""
+    [2, L] and pad (0) after it; 'audio' float32 [B, T] ~ N(0, 0.1); 'label' int32 [B] in [0, classes).
+
+    Examples start..start+B-1 of one endless synthetic data set: example i is drawn from its own generator
+    (seed, i), so a process that builds only its slice of a global batch gets the same rows as one process
+    building it all."""
     from mmjax.state import dummy_batch
     from mmjax.train import step_inputs
 
-    rng = np.random.default_rng(seed)
-    shapes = dummy_batch(config, batch_size)
-    batch: dict[str, np.ndarray] = {}
-    for key in step_inputs(config):
-        if key == "image":
-            batch[key] = rng.normal(size=shapes[key].shape).astype(np.float32)
-        elif key == "text":
-            length = shapes[key].shape[1]
-            ids = rng.integers(3, config.model.text.vocab_size, size=shapes[key].shape)
-            ids[np.arange(length)[None, :] >= rng.integers(2, length + 1, size=(batch_size, 1))] = 0
-            batch[key] = ids.astype(np.int32)
-        elif key == "audio":
-            batch[key] = (0.1 * rng.normal(size=shapes[key].shape)).astype(np.float32)
-        elif key == "label":
-            batch[key] = rng.integers(0, config.model.fusion.num_classes, size=batch_size).astype(np.int32)
-        else:
-            raise ValueError(f"mmjax bench: no synthetic input for the step's batch key {key!r}")
-    return batch
+    shapes = {k: v.shape[1:] for k, v in dummy_batch(config, 1).items()}
+    rows = {key: [] for key in step_inputs(config)}
+    for index in range(start, start + batch_size):
+        rng = np.random.default_rng((seed, index))
+        for key, column in rows.items():
+            if key == "image":
+                column.append(rng.normal(size=shapes[key]).astype(np.float32))
+            elif key == "text":
+                (length,) = shapes[key]
+                ids = rng.integers(3, config.model.text.vocab_size, size=length).astype(np.int32)
+                ids[rng.integers(2, length + 1):] = 0
+                column.append(ids)
+            elif key == "audio":
+                column.append((0.1 * rng.normal(size=shapes[key])).astype(np.float32))
+            elif key == "label":
+                column.append(np.int32(rng.integers(0, config.model.fusion.num_classes)))
+            else:
+                raise ValueError(f"mmjax bench: no synthetic input for the step's batch key {key!r}")
+    return {key: np.stack(column) for key, column in rows.items()}
 
 
 class StepTimer:
@@ -73,8 +78,8 @@ class StepTimer:
         self.mesh = shd.make_mesh(config.mesh, self.devices)
         self.factory = StateFactory(config, self.mesh)
         self.state = self.factory.init(config.seed)
-        per_process = config.train.batch_size // jax.process_count()
-        host = synthetic_batch(config, per_process, seed + jax.process_index())
+        per_process = config.train.batch_size // jax.process_count()  # this process's rows of the global batch
+        host = synthetic_batch(config, per_process, seed, start=jax.process_index() * per_process)
         with jax.set_mesh(self.mesh):
             self.batch = shd.global_batch(host, self.mesh)
         import flax.linen as nn
@@ -153,14 +158,14 @@ def measure(config, steps: int, warmup: int, devices=None, log: Callable[[str], 
         loss=float(timer.metrics["loss"]) if "loss" in timer.metrics else None,
         memory_bytes_per_device=_memory(timer.compiled),
     )
-    stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
-    if stats and "peak_bytes_in_use" in stats:
-        report["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+    if peaks and None not in peaks:  # GPUs and TPUs count it; the CPU does not
+        report["device_peak_bytes"] = max(int(p) for p in peaks)
     return report
 
 
 def format_report(r: dict[str, Any]) -> str:
-    gib = lambda b: f"{b / 2 ** 30:.2f} GiB"  # noqa: E731
+    gib = lambda b: f"{b / 2 ** 30:.2f} GiB" if b >= 2 ** 30 else f"{b / 2 ** 20:.1f} MiB"  # noqa: E731
     mem = r["memory_bytes_per_device"]
     spread = f"{min(r['step_seconds']):.3f}-{max(r['step_seconds']):.3f}"
     mfu = "unknown (no peak for this device kind)" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %"
@@ -174,7 +179,8 @@ def format_report(r: dict[str, Any]) -> str:
         + ("; XLA counts each scanned layer stack as ONE layer" if r["xla_counts_scan_body_once"] else ""),
         f"  memory per device (XLA): arguments {gib(mem['argument'])}, outputs {gib(mem['output'])}, temporaries "
         f"{gib(mem['temp'])}, aliased {gib(mem['alias'])}"
-        + (f"; device peak {gib(r['device_peak_bytes'])}" if "device_peak_bytes" in r else ""),
+        + (f"; device peak {gib(r['device_peak_bytes'])} (the most of this host's devices)"
+           if "device_peak_bytes" in r else ""),
     ]
     return "\n".join(lines)
 

@@ -35,6 +35,10 @@ def test_synthetic_batch_has_the_step_inputs_shapes_and_valid_values():
     assert ((ids != 0) == (np.arange(ids.shape[1])[None] < lengths[:, None])).all()
     assert ids.max() < c.model.text.vocab_size
     assert not np.array_equal(batch["image"], bench.synthetic_batch(c, 8, seed=2)["image"])
+    # a process building only its rows of the global batch gets the same rows as one process building it all
+    second_half = bench.synthetic_batch(c, 4, seed=1, start=4)
+    for key, value in second_half.items():
+        np.testing.assert_array_equal(value, batch[key][4:])
 
     fusion = config_lib.load_config_file(os.path.join(ROOT, "configs", "fusion_classifier.py"))
     labels = bench.synthetic_batch(fusion, 16)["label"]
@@ -98,6 +102,24 @@ def test_cli_refuses_a_batch_the_mesh_cannot_split_before_compiling(tmp_path):
     proc = _bench(tmp_path, "--config.train.batch_size=7", "--config.mesh.data=2")
     assert proc.returncode == 2
     assert "train.batch_size=7" in proc.stderr and "compiled" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_two_processes_bench_the_same_global_step_as_one(tmp_path):
+    args = ["--steps", "1", "--warmup", "1", "--config.train.batch_size=8", "--config.mesh.data=-1"]
+    one = _bench(tmp_path, *args, "--json", str(tmp_path / "one.json"))
+    assert one.returncode == 0, one.stderr
+    env = mmjax_env(MMJAX_LOG_DIR=str(tmp_path / "logs"))  # local.sh gives each process 1 device
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # each process compiles for itself (see test_multiprocess)
+    two = subprocess.run(["bash", "launch/local.sh", "2", "1", sys.executable, "-m", "mmjax", "bench", "--config",
+                          TINY, *args, "--json", str(tmp_path / "two.json")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert a["devices"] == b["devices"] == 2 and (a["processes"], b["processes"]) == (1, 2)
+    # the same global batch and step: the loss after 2 steps agrees
+    assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+    assert b["samples_per_second"] > 0 and "samples/s" in two.stdout
 
 
 @pytest.mark.slow
