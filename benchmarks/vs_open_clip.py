@@ -4,19 +4,19 @@ Run (needs the optional extra: pip install -e '.[openclip]' -c .ci/constraints.t
     python benchmarks/vs_open_clip.py                       # ViT-B-32, batch 32, f32, all cores
     python benchmarks/vs_open_clip.py --rounds 5 --steps 4 --json out.json
 
-Both steps are the whole training step: forward of both towers, symmetric InfoNCE with learned
-temperature, backward, global-norm clipping at 1.0 and AdamW (lr 5e-4, wd 0.2, betas 0.9/0.98, eps 1e-6).
-mmjax runs the step of `mmjax bench` (`mmjax.bench.StepTimer`: built as `mmjax train` builds it) on
-configs/clip_vit_b32.py (f32, no remat, unscanned, one device = all cores); open_clip runs `open_clip.create_model('ViT-B-32')` (random init) with
-`open_clip.loss.ClipLoss` and `torch.optim.AdamW`, `torch.set_num_threads(<cores>)`. Each round times
-`--steps` steps of mmjax, then of open_clip (after warm-up steps that are not timed); the figures are the
-medians over rounds. Model FLOPs come from `mmjax.speed.train_flops_per_example`, for each side what it
-computes (mmjax's last blocks compute the pooled token only, open_clip's every token); the matmul peak is a
+Both steps are the whole training step: forward of both towers, symmetric InfoNCE with learned temperature,
+backward, global-norm clipping at 1.0 and AdamW (lr 5e-4, wd 0.2, betas 0.9/0.98, eps 1e-6). mmjax runs the
+step of `mmjax bench` (`mmjax.bench.StepTimer`: built as `mmjax train` builds it) on configs/clip_vit_b32.py
+(f32, no remat, unscanned, one device = all cores); open_clip runs `open_clip.create_model('ViT-B-32')`
+(random init) with `open_clip.loss.ClipLoss` and `torch.optim.AdamW`, `torch.set_num_threads(<cores>)`. Each
+round times `--steps` steps of mmjax, then of open_clip (after warm-up steps that are not timed); the figures
+are the medians over rounds. Model FLOPs come from `mmjax.speed.train_flops_per_example`, for each side what
+it computes (mmjax's last blocks compute the pooled token only, open_clip's every token); the matmul peak is a
 float32 matmul measured in the same process (`mmjax.speed.measure_matmul_flops`) at the start of every round,
 and each side's fraction of peak is the median over rounds of its GFLOP/s over that round's peak (a shared
-machine's speed drifts between minutes: probes here read anywhere from 100 to 174 GFLOP/s). Like `mmjax train`,
-the script adds mmjax's CPU defaults (`mmjax.speed`): XLA flags for mmjax's step, and the glibc malloc tunable for
-the whole process, so open_clip's step runs with it too (MMJAX_XLA_CPU_DEFAULTS=1: neither).
+machine's speed drifts between minutes: probes here read anywhere from 100 to 174 GFLOP/s). Like `mmjax
+train`, the script adds mmjax's CPU defaults (`mmjax.speed`): XLA flags for mmjax's step, and the glibc malloc
+tunable for the whole process, so open_clip's step runs with it too (MMJAX_XLA_CPU_DEFAULTS=1: neither).
 
 In every round each side first runs `--settle` untimed steps (default 1). On a virtual machine the first step
 after a few idle seconds is slower than the next ones: XLA:CPU takes a step's temporaries as one block, which

@@ -65,6 +65,7 @@ class StepTimer:
     """
 
     def __init__(self, config, devices=None, seed: int = 0):
+        import flax.linen as nn
         import jax
 
         from mmjax import config as config_lib
@@ -82,8 +83,6 @@ class StepTimer:
         host = synthetic_batch(config, per_process, seed, start=jax.process_index() * per_process)
         with jax.set_mesh(self.mesh):
             self.batch = shd.global_batch(host, self.mesh)
-        import flax.linen as nn
-
         t0 = time.perf_counter()
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.factory.rules):
             self.compiled = jit_train_step(config, self.factory, self.mesh).lower(self.state, self.batch).compile()
@@ -91,14 +90,19 @@ class StepTimer:
         self.metrics: dict[str, Any] = {}
 
     def run(self, n: int) -> float:
-        """Runs n steps back to back; wall seconds until the last one has finished (0 steps: 0)."""
+        """Runs n steps back to back; wall seconds until the last one has finished (0 steps: 0). Like training,
+        it waits for a step at least every `train.MAX_STEPS_IN_FLIGHT` steps."""
         import jax
+
+        from mmjax.train import MAX_STEPS_IN_FLIGHT
 
         t0 = time.perf_counter()
         metrics = None
         with jax.set_mesh(self.mesh):
-            for _ in range(n):
+            for i in range(n):
                 self.state, metrics = self.compiled(self.state, self.batch)
+                if (i + 1) % MAX_STEPS_IN_FLIGHT == 0:
+                    jax.block_until_ready(metrics)
             jax.block_until_ready(metrics)
         if metrics is not None:
             self.metrics = jax.device_get(metrics)
