@@ -108,7 +108,7 @@ def _matmul(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
 
     The reshapes are free (row-major bitcasts), and the 2-D form keeps XLA's gradient matmuls free of layout
     copies: contracting a [B, L, K] activation over (B, L) for the kernel gradient made XLA transpose the
-    activation or the gradient first (a copy of each per projection, 7 % of a 2-layer CPU step; README, Speed).
+    activation or the gradient first (a copy of each per projection, 7 % of a 2-layer CPU step; benchmarks/README.md).
     """
     lead, k_in, out = x.shape[:x.ndim - n_in], kernel.shape[:n_in], kernel.shape[n_in:]
     y = jnp.dot(x.reshape(math.prod(lead), math.prod(k_in)), kernel.reshape(math.prod(k_in), math.prod(out)))
