@@ -75,7 +75,6 @@ class StepTimer:
 
         self.devices = list(jax.devices() if devices is None else devices)
         config_lib.validate(config, len(self.devices), jax.process_count())
-        self.config = config
         self.mesh = shd.make_mesh(config.mesh, self.devices)
         self.factory = StateFactory(config, self.mesh)
         self.state = self.factory.init(config.seed)
@@ -113,17 +112,10 @@ class StepTimer:
         return [self.run(1) for _ in range(n)]
 
 
-def _memory(compiled) -> dict[str, int]:
-    mem = compiled.memory_analysis()
-    return {name: int(getattr(mem, f"{name}_size_in_bytes", 0) or 0)
-            for name in ("argument", "output", "temp", "alias", "generated_code")}
-
-
 def _xla_flops(compiled) -> float | None:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
-        cost = cost[0] if cost else {}
-    flops = (cost or {}).get("flops")
+    from mmjax.compile import cost_analysis
+
+    flops = cost_analysis(compiled).get("flops")
     return None if flops is None or flops < 0 else float(flops)
 
 
@@ -131,6 +123,7 @@ def measure(config, steps: int, warmup: int, devices=None, log: Callable[[str], 
     """Builds, compiles and times `config`'s train step; returns the report (see the module docstring)."""
     import jax
 
+    from mmjax.compile import memory_bytes
     from mmjax.speed import SpeedMeter
 
     if steps < 1 or warmup < 0:
@@ -160,7 +153,7 @@ def measure(config, steps: int, warmup: int, devices=None, log: Callable[[str], 
         xla_flops_per_device=xla_flops, model_flops_per_device=analytic_per_device,
         xla_counts_scan_body_once=bool(config.model.scan_layers),
         loss=float(timer.metrics["loss"]) if "loss" in timer.metrics else None,
-        memory_bytes_per_device=_memory(timer.compiled),
+        memory_bytes_per_device=memory_bytes(timer.compiled),
     )
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
     if peaks and None not in peaks:  # GPUs and TPUs count it; the CPU does not

@@ -214,24 +214,31 @@ def model_flops_per_step(config) -> float:
     return float(speed.train_flops_per_example(config) * config.train.batch_size)
 
 
-def _cost(compiled) -> dict[str, Any]:
+def cost_analysis(compiled) -> dict[str, Any]:
+    """XLA's cost analysis of a compiled program as one dict ('flops', 'bytes accessed', ...); per device for an
+    SPMD program."""
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
         cost = cost[0] if cost else {}
     return dict(cost or {})
 
 
+def memory_bytes(compiled) -> dict[str, int]:
+    """XLA's memory analysis of a compiled program, per device: {'argument', 'output', 'temp', 'alias', 'code'}
+    bytes."""
+    mem = compiled.memory_analysis()
+    return dict(argument=int(mem.argument_size_in_bytes), output=int(mem.output_size_in_bytes),
+                temp=int(mem.temp_size_in_bytes), alias=int(mem.alias_size_in_bytes),
+                code=int(getattr(mem, "generated_code_size_in_bytes", 0)))
+
+
 def analyse(compiled, topo: Topology, num_devices: int) -> dict[str, Any]:
     """Per-chip memory, FLOPs and the HBM verdict of a compiled SPMD step (figures are per device;
     v4/v5p megacore and v5e/v6e both have one device per chip)."""
-    mem = compiled.memory_analysis()
-    args = int(mem.argument_size_in_bytes)
-    outs = int(mem.output_size_in_bytes)
-    temps = int(mem.temp_size_in_bytes)
-    alias = int(mem.alias_size_in_bytes)
-    code = int(getattr(mem, "generated_code_size_in_bytes", 0))
+    mem = memory_bytes(compiled)
+    args, outs, temps, alias, code = (mem[k] for k in ("argument", "output", "temp", "alias", "code"))
     per_chip = args + outs - alias + temps + code
-    flops_chip = float(_cost(compiled).get("flops", float("nan")))
+    flops_chip = float(cost_analysis(compiled).get("flops", float("nan")))
     hbm = topo.generation.hbm_bytes
     return dict(
         argument_bytes=args, output_bytes=outs, temp_bytes=temps, alias_bytes=alias,
