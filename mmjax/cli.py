@@ -86,6 +86,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_command(argv: Sequence[str]):
+    """Parses an `mmjax ...` command line (without the leading `mmjax`) as the real command would, and loads its
+    config with the `--config.KEY=VALUE` overrides applied, without running anything or validating against
+    devices. Returns (argparse.Namespace, ConfigDict or None for commands without --config). Raises SystemExit
+    (argparse) on bad flags and ConfigError on a bad config or override."""
+    rest, overrides = _split_overrides(argv)
+    args = _parser().parse_args(rest)
+    if not getattr(args, "config", None):
+        return args, None
+    from mmjax import config as config_lib
+
+    config = config_lib.load_config_file(args.config)
+    return args, config_lib.apply_overrides(config, overrides)
+
+
 def _convert(args) -> int:
     from mmjax.convert import ConversionError, convert_open_clip
     from mmjax.torch_files import UnsafeCheckpointError
