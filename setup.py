@@ -5,7 +5,7 @@ from setuptools import find_packages, setup
 setup(
     name="mmjax",
     version="0.1.0",
-    description="Sharded multimodal (image/text/audio) contrastive pretraining in JAX/Flax",
+    description="Sharded multimodal (image/text/audio) pretraining in JAX/Flax",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mmjax", "mmjax.*"]),
@@ -31,8 +31,10 @@ setup(
     ],
     extras_require={
         # librosa: reference for the JAX log-mel; sentencepiece/tokenizers: the file tokenizers; pytest-xdist: the
-        # suite runs in 2 processes (pytest.ini), since XLA compiles on one core
-        "test": ["pytest>=8", "pytest-xdist>=3", "librosa>=0.10", "sentencepiece>=0.2", "tokenizers>=0.19"],
+        # suite runs in 2 processes (pytest.ini), since XLA compiles on one core; import-linter and ruff: the
+        # layering contracts (.importlinter) and lint rules (ruff.toml) that tests/test_layout.py runs
+        "test": ["pytest>=8", "pytest-xdist>=3", "librosa>=0.10", "sentencepiece>=0.2", "tokenizers>=0.19",
+                 "import-linter>=2.1", "ruff>=0.6"],
         "text": ["sentencepiece>=0.2", "tokenizers>=0.19"],
         "tpu": ["libtpu==0.0.42.*"],  # for `mmjax compile` (AOT for TPU topologies); pinned by jax 0.10.2
         # `mmjax convert open_clip` reads weights without torch; this extra is its test reference. Install with

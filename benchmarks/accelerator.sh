@@ -8,7 +8,7 @@
 #
 # `wheels` fetches cp312 manylinux wheels (pass PYTHON_VERSION=3.11 etc. for another Python) of the packages
 # below and their dependencies that such an image lacks, ~11 MB, and builds the one sdist-only package
-# (promise) into a wheel. `run` times the real B/16 shape (configs/clip_vit_b16.py: bf16 compute, f32 master
+# (promise) into a wheel. `run` times the real B/16 shape (configs/clip.py:B/16: bf16 compute, f32 master
 # params, scanned layers) at two settings, each `mmjax bench` writing OUT_DIR/<name>.json:
 #   b16_noremat: no rematerialisation, batch $NOREMAT_BATCH (default 256): the MFU of the step itself;
 #   b16_dots:    remat='dots' (the config's default), batch $DOTS_BATCH (default 1024): MFU counts the
@@ -49,7 +49,7 @@ case "${1:-}" in
     fi
     export PYTHONUNBUFFERED=1
     python3 -c 'import jax; print("jax", jax.__version__, jax.devices())'
-    config=${CONFIG:-configs/clip_vit_b16.py}
+    config=${CONFIG:-configs/clip.py:B/16}
     python3 -m mmjax bench --config "$config" --steps "${STEPS:-20}" --warmup 3 --json "$out/b16_noremat.json" \
       --config.model.remat=none --config.train.batch_size="${NOREMAT_BATCH:-256}" "$@"
     python3 -m mmjax bench --config "$config" --steps "${STEPS:-20}" --warmup 3 --json "$out/b16_dots.json" \

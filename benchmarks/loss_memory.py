@@ -55,8 +55,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
-from mmjax import chunked_losses, losses  # noqa: E402
-from mmjax.sharding import batch_sharding, make_mesh  # noqa: E402
+from mmjax.losses import chunked as chunked_losses  # noqa: E402
+from mmjax.losses import contrastive as losses
+from mmjax.runtime.sharding import batch_sharding, make_mesh  # noqa: E402
 
 SCALARS = {'softmax': (10.0,), 'sigmoid': (10.0, -10.0)}
 
@@ -151,7 +152,7 @@ def main():
                 print(f'{kind:8} {impl:8} {batch:>9} {n:>4} {_fmt(r["temp"])} {_fmt(r["args"])} {_fmt(r["out"])} '
                       f'{_fmt(r["total"])} {r["temp"] / (4.0 * batch * batch):12.2e}', flush=True)
 
-    print(f'\n# measured: RSS added by executing the step once on 1 device (VmHWM - RSS before the run)')
+    print('\n# measured: RSS added by executing the step once on 1 device (VmHWM - RSS before the run)')
     print(f'{"kind":8} {"impl":8} {"B":>9} {"added RSS":>14} {"compiled temp+out":>18} {"run s":>8}')
     for kind in KINDS:
         for batch in execute:

@@ -102,7 +102,7 @@ def final_params(workdir: str):
 
     import mmjax
 
-    return jax.device_get(mmjax.load(workdir)._encoder.params)
+    return jax.device_get(mmjax.load(workdir).encoder.params)
 
 
 def params_identical(a, b) -> bool:

@@ -6,16 +6,16 @@ Run (needs the optional extra: pip install -e '.[openclip]' -c .ci/constraints.t
 
 Both steps are the whole training step: forward of both towers, symmetric InfoNCE with learned temperature,
 backward, global-norm clipping at 1.0 and AdamW (lr 5e-4, wd 0.2, betas 0.9/0.98, eps 1e-6). mmjax runs the
-step of `mmjax bench` (`mmjax.bench.StepTimer`: built as `mmjax train` builds it) on configs/clip_vit_b32.py
+step of `mmjax bench` (`mmjax.commands.bench.StepTimer`: built as `mmjax train` builds it) on configs/clip_vit_b32.py
 (f32, no remat, unscanned, one device = all cores); open_clip runs `open_clip.create_model('ViT-B-32')`
 (random init) with `open_clip.loss.ClipLoss` and `torch.optim.AdamW`, `torch.set_num_threads(<cores>)`. Each
 round times `--steps` steps of mmjax, then of open_clip (after warm-up steps that are not timed); the figures
-are the medians over rounds. Model FLOPs come from `mmjax.speed.train_flops_per_example`, for each side what
+are the medians over rounds. Model FLOPs come from `mmjax.runtime.flops.train_flops_per_example`, for each side what
 it computes (mmjax's last blocks compute the pooled token only, open_clip's every token); the matmul peak is a
-float32 matmul measured in the same process (`mmjax.speed.measure_matmul_flops`) at the start of every round,
+float32 matmul measured in the same process (`mmjax.runtime.flops.measure_matmul_flops`) at the start of every round,
 and each side's fraction of peak is the median over rounds of its GFLOP/s over that round's peak (a shared
 machine's speed drifts between minutes: probes here read anywhere from 100 to 174 GFLOP/s). Like `mmjax
-train`, the script adds mmjax's CPU defaults (`mmjax.speed`): XLA flags for mmjax's step, and the glibc malloc
+train`, the script adds mmjax's CPU defaults (`mmjax.runtime.flops`): XLA flags for mmjax's step, and the glibc malloc
 tunable for the whole process, so open_clip's step runs with it too (MMJAX_XLA_CPU_DEFAULTS=1: neither).
 
 In every round each side first runs `--settle` untimed steps (default 1). On a virtual machine the first step
@@ -73,12 +73,12 @@ def _parse():
 
 def mmjax_step(batch: int, overrides, layers: int | None = None):
     """(run(n) -> seconds for n steps, config, parts) for mmjax's train step on one CPU device: the step of
-    `mmjax bench` (`mmjax.bench.StepTimer`, built as `mmjax train` builds it) on a fixed synthetic batch."""
+    `mmjax bench` (`mmjax.commands.bench.StepTimer`, built as `mmjax train` builds it) on a fixed synthetic batch."""
     import jax
 
-    from mmjax import bench
     from mmjax import config as config_lib
-    from mmjax.train import make_objective
+    from mmjax.commands import bench
+    from mmjax.tasks import make_objective
 
     config = config_lib.load_config_file(os.path.join(ROOT, "configs", "clip_vit_b32.py"))
     config = config_lib.apply_overrides(config, [
@@ -107,7 +107,7 @@ def mmjax_step(batch: int, overrides, layers: int | None = None):
         with jax.set_mesh(mesh):
             for name, fn in fns.items():
                 jax.block_until_ready(fn(params, args[name]))
-                out[name] = _best(lambda: jax.block_until_ready(fn(params, args[name])))
+                out[name] = _best(lambda fn=fn, name=name: jax.block_until_ready(fn(params, args[name])))
             jax.block_until_ready(grad_fn(params, device_batch))
             out["loss forward+backward"] = _best(lambda: jax.block_until_ready(grad_fn(params, device_batch)))
             _, grads = grad_fn(params, device_batch)
@@ -207,12 +207,13 @@ def open_clip_step(name: str, batch: int, threads: int, layers: int | None = Non
 def main() -> int:
     args = _parse()
     os.environ["JAX_PLATFORMS"] = "cpu"
-    from mmjax import speed
+    from mmjax.runtime import cpu  # after argparse: `--help` stays fast
+    from mmjax.runtime import flops as speed
 
     # What `mmjax train` runs with (MMJAX_XLA_CPU_DEFAULTS=1: without). The malloc tunable applies to the whole
     # process, so open_clip's step runs with it too and the comparison stays like for like.
-    speed.reexec_with_cpu_malloc_tunables()
-    added = speed.tune_cpu_xla_flags()
+    cpu.reexec_with_cpu_malloc_tunables()
+    added = cpu.tune_cpu_xla_flags()
     print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '')!r}" + (" (mmjax's CPU defaults added)" if added else ""))
     print(f"GLIBC_TUNABLES: {os.environ.get('GLIBC_TUNABLES', '')!r} (both sides)")
     import jax
@@ -224,7 +225,7 @@ def main() -> int:
         run, config, mmjax_parts = mmjax_step(args.batch, args.override, args.layers)
         sides["mmjax"] = run
         part_fns = {"mmjax": mmjax_parts}
-        flops = speed.train_flops_per_example(config)
+        flops = speed.train_flops_per_example(config, pooled_only=True)
     else:
         from mmjax import config as config_lib
 
@@ -232,7 +233,7 @@ def main() -> int:
         if args.layers:
             config = config_lib.apply_overrides(config, [f"config.model.image.depth={args.layers}",
                                                          f"config.model.text.depth={args.layers}"])
-        flops = speed.train_flops_per_example(config)
+        flops = speed.train_flops_per_example(config, pooled_only=True)
     if args.only in (None, "open_clip"):
         sides["open_clip"], part_fns["open_clip"] = open_clip_step(args.model, args.batch, args.threads,
                                                                    args.layers)

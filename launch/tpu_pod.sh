@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs mmjax on every host of a Cloud TPU VM slice (or several slices): one process per host, all
 # started by `gcloud compute tpus tpu-vm ssh --worker=all`. jax.distributed finds the slice's hosts
-# by itself on TPU VMs (mmjax.distributed.initialize), so no coordinator flags are needed.
+# by itself on TPU VMs (mmjax.runtime.distributed.initialize), so no coordinator flags are needed.
 #
 #   launch/tpu_pod.sh setup  TPU_NAME ZONE [REPO_URL]      # install mmjax[tpu] on every host
 #   launch/tpu_pod.sh run    TPU_NAME ZONE COMMAND...      # e.g. mmjax train --config ... --workdir gs://...
@@ -52,7 +52,7 @@ python3 -c 'import jax; print(jax.process_index(), jax.device_count(), jax.devic
     pids=()
     slice_id=0
     for name in $(slice_names); do
-      # TPU_WORKER_HOSTNAMES tells mmjax.distributed.initialize that the slice has several hosts;
+      # TPU_WORKER_HOSTNAMES tells mmjax.runtime.distributed.initialize that the slice has several hosts;
       # jax.distributed.initialize() then discovers them itself.
       hosts=$(worker_ips "$name")
       env_vars="export TPU_WORKER_HOSTNAMES=$hosts"

@@ -1,3 +1,5 @@
+"""`python -m mmjax ...`: the `mmjax` command."""
+
 import sys
 
 from mmjax.cli import run

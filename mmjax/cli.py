@@ -1,33 +1,25 @@
 """`mmjax train --config C --workdir W [--config.KEY=VALUE ...]` (also `python -m mmjax`); also eval, bench,
-compile and convert (`mmjax --help`)."""
+compile and convert (`mmjax --help`).
+
+Errors of mmjax's own (`mmjax.errors.MmjaxError`) end as one `mmjax: error: ...` line and the error's exit code
+(2 for usage and config, 1 for faults while running); any other exception shows its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
-
-def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Separates `--config.a.b=v` / `--config.a.b v` overrides from the other arguments."""
-    rest, overrides = [], []
-    argv = list(argv)
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("--config."):
-            if "=" in arg:
-                overrides.append(arg[2:])
-            elif i + 1 < len(argv):
-                overrides.append(f"{arg[2:]}={argv[i + 1]}")
-                i += 1
-            else:
-                overrides.append(arg[2:])
-        else:
-            rest.append(arg)
-        i += 1
-    return rest, overrides
+from mmjax import config as config_lib
+from mmjax.commands import bench as bench_cmd
+from mmjax.commands import compile as compile_cmd
+from mmjax.commands import convert as convert_cmd
+from mmjax.commands import eval as eval_cmd
+from mmjax.commands import train as train_cmd
+from mmjax.errors import MmjaxError
+from mmjax.runtime import cpu
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,94 +83,51 @@ def parse_command(argv: Sequence[str]):
     config with the `--config.KEY=VALUE` overrides applied, without running anything or validating against
     devices. Returns (argparse.Namespace, ConfigDict or None for commands without --config). Raises SystemExit
     (argparse) on bad flags and ConfigError on a bad config or override."""
-    rest, overrides = _split_overrides(argv)
+    rest, overrides = config_lib.split_overrides(argv)
     args = _parser().parse_args(rest)
     if not getattr(args, "config", None):
         return args, None
-    from mmjax import config as config_lib
-
     config = config_lib.load_config_file(args.config)
     return args, config_lib.apply_overrides(config, overrides)
 
 
-def _convert(args) -> int:
-    from mmjax.convert import ConversionError, convert_open_clip
-    from mmjax.torch_files import UnsafeCheckpointError
-
-    try:
-        convert_open_clip(args.model_config, args.checkpoint, args.workdir, text_ids=args.text_ids,
-                          bpe_path=args.bpe_path, scan_layers=args.scan_layers)
-    except (ConversionError, UnsafeCheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"mmjax: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+def _announce_cpu_defaults(args) -> None:
+    """Sets the CPU XLA flags before JAX creates its CPU backend, and says which defaults are in effect."""
+    defaults = list(cpu.tune_cpu_xla_flags())
+    if cpu.CPU_MALLOC_TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":"):
+        defaults.append(f"GLIBC_TUNABLES={cpu.CPU_MALLOC_TUNABLE}")  # in effect (the entry point set it)
+    if defaults and not getattr(args, "quiet", False):
+        print(f"mmjax: CPU speed defaults (MMJAX_XLA_CPU_DEFAULTS=1 turns them off): {' '.join(defaults)}")
 
 
-def run() -> int:
-    """Entry point of the `mmjax` command (and `python -m mmjax`): `main` on sys.argv.
-
-    For train, eval and bench on a CPU it first re-executes the process with glibc's transparent huge pages for large
-    blocks (`mmjax.speed.cpu_malloc_tunables`; MMJAX_XLA_CPU_DEFAULTS=1 turns that off).
-    """
-    if sys.argv[1:2] in (["train"], ["eval"], ["bench"]):
-        from mmjax import speed
-
-        speed.reexec_with_cpu_malloc_tunables()
-    return main()
+COMMANDS = {"train": train_cmd.main, "eval": eval_cmd.main, "bench": bench_cmd.main, "compile": compile_cmd.main}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one `mmjax` command line; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    rest, overrides = _split_overrides(argv)
-    args = _parser().parse_args(rest)
-    if args.command == "convert":
-        return _convert(args)
-
-    from mmjax import config as config_lib
-    from mmjax import distributed
-    from mmjax import speed
-
-    if args.command in ("train", "eval", "bench"):
-        defaults = list(speed.tune_cpu_xla_flags())  # before JAX creates its CPU backend
-        if speed.CPU_MALLOC_TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":"):
-            defaults.append(f"GLIBC_TUNABLES={speed.CPU_MALLOC_TUNABLE}")  # in effect (`run` sets it)
-        if defaults and not getattr(args, "quiet", False):
-            print(f"mmjax: CPU speed defaults (MMJAX_XLA_CPU_DEFAULTS=1 turns them off): {' '.join(defaults)}")
-    from mmjax.checkpoint import CheckpointMismatchError, CheckpointWriteError
-    from mmjax.health import NonFiniteError
-
     try:
+        if argv[:1] == ["convert"]:
+            return convert_cmd.main(_parser().parse_args(argv))
+        if argv[:1] in (["train"], ["eval"], ["bench"]):
+            _announce_cpu_defaults(_parser().parse_args(config_lib.split_overrides(argv)[0]))
         # Config problems are found before joining a cluster or compiling anything.
-        config = config_lib.load_config_file(args.config)
-        config = config_lib.apply_overrides(config, overrides)
-        if args.command == "train":
-            distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-            from mmjax.train import train
-
-            train(config, args.workdir, stop_at_step=args.stop_at_step, verbose=not args.quiet)
-        elif args.command == "bench":
-            distributed.initialize()
-            from mmjax import bench
-
-            return bench.run(config, args.steps, args.warmup, args.json)
-        elif args.command == "compile":
-            from mmjax import compile as compile_lib
-
-            compile_lib.use_cpu_host()
-
-            return compile_lib.run(config, args.topology, args.num_slices, args.json)
-        elif args.command == "eval":
-            from mmjax import eval_cmd
-
-            eval_cmd.main(config, args)
-    except (config_lib.ConfigError, CheckpointMismatchError, ValueError) as e:
+        args, config = parse_command(argv)
+        return COMMANDS[args.command](config, args) or 0
+    except MmjaxError as e:
+        if os.environ.get("MMJAX_DEBUG") == "1":
+            raise
         print(f"mmjax: error: {e}", file=sys.stderr)
-        return 2
-    except (CheckpointWriteError, NonFiniteError) as e:
-        print(f"mmjax: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        return e.exit_code
+
+
+def run() -> int:
+    """Entry point of the `mmjax` command (and `python -m mmjax`): `main` on sys.argv, after re-executing the
+    process with glibc's transparent huge pages for large blocks on a CPU (`mmjax.runtime.cpu`)."""
+    if sys.argv[1:2] in (["train"], ["eval"], ["bench"]):
+        cpu.reexec_with_cpu_malloc_tunables()
+    return main()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

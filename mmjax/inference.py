@@ -10,18 +10,18 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
 
 from mmjax import config as config_lib
-from mmjax import sharding as shd
-from mmjax.checkpoint import Checkpointer
 from mmjax.data.image import preprocess_images
 from mmjax.data.tokenizers import get_tokenizer
-from mmjax.evaluate import TowerEncoder
-from mmjax.state import StateFactory
+from mmjax.eval.encoder import TowerEncoder
+from mmjax.runtime import sharding as shd
+from mmjax.training.checkpoint import Checkpointer
+from mmjax.training.state import StateFactory
 
 
 class LoadedModel:
@@ -31,7 +31,7 @@ class LoadedModel:
         self.config = config
         self.step = step
         self.tokenizer = get_tokenizer(config.model.text)
-        self._encoder = TowerEncoder(factory.model, params, factory.mesh, factory.rules, batch_size)
+        self.encoder = TowerEncoder(factory.model, params, factory.mesh, factory.rules, batch_size)
         scale = np.exp(np.asarray(jax.device_get(params["logit_scale"]), np.float32))
         self.logit_scale = float(np.minimum(scale, np.exp(config.model.logit_scale_max)))
         self.logit_bias = (float(np.asarray(jax.device_get(params["logit_bias"])))
@@ -47,13 +47,13 @@ class LoadedModel:
         images = np.asarray(images)
         if images.ndim not in (3, 4):
             raise ValueError(f"encode_image expects [N,H,W] or [N,H,W,C] images, got shape {images.shape}")
-        return self._encoder.encode_image(self.preprocess(images))
+        return self.encoder.encode_image(self.preprocess(images))
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         """texts: list of strings. Returns L2-normalised [N, D]."""
         if isinstance(texts, str):
             raise TypeError("encode_text expects a list of strings, got a single string; wrap it in [ ]")
-        return self._encoder.encode_text(self.tokenizer.encode(list(texts)))
+        return self.encoder.encode_text(self.tokenizer.encode(list(texts)))
 
 
 def load(workdir: str, step: int | None = None, devices=None) -> LoadedModel:
@@ -63,13 +63,7 @@ def load(workdir: str, step: int | None = None, devices=None) -> LoadedModel:
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = len(devices), 1, 1
     config.lock()
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False, read_only=True)
-    steps = ckpt.all_steps()
-    if not steps:
-        raise FileNotFoundError(f"no checkpoints in {ckpt.directory}")
-    if step is None:
-        step = max(steps)
-    elif step not in steps:
-        raise ValueError(f"no checkpoint at step {step} in {ckpt.directory}; available: {sorted(steps)}")
+    step = ckpt.choose_step(step)
     factory = StateFactory(config, shd.make_mesh(config.mesh, devices))
     state = ckpt.restore(step, factory.abstract)
     ckpt.close()

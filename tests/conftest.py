@@ -14,7 +14,7 @@ TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_em
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *TEST_XLA_FLAGS,
                                     "--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The CPU peak probe (mmjax.speed) caches its result; a probe taken under test load must not become the
+# The CPU peak probe (mmjax.runtime.flops) caches its result; a probe taken under test load must not become the
 # user's cached peak.
 os.environ.setdefault("MMJAX_CACHE_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), "mmjax-test-cache"))
 # Many tests (and the processes they start: resumes, kills, the multi-process run) compile the same steps;

@@ -4,15 +4,14 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-
-from mmjax import config as config_lib
-from mmjax import losses
-from mmjax import sharding as shd
-from mmjax.accumulate import accumulated_value_and_grad, split_micro_batches, merge_micro_batches
-from mmjax.state import StateFactory
-
 from test_config import tiny
 from test_sharding import _batch
+
+from mmjax import config as config_lib
+from mmjax.losses import contrastive as losses
+from mmjax.losses.gradcache import accumulated_value_and_grad, merge_micro_batches, split_micro_batches
+from mmjax.runtime import sharding as shd
+from mmjax.training.state import StateFactory
 
 BATCH = 16
 

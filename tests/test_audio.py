@@ -16,11 +16,12 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-import mmjax.sharding  # noqa: E402
+import mmjax.runtime.sharding  # noqa: E402
 from mmjax.config import DEFAULT_RULES  # noqa: E402
 from mmjax.data import speech  # noqa: E402
-from mmjax.data.audio import LogMel, mel_filterbank, pad_batch, resample  # noqa: E402
+from mmjax.data.audio import pad_batch, resample  # noqa: E402
 from mmjax.models import AudioTransformer, build_model  # noqa: E402
+from mmjax.models.frontend import LogMel, mel_filterbank  # noqa: E402
 
 # Measured: relative (Frobenius) error of the mel power ~1.3e-7, log-mel max abs error ~1.7e-3 dB (float32 JAX
 # against float64 librosa 0.11). The bounds leave ~60x headroom for other CPUs / XLA versions.
@@ -281,12 +282,12 @@ def test_build_model_with_audio_section(mesh_reference):
 def _run_on_mesh(model, batch, layout, devices):
     """Sharded init (state born sharded) and forward under `layout` -> (variables, host outputs)."""
     d, f, t = layout
-    mesh = mmjax.sharding.make_mesh(ml_collections.ConfigDict(dict(data=d, fsdp=f, tensor=t)), devices)
+    mesh = mmjax.runtime.sharding.make_mesh(ml_collections.ConfigDict(dict(data=d, fsdp=f, tensor=t)), devices)
     abstract = jax.eval_shape(model.init, jax.random.key(0), batch)
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, DEFAULT_RULES)
     with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
         variables = jax.jit(model.init, out_shardings=shardings)(jax.random.key(0), batch)
-        batch = jax.device_put(batch, mmjax.sharding.batch_sharding(mesh))
+        batch = jax.device_put(batch, mmjax.runtime.sharding.batch_sharding(mesh))
         out = jax.jit(model.apply)(variables, batch)
     return variables, jax.device_get(out)
 

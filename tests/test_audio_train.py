@@ -10,15 +10,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from mmjax import config as config_lib
-from mmjax import eval_cmd, losses
-from mmjax.data import pipeline, speech, speech_triples
-from mmjax.models import build_model
-from mmjax.train import make_loss_fn, train
-
 from test_config import tiny
 from test_sharding import _one_step as sharding_one_step
+
+from mmjax import config as config_lib
+from mmjax.commands import eval as eval_cmd
+from mmjax.data import pipeline, speech, speech_triples
+from mmjax.losses import contrastive as losses
+from mmjax.models import build_model
+from mmjax.tasks.contrastive import make_loss_fn
+from mmjax.training import init_from, preflight
+from mmjax.training.loop import train
 
 # Built once (digits ~10 s, 1,440 espeak-ng clips ~30 s) and kept between test sessions, like the CPU probe cache.
 DATA_DIR = os.path.join(tempfile.gettempdir(), "mmjax-test-data")
@@ -95,7 +97,7 @@ def test_default_config_keeps_the_image_text_loss_and_param_tree():
 
 def _problems(config):
     with pytest.raises(config_lib.ConfigError) as info:
-        config_lib.validate(config, 1)
+        preflight.check(config, 1)
     return info.value.problems
 
 
@@ -120,7 +122,7 @@ def test_config_errors_name_the_key():
                    overrides=["config.eval.retrieval=True"])
     assert any(p.startswith("eval.retrieval") for p in _problems(c))
 
-    config_lib.validate(tiny_audio(), 8)  # the 3-tower tiny config itself is valid
+    preflight.check(tiny_audio(), 8)  # the 3-tower tiny config itself is valid
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -193,7 +195,7 @@ def test_short_audio_text_train_logs_the_audio_zeroshot(data_dir, tmp_path):
     # near-tie may flip: within one clip of the held-out voices), and no image evaluators without an image tower.
     results = eval_cmd.run(c, str(tmp_path), progress=False, plots=False, out=lambda s: None)
     evaluated = results[max(results)]
-    n_clips = len(speech_triples.eval_clips(c, pipeline.resolve_data_dir(c))["label"])
+    n_clips = len(speech_triples.eval_clips(c, config_lib.data_dir(c))["label"])
     assert abs(evaluated["zeroshot/audio/top1"] - final["zeroshot/audio/top1"]) <= 1.0 / n_clips + 1e-9
     assert evaluated["zeroshot/top1"] == evaluated["zeroshot/audio/top1"]
     assert not any(k.startswith(("retrieval/", "linear_probe/", "zeroshot/image/")) for k in evaluated)
@@ -272,14 +274,14 @@ def _audio_finetune_config(mode, towers=("audio", "text")):
 def test_finetune_modes_reach_the_audio_tower(mode, trains):
     """finetune.towers may name 'audio': the mode's modules go into the audio tower too, two real steps train
     exactly them, and adapters / LoRA leave the audio embeddings as they were at init."""
-    from mmjax import finetune
-    from mmjax import sharding as shd
-    from mmjax.optim import param_path
-    from mmjax.state import StateFactory
-    from mmjax.train import make_objective, make_train_step
+    from mmjax.runtime import sharding as shd
+    from mmjax.tasks import make_objective
+    from mmjax.training.optim import param_path
+    from mmjax.training.state import StateFactory
+    from mmjax.training.step import make_train_step
 
     config = _audio_finetune_config(mode)
-    config_lib.validate(config, 1, 1)
+    preflight.check(config, 1, 1)
     mesh = shd.make_mesh(config.mesh, jax.devices()[:1])
     factory = StateFactory(config, mesh)
     state = factory.init(0)
@@ -294,7 +296,7 @@ def test_finetune_modes_reach_the_audio_tower(mode, trains):
     if mode != "prompt":  # zero-initialised factors: the tuned audio tower equals the plain one at init
         base = StateFactory(_audio_finetune_config("none"), mesh)
         base_params = base.init(0).params
-        params, _ = finetune.merge_params(state.params, base_params)
+        params, _ = init_from.merge_params(state.params, base_params)
         apply = lambda f, p: np.asarray(f.model.apply({"params": p}, "audio", batch["audio"], method="encode"))
         np.testing.assert_allclose(apply(factory, params), apply(base, base_params), atol=1e-6, rtol=0)
     step = jax.jit(make_train_step(factory.model, factory.tx, factory.schedule, make_objective(config, mesh),
@@ -311,7 +313,7 @@ def test_finetune_modes_reach_the_audio_tower(mode, trains):
 
 def test_finetune_towers_must_be_the_models():
     with pytest.raises(config_lib.ConfigError, match=r"finetune.towers: \('image',\).*\('audio', 'text'\)"):
-        config_lib.validate(_audio_finetune_config("lora", towers=("image",)), 1, 1)
-    config_lib.validate(_audio_finetune_config("none", towers=("image", "text")), 1, 1)  # no modules: ignored
+        preflight.check(_audio_finetune_config("lora", towers=("image",)), 1, 1)
+    preflight.check(_audio_finetune_config("none", towers=("image", "text")), 1, 1)  # no modules: ignored
     with pytest.raises(config_lib.ConfigError, match="finetune.mode='locked_image' locks the image tower, but"):
-        config_lib.validate(_audio_finetune_config("locked_image"), 1, 1)
+        preflight.check(_audio_finetune_config("locked_image"), 1, 1)

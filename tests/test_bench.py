@@ -10,13 +10,12 @@ import sys
 import jax
 import numpy as np
 import pytest
-
-from mmjax import bench
-from mmjax import config as config_lib
-from mmjax.state import dummy_batch
-
 from subprocess_env import ROOT, mmjax_env
 from test_config import TINY, tiny
+
+from mmjax import config as config_lib
+from mmjax.commands import bench
+from mmjax.tasks import dummy_batch
 
 
 def test_synthetic_batch_has_the_step_inputs_shapes_and_valid_values():

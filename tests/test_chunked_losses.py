@@ -8,8 +8,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mmjax import chunked_losses, losses
-from mmjax.sharding import batch_sharding, make_mesh
+from mmjax.losses import chunked as chunked_losses
+from mmjax.losses import contrastive as losses
+from mmjax.runtime.sharding import batch_sharding, make_mesh
 
 B, D = 64, 16
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -23,7 +24,7 @@ SOFTMAX_ARGS = (10.0,)
 SIGMOID_ARGS = (10.0, -3.0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mesh(layout):
     data, fsdp, tensor, count = LAYOUTS[layout]
     return make_mesh(ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor)), jax.devices()[:count])
@@ -61,7 +62,7 @@ def _value_and_grads(loss_fn, x, y, scalars, in_sharding=None):
     return fn(x, y, *(jnp.float32(s) for s in scalars))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(kind, seed, scalars):
     x, y = _embeddings(seed)
     return (x, y), _value_and_grads(_plain(kind), x, y, scalars)

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from mmjax import compile as compile_lib
+from mmjax.commands import compile as compile_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.py")

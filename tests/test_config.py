@@ -6,6 +6,7 @@ import pytest
 
 from mmjax import config as config_lib
 from mmjax.config import ConfigError
+from mmjax.training import preflight
 
 HERE = os.path.dirname(__file__)
 TINY = os.path.join(HERE, "tiny_config.py")
@@ -20,7 +21,7 @@ def test_every_shipped_config_loads_and_validates_on_8_devices():
     for name in os.listdir(os.path.join(ROOT, "configs")):
         if name.endswith(".py"):
             c = config_lib.load_config_file(os.path.join(ROOT, "configs", name))
-            config_lib.validate(c, num_devices=8)
+            preflight.check(c, num_devices=8)
 
 
 def test_overrides_are_typed():
@@ -56,14 +57,14 @@ def test_wrong_type_override_names_key():
 def test_batch_not_divisible_by_data_parallel_size():
     c = config_lib.apply_overrides(tiny(), ["config.train.batch_size=12", "config.mesh.data=8"])
     with pytest.raises(ConfigError, match=r"train.batch_size=12 is not divisible.*data\*fsdp=8"):
-        config_lib.validate(c, num_devices=8)
+        preflight.check(c, num_devices=8)
 
 
 def test_mesh_product_must_equal_device_count():
     c = config_lib.apply_overrides(tiny(), ["config.mesh.data=2", "config.mesh.fsdp=2",
                                             "config.mesh.tensor=1"])
     with pytest.raises(ConfigError, match="product is 8"):
-        config_lib.validate(c, num_devices=8)
+        preflight.check(c, num_devices=8)
 
 
 def test_all_problems_reported_together():
@@ -71,7 +72,7 @@ def test_all_problems_reported_together():
                                             "config.optim.warmup_steps=100",
                                             "config.model.loss=triplet"])
     with pytest.raises(ConfigError) as err:
-        config_lib.validate(c, num_devices=1)
+        preflight.check(c, num_devices=1)
     text = str(err.value)
     for key in ("model.image.image_size", "optim.warmup_steps", "model.loss"):
         assert key in text

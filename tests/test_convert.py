@@ -13,7 +13,7 @@ import pytest
 
 import mmjax
 from mmjax import cli
-from mmjax.convert import ConversionError, config_from_open_clip, convert_state_dict
+from mmjax.interop.open_clip import ConversionError, config_from_open_clip, convert_state_dict
 
 # Two tiny towers-apart models. A: OpenAI-style (QuickGELU), the suggested shape. B: different widths and
 # heads for the two towers, an open_clip CustomTextCLIP ('text.' keys) with a SigLIP-style logit_bias.
@@ -111,14 +111,14 @@ def test_converted_embeddings_match_open_clip(tmp_path, cfg, fmt, seed, scan, lo
     loaded = mmjax.load(workdir)
     assert loaded.config.model.activation == ("quick_gelu" if cfg.get("quick_gelu") else "gelu")
     assert loaded.config.model.scan_layers == scan
-    loaded._encoder.batch_size = 6
+    loaded.encoder.batch_size = 6
 
     images = np.random.default_rng(seed).normal(size=(6, 32, 32, 3)).astype(np.float32)
-    got, want = loaded._encoder.encode_image(images), _oc_image(torch, ref, images)
+    got, want = loaded.encoder.encode_image(images), _oc_image(torch, ref, images)
     assert np.abs(got - want).max() <= TOL
 
     tokens = _raw_tokens(cfg, 6, seed)
-    got, want = loaded._encoder.encode_text(tokens), _oc_text(torch, ref, tokens)
+    got, want = loaded.encoder.encode_text(tokens), _oc_text(torch, ref, tokens)
     assert np.abs(got - want).max() <= TOL
 
     # B's temperature exceeds open_clip's training clamp (exp 5 > 100), as SigLIP ports do: kept, not clipped
@@ -140,7 +140,7 @@ def test_clip_bpe_ids_and_strings(tmp_path):
     assert loaded.config.model.text.tokenizer == "clip_bpe"
     assert loaded.tokenizer.vocab_size == TINY_A["text_cfg"]["vocab_size"] + 1
     texts = ["a photo of a cat", "the number seven", "!!", ""]
-    loaded._encoder.batch_size = len(texts)
+    loaded.encoder.batch_size = len(texts)
     ids = loaded.tokenizer.encode(texts)
     vocab = TINY_A["text_cfg"]["vocab_size"]
     oc_ids = np.where(ids >= 3, ids - 3, np.choose(np.minimum(ids, 2), [0, vocab - 2, vocab - 1]))
@@ -156,7 +156,7 @@ def test_clip_bpe_ids_and_strings(tmp_path):
     moved = str(tmp_path / "copied" / "converted")
     shutil.move(workdir, moved)
     again = mmjax.load(moved)
-    again._encoder.batch_size = len(texts)
+    again.encoder.batch_size = len(texts)
     np.testing.assert_array_equal(again.encode_text(texts), loaded.encode_text(texts))
 
 
@@ -171,7 +171,7 @@ def test_full_clip_vocab_matches_open_clip_tokenizer(tmp_path):
     workdir = _convert(tmp_path, cfg, _save(torch, ref, tmp_path, "pt"))  # default: clip_bpe, bundled merges
     loaded = mmjax.load(workdir)
     texts = ["a photo of a dog.", "Two PEOPLE riding bikes, at night!", "café 42"]
-    loaded._encoder.batch_size = len(texts)
+    loaded.encoder.batch_size = len(texts)
     want = _oc_text(torch, ref, open_clip.tokenize(texts, context_length=20).numpy())
     assert np.abs(loaded.encode_text(texts) - want).max() <= TOL
 

@@ -13,6 +13,7 @@ import pytest
 from mmjax import config as config_lib
 from mmjax.data import digits, pipeline, synthetic
 from mmjax.data.tokenizers import ByteTokenizer
+from mmjax.training import preflight
 
 NUM_GOOD = 40
 
@@ -130,7 +131,7 @@ def test_prepared_tfds_dataset_by_name(tmp_path):
     cfg = config_lib.base_config()
     cfg.data.update(name='tfds', tfds_name='mmjax_digits', tfds_caption_key='label', data_dir=str(data_dir))
     cfg.eval.zeroshot = False
-    config_lib.validate(cfg, 8)
+    preflight.check(cfg, 8)
     cfg.model.image.image_size = 16
     cfg.train.batch_size = 8
     it = pipeline.make_train_loader(cfg, 0, 1)
@@ -143,12 +144,12 @@ def test_prepared_tfds_dataset_by_name(tmp_path):
 
 def _problems(cfg):
     with pytest.raises(config_lib.ConfigError) as info:
-        config_lib.validate(cfg, 8)
+        preflight.check(cfg, 8)
     return '\n'.join(info.value.problems)
 
 
 def test_validate_data_section(corpus, tmp_path):
-    config_lib.validate(make_config(corpus), 8)
+    preflight.check(make_config(corpus), 8)
     assert 'data.spec' in _problems(make_config(corpus, **{'data.spec': str(tmp_path / 'nope.json')}))
     assert 'data.name' in _problems(make_config(corpus, **{'data.name': 'laion'}))
     assert "data.name='spec'" in _problems(make_config(corpus, **{'data.name': 'digits'}))  # spec set, unused
@@ -164,7 +165,7 @@ def test_validate_data_section(corpus, tmp_path):
     assert 'data.data_dir' in _problems(missing)
     deep = make_config(corpus, **{'data.data_dir': str(tmp_path / 'a' / 'b')})
     assert 'data.data_dir' in _problems(deep)
-    config_lib.validate(make_config(corpus, **{'data.data_dir': str(tmp_path / 'fresh')}), 8)  # created later
+    preflight.check(make_config(corpus, **{'data.data_dir': str(tmp_path / 'fresh')}), 8)  # created later
     small = make_config(corpus, **{'model.text.vocab_size': 200})
     assert 'model.text.vocab_size=200' in _problems(small)
     sp = make_config(corpus, **{'model.text.tokenizer': 'sentencepiece',
@@ -174,8 +175,8 @@ def test_validate_data_section(corpus, tmp_path):
 
 @pytest.mark.slow
 def test_train_on_a_caption_corpus_logs_data_metrics(corpus, tmp_path):
-    from mmjax.metrics import read_metrics
-    from mmjax.train import train
+    from mmjax.training.loop import train
+    from mmjax.training.metrics import read_metrics
     overrides = ['config.data.name=spec', f'config.data.spec={corpus / "spec.json"}',
                  f'config.data.data_dir={corpus / "tfds"}', 'config.train.steps=3', 'config.train.batch_size=8']
     cfg = config_lib.apply_overrides(config_lib.load_config_file('tests/tiny_config.py'),

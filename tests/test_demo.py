@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from mmjax.metrics import read_metrics
+from mmjax.training.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 

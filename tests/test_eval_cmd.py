@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from subprocess_env import mmjax_env
 from test_config import TINY
 

@@ -1,4 +1,4 @@
-"""Fine-tuning modes (mmjax/finetune.py): each trains exactly its parameters, adapters and LoRA start as the
+"""Fine-tuning modes (mmjax/training/finetune.py): each trains exactly its parameters, adapters and LoRA start as the
 identity, frozen parameters hold no optimizer state, prompts keep text pooling on the right token,
 init_from reports what it loaded / initialised / ignored, and configs that freeze everything are refused."""
 
@@ -9,17 +9,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_config import tiny
 
 from mmjax import config as config_lib
-from mmjax import finetune
-from mmjax import sharding as shd
-from mmjax.checkpoint import Checkpointer
 from mmjax.models.encoders import last_nonpad_index
-from mmjax.optim import param_path
-from mmjax.state import StateFactory
-from mmjax.train import GradCacheObjective, config_to_json, make_loss_fn, make_objective, make_train_step
-
-from test_config import tiny
+from mmjax.runtime import sharding as shd
+from mmjax.tasks import make_objective
+from mmjax.tasks.contrastive import GradCacheObjective, make_loss_fn
+from mmjax.training import finetune, init_from, preflight
+from mmjax.training.checkpoint import Checkpointer
+from mmjax.training.loop import config_to_json
+from mmjax.training.optim import param_path
+from mmjax.training.state import StateFactory
+from mmjax.training.step import make_train_step
 
 
 def _config(mode="none", sharded=False, **finetune_kw):
@@ -163,7 +165,7 @@ def test_adapter_and_lora_are_the_identity_at_init(mode, extra):
     base, _ = _factory(base_cfg)
     tuned, _ = _factory(cfg)
     base_params = base.init(0).params
-    params, report = finetune.merge_params(tuned.init(1).params, base_params)
+    params, report = init_from.merge_params(tuned.init(1).params, base_params)
     assert report["ignored"] == [] and len(report["initialised"]) > 0
     new = {n: v for n, v in _flat(params).items() if n in report["initialised"]}
     # LoRA's A (and the adapters' down projection) are random: identity comes from the zero factor alone.
@@ -213,13 +215,13 @@ def test_init_from_reports_loaded_initialised_and_ignored(tmp_path):
     cfg.init_from.path = str(tmp_path / "src")
     cfg.init_from.include = r"(?!text/).*"  # everything but the text tower
     cfg.lock()
-    config_lib.validate(cfg, len(jax.devices()))
+    preflight.check(cfg, len(jax.devices()))
     factory, _ = _factory(cfg)
     assert factory.shardings.params["image"]["encoder"]["transformer"]["block_0"]["adapter_mlp"]["down"][
         "kernel"].spec == jax.sharding.PartitionSpec("fsdp", None)  # ('embed', 'adapter')
     fresh = factory.init(0)
     lines = []
-    state = finetune.start(cfg, factory, fresh, log=lines.append)
+    state = init_from.start(cfg, factory, fresh, log=lines.append)
     text = "\n".join(lines)
     src, got, init = _flat(source_state.params), _flat(state.params), _flat(fresh.params)
     image_names = [n for n in src if n.startswith("image/")]
@@ -252,7 +254,7 @@ def test_init_from_shape_mismatch_names_the_parameter(tmp_path):
     cfg.lock()
     factory, _ = _factory(cfg)
     with pytest.raises(ValueError, match=r"image/head/kernel.*\(32, 16\).*\(32, 8\)"):
-        finetune.start(cfg, factory, factory.init(0), log=lambda *a: None)
+        init_from.start(cfg, factory, factory.init(0), log=lambda *a: None)
 
 
 def test_config_rejects_modes_that_freeze_everything_and_bad_keys(tmp_path):
@@ -262,19 +264,19 @@ def test_config_rejects_modes_that_freeze_everything_and_bad_keys(tmp_path):
     cfg.lock()
     with pytest.raises(config_lib.ConfigError, match=r"finetune.mode='linear_probe'.*optim.freeze_rules.*"
                                                      r"freezes every parameter"):
-        config_lib.validate(cfg, 1)
+        preflight.check(cfg, 1)
     cfg = _config("prompt")
     cfg.unlock()
     cfg.finetune.trainable = "text/head/kernel"  # exempted from the mode's freezing
     cfg.lock()
-    config_lib.validate(cfg, 1)
-    assert finetune.count_trainable(cfg, finetune.abstract_params(cfg))[0] == 2 * 3 * 32 + 32 * 16
+    preflight.check(cfg, 1)
+    assert finetune.count_trainable(cfg, preflight.abstract_params(cfg))[0] == 2 * 3 * 32 + 32 * 16
 
     bad = _config("bitfit")
     bad.unlock()
     bad.init_from.path = str(tmp_path / "nowhere")
     bad.lock()
     with pytest.raises(config_lib.ConfigError) as e:
-        config_lib.validate(bad, 1)
+        preflight.check(bad, 1)
     assert "finetune.mode: unknown mode 'bitfit'" in str(e.value)
     assert "init_from.path" in str(e.value) and "does not exist" in str(e.value)

@@ -11,15 +11,24 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
 import mmjax.config  # noqa: E402
-import mmjax.sharding  # noqa: E402
-from mmjax import objectives  # noqa: E402
+import mmjax.runtime.sharding  # noqa: E402
+from mmjax.models import fusion_model  # noqa: E402
 from mmjax.models.encoders import TextTransformer  # noqa: E402
-from mmjax.models.fusion import (CoAttention, ConcatFusion, CrossAttention, CrossAttentionFusion,  # noqa: E402
-                                 GatedCrossAttentionBlock, GatedFusion, GatedXAttnTextEncoder, WeightedSumFusion,
-                                 build_fusion)
+from mmjax.models.fusion import (  # noqa: E402
+    CoAttention,
+    ConcatFusion,
+    CrossAttention,
+    CrossAttentionFusion,
+    GatedCrossAttentionBlock,
+    GatedFusion,
+    GatedXAttnTextEncoder,
+    WeightedSumFusion,
+    build_fusion,
+)
 from mmjax.models.fusion_model import ItmMlmHeads, build_fusion_classifier, build_itm_mlm_model  # noqa: E402
 
 RULES = mmjax.config.DEFAULT_RULES
@@ -337,7 +346,7 @@ def test_itm_mlm_model_outputs_and_contrastive_params_subset():
         out = module.tower_outputs(batch)
         img, txt, mask = out['image']['tokens'], out['text']['tokens'], batch['text'] != 0
         sim = module.scale * out['image']['embedding'] @ out['text']['embedding'].T
-        neg_text, neg_image = objectives.itm_negatives(sim), objectives.itm_negatives(sim.T)
+        neg_text, neg_image = fusion_model.itm_negatives(sim), fusion_model.itm_negatives(sim.T)
         itm = lambda i, t, m: module.itm_mlm.itm(module.itm_mlm.fuse(i, t, m), m)  # noqa: E731
         return itm(img, txt, mask), itm(img, txt[neg_text], mask[neg_text]), itm(img[neg_image], txt, mask)
 
@@ -424,7 +433,7 @@ LAYOUTS = {'data8': dict(data=8, fsdp=1, tensor=1), 'fsdp8': dict(data=1, fsdp=8
 def single_device():
     """(variables on the host, outputs) of the Bundle on a 1-device mesh."""
     d = bundle_inputs()
-    mesh = mmjax.sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
+    mesh = mmjax.runtime.sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
     with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
         v = jax.jit(Bundle().init)(KEY, d)
         return jax.device_get(v), jax.device_get(jax.jit(bundle_apply)(v, d))
@@ -435,7 +444,7 @@ def single_device():
 def test_every_module_same_output_on_one_and_eight_devices(layout, single_device, capfd):
     ref_vars, ref_out = single_device
     d = bundle_inputs()
-    mesh = mmjax.sharding.make_mesh(ml_collections.ConfigDict(LAYOUTS[layout]), jax.devices()[:8])
+    mesh = mmjax.runtime.sharding.make_mesh(ml_collections.ConfigDict(LAYOUTS[layout]), jax.devices()[:8])
     abstract = jax.eval_shape(Bundle().init, KEY, d)
     d = jax.device_put(d, NamedSharding(mesh, P(('data', 'fsdp'))))
     with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax import losses
+from mmjax.losses import contrastive as losses
 
 
 def _log_softmax(z, axis):

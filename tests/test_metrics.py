@@ -8,7 +8,7 @@ from subprocess_env import mmjax_env
 
 CHILD = """
 import os, sys
-from mmjax.metrics import MetricsWriter, read_metrics
+from mmjax.training.metrics import MetricsWriter, read_metrics
 w = MetricsWriter(sys.argv[1])
 w.write(3, {"loss": 2.5, "lr": 1e-3})
 w.close()

@@ -10,6 +10,7 @@ import pytest
 from mmjax import config as config_lib
 from mmjax.data import pipeline, sources, synthetic
 from mmjax.data.tokenizers import ByteTokenizer
+from mmjax.training import preflight
 
 
 def members_of(dataset, n):
@@ -86,7 +87,7 @@ def prefixes(batches):
 
 def test_mixture_through_the_loader(two_corpora):
     cfg = mixture_config(two_corpora)
-    config_lib.validate(cfg, 8)
+    preflight.check(cfg, 8)
     it = pipeline.make_train_loader(cfg, 0, 1)
     batches = [next(it) for _ in range(25)]  # 1,000 examples = one mixture block
     names = prefixes(batches)

@@ -16,6 +16,7 @@ import pytest  # noqa: E402
 
 from mmjax.models import Encoder, MultiHeadAttention, TextTransformer, ViT, build_model  # noqa: E402
 from mmjax.models.encoders import last_nonpad_index, patchify  # noqa: E402
+from mmjax.models.layers import ACTIVATIONS, add_positions, gelu_exact  # noqa: E402
 
 PARAM_AXES = {'embed', 'mlp', 'heads', 'kv', 'vocab', 'patch', 'length', 'joint', 'layers', 'channels'}
 DEFAULT_RULES = (
@@ -441,8 +442,6 @@ def test_sharded_init_and_grad_match_single_device(clip, capfd):
 @pytest.mark.parametrize("masked", [False, True])
 def test_dot_product_attention_path_equals_einsum_path(masked):
     """`jax.nn.dot_product_attention` (chosen on GPUs) computes the same attention as the einsum path."""
-    from mmjax.models.layers import MultiHeadAttention
-
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(3, 7, 32)), jnp.float32)
     y = jnp.asarray(rng.normal(size=(3, 5, 32)), jnp.float32)
@@ -459,9 +458,8 @@ def test_add_positions_equals_broadcast_add_values_and_gradients(dtype):
     """`add_positions` (position embeddings with a dot-product gradient) is `x + pos[None]`: value, gradient of
     both inputs and their dtypes, also with the batch split over 8 devices (the gradient of pos is summed
     across them)."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from mmjax.models.layers import add_positions
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(8, 5, 6)), dtype)
@@ -487,8 +485,6 @@ def test_exact_gelu_and_its_gradient_equal_jax_nn_gelu():
     """mmjax's exact GELU (erf form, custom gradient) is jax.nn.gelu(approximate=False), values and gradient,
     over the range activations reach, in float32 and bfloat16. Absolute tolerance 1e-6: like torch's formula,
     1 + erf(x) cancels in the far negative tail, where GELU itself is below 1e-4."""
-    from mmjax.models.layers import ACTIVATIONS, gelu_exact
-
     assert ACTIVATIONS['gelu'] is gelu_exact
     x = jnp.concatenate([jnp.linspace(-12.0, 12.0, 4001), jnp.asarray([-40.0, -0.0, 1e-7, 40.0])])
     reference = functools.partial(jax.nn.gelu, approximate=False)
@@ -506,8 +502,6 @@ def test_exact_gelu_backward_recomputes_erf_instead_of_reading_a_saved_copy():
     """In a compiled MLP forward + backward the backward computes its own erf: the program holds two erf ops.
     With one (XLA merging the backward's erf into the forward's), the forward writes erf's [B, L, mlp_dim]
     output out as an extra pass for the backward to read."""
-    from mmjax.models.layers import gelu_exact
-
     def loss(w_in, b_in, w_out, x):
         return jnp.sum(gelu_exact(x @ w_in + b_in) @ w_out)
 

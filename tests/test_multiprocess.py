@@ -8,11 +8,10 @@ import sys
 
 import numpy as np
 import pytest
-
-from mmjax.metrics import read_metrics
-
 from subprocess_env import mmjax_env
 from test_config import TINY
+
+from mmjax.training.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 

@@ -1,4 +1,4 @@
-"""Tests for mmjax.objectives: ITM negatives and loss, MLM masking and loss, classification loss."""
+"""Tests for mmjax.losses.fusion: ITM negatives and loss, MLM masking and loss, classification loss."""
 
 import os
 
@@ -9,10 +9,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from mmjax import losses, objectives  # noqa: E402
+from mmjax.losses import contrastive as losses  # noqa: E402
+from mmjax.losses import fusion as objectives  # noqa: E402
+from mmjax.models import fusion_model  # noqa: E402
 
-_batched_negatives = jax.jit(jax.vmap(objectives.itm_negatives, in_axes=(None, 0)))
-_hardest_negatives = jax.jit(objectives.itm_negatives)
+_batched_negatives = jax.jit(jax.vmap(fusion_model.itm_negatives, in_axes=(None, 0)))
+_hardest_negatives = jax.jit(fusion_model.itm_negatives)
 
 
 def sample_negatives(sim, trials, seed=0):
@@ -60,9 +62,9 @@ def test_itm_negatives_follow_softmax_without_diagonal_and_duplicates_are_kept()
 
 def test_itm_negatives_reject_bad_shapes():
     with pytest.raises(ValueError, match='square'):
-        objectives.itm_negatives(jnp.zeros((3, 4)))
+        fusion_model.itm_negatives(jnp.zeros((3, 4)))
     with pytest.raises(ValueError, match='at least 2'):
-        objectives.itm_negatives(jnp.zeros((1, 1)), jax.random.key(0))
+        fusion_model.itm_negatives(jnp.zeros((1, 1)), jax.random.key(0))
 
 
 def test_itm_loss_matches_binary_cross_entropy():

@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from mmjax import optim
+from mmjax.losses import gradcache
+from mmjax.training import optim
 
 LR, WD, B1, B2, EPS = 0.1, 0.5, 0.9, 0.98, 1e-6
 
@@ -144,7 +145,7 @@ def test_weight_decay_mask():
     # No-decay parameters: exactly Adam.
     for path in (('image', 'Dense_0', 'bias'), ('image', 'LayerNorm_0', 'scale'), ('text', 'Embed_0', 'embedding'),
                  ('logit_scale',)):
-        get = lambda t: t[path[0]] if len(path) == 1 else t[path[0]][path[1]][path[2]]  # noqa: E731
+        get = lambda t, path=path: t[path[0]] if len(path) == 1 else t[path[0]][path[1]][path[2]]  # noqa: E731
         np.testing.assert_allclose(get(updates), get(adam), rtol=1e-6, atol=1e-8)
     # Decayed parameters: Adam minus lr * wd * param.
     for tower, layer in (('image', 'Dense_0'), ('text', 'proj')):
@@ -272,7 +273,7 @@ def test_clipping_costs_one_read_of_the_gradients():
     for clip_norm in (1.0, None):
         tx, _ = optim.build_optimizer(_cfg(clip_norm=clip_norm), params, 10)
 
-        def update(params, state, grads):
+        def update(params, state, grads, tx=tx):
             updates, state = tx.update(grads, state, params, grad_norm=optax.global_norm(grads))
             return optax.apply_updates(params, updates), state
 
@@ -286,13 +287,13 @@ def test_stop_frozen_gradients_zeroes_exactly_the_frozen_gradients():
     params = {'a': jnp.asarray([1.0, 2.0]), 'b': jnp.asarray([3.0])}
 
     def loss(p):
-        p = optim.stop_frozen_gradients(p, {'a': True, 'b': False})
+        p = gradcache.stop_frozen_gradients(p, {'a': True, 'b': False})
         return jnp.sum(p['a'] ** 2) * p['b'][0]
 
     grads = jax.grad(loss)(params)
     np.testing.assert_allclose(grads['a'], [6.0, 12.0])
     np.testing.assert_array_equal(grads['b'], [0.0])
-    assert optim.stop_frozen_gradients(params, None) is params
+    assert gradcache.stop_frozen_gradients(params, None) is params
 
 # ----------------------------------------------------------------------------------------------- abstract params
 

@@ -9,17 +9,17 @@ import time
 import grain.python as grain
 import numpy as np
 import pytest
-
-from mmjax import config as config_lib
-from mmjax.checkpoint import Checkpointer, CheckpointMismatchError, CheckpointWriteError
-from mmjax.config import ConfigError
-from mmjax.data import pipeline
-from mmjax.health import NonFiniteError
-from mmjax.metrics import read_metrics
-from mmjax.train import train
-
 from subprocess_env import mmjax_env
 from test_config import TINY, tiny
+
+from mmjax import config as config_lib
+from mmjax.config import ConfigError
+from mmjax.data import pipeline
+from mmjax.training import preflight
+from mmjax.training.checkpoint import Checkpointer, CheckpointMismatchError, CheckpointWriteError
+from mmjax.training.health import NonFiniteError
+from mmjax.training.loop import train
+from mmjax.training.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 
@@ -114,9 +114,10 @@ def test_k_nonfinite_steps_in_a_row_stop_the_run(tmp_path, data_dir, monkeypatch
     # Checkpoints hold finite states only: updates of the bad steps were skipped.
     steps = Checkpointer(str(tmp_path / "checkpoints")).all_steps()
     assert max(steps) <= 4
-    import mmjax
     import jax
-    params = jax.device_get(mmjax.load(str(tmp_path))._encoder.params)
+
+    import mmjax
+    params = jax.device_get(mmjax.load(str(tmp_path)).encoder.params)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
@@ -219,12 +220,12 @@ def test_invalid_config_rejected_before_compile(name, overrides, key, request):
     if name.startswith("workdir:"):
         workdir = request.getfixturevalue("tiny_workdir")
         config = config_lib.apply_overrides(tiny(), ["config.train.steps=2", *overrides])
-        config_lib.validate(config, num_devices=8)  # a valid config ...
+        preflight.check(config, num_devices=8)  # a valid config ...
         with pytest.raises(CheckpointMismatchError) as err:  # ... for another model than the checkpoint's
             train(config, workdir, verbose=False)
         assert key in str(err.value) and "does not match the model" in str(err.value)
         return
     with pytest.raises(ConfigError) as err:
         c = config_lib.apply_overrides(tiny(), overrides)
-        config_lib.validate(c, num_devices=8)
+        preflight.check(c, num_devices=8)
     assert key in str(err.value)

@@ -5,13 +5,13 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from test_config import tiny
 
 from mmjax import config as config_lib
-from mmjax import sharding as shd
-from mmjax.state import StateFactory
-from mmjax.train import make_objective, make_train_step
-
-from test_config import tiny
+from mmjax.runtime import sharding as shd
+from mmjax.tasks import make_objective
+from mmjax.training.state import StateFactory
+from mmjax.training.step import make_train_step
 
 LAYOUTS = {"data=8": (8, 1, 1), "fsdp=8": (1, 8, 1), "data=2,fsdp=2,tensor=2": (2, 2, 2)}
 

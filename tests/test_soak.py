@@ -5,7 +5,6 @@ import os
 import sys
 
 import pytest
-
 from test_config import TINY
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))

@@ -7,15 +7,17 @@ import json
 import jax
 import numpy as np
 import pytest
-
-from mmjax import config as config_lib
-from mmjax import sharding as shd
-from mmjax import speed
-from mmjax.state import StateFactory
-from mmjax.train import make_objective, make_train_step, train
-
 from test_config import tiny
 from test_sharding import _one_step
+
+from mmjax import config as config_lib
+from mmjax.runtime import cpu
+from mmjax.runtime import flops as speed
+from mmjax.runtime import sharding as shd
+from mmjax.tasks import make_objective
+from mmjax.training.loop import train
+from mmjax.training.state import StateFactory
+from mmjax.training.step import make_train_step
 
 
 def _wider(overrides=()):
@@ -38,7 +40,7 @@ def test_analytic_flops_match_xla_cost_analysis(pool):
     with jax.set_mesh(mesh):
         cost = step.lower(factory.abstract, batch).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    analytic = speed.train_flops_per_example(c) * 16
+    analytic = speed.train_flops_per_example(c, pooled_only=True) * 16
     assert abs(cost["flops"] / analytic - 1) < 0.10, (cost["flops"], analytic)
 
 
@@ -104,16 +106,16 @@ def test_cpu_xla_flags_are_added_once_and_only_where_measured(monkeypatch):
 
     env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.10.2")
-    added = speed.tune_cpu_xla_flags(env)
-    assert added == speed.CPU_XLA_FLAGS["0.10."]
+    added = cpu.tune_cpu_xla_flags(env)
+    assert added == cpu.CPU_XLA_FLAGS["0.10."]
     assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8 " + " ".join(added)
-    assert speed.tune_cpu_xla_flags(env) == () and env["XLA_FLAGS"].count(added[0]) == 1  # idempotent
+    assert cpu.tune_cpu_xla_flags(env) == () and env["XLA_FLAGS"].count(added[0]) == 1  # idempotent
     user = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}
-    assert speed.tune_cpu_xla_flags(user) == () and user["XLA_FLAGS"].endswith("=dot")  # the user's choice wins
+    assert cpu.tune_cpu_xla_flags(user) == () and user["XLA_FLAGS"].endswith("=dot")  # the user's choice wins
     off = {"JAX_PLATFORMS": "cpu", "MMJAX_XLA_CPU_DEFAULTS": "1"}
-    assert speed.tune_cpu_xla_flags(off) == () and "XLA_FLAGS" not in off
+    assert cpu.tune_cpu_xla_flags(off) == () and "XLA_FLAGS" not in off
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.11.0")  # not measured: XLA may not know it
-    assert speed.tune_cpu_xla_flags({"JAX_PLATFORMS": "cpu"}) == ()
+    assert cpu.tune_cpu_xla_flags({"JAX_PLATFORMS": "cpu"}) == ()
 
 
 def test_jax_starts_with_the_cpu_flags():
@@ -125,14 +127,14 @@ def test_jax_starts_with_the_cpu_flags():
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = ("import os; from mmjax import speed; added = speed.tune_cpu_xla_flags(); import jax; "
+    code = ("import os; from mmjax.runtime import cpu; added = cpu.tune_cpu_xla_flags(); import jax; "
             "jax.devices(); print(added, os.environ['XLA_FLAGS'])")
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root)
     env.pop("MMJAX_XLA_CPU_DEFAULTS", None)
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     version = importlib.metadata.version("jaxlib")
-    expected = next((f for p, f in speed.CPU_XLA_FLAGS.items() if version.startswith(p)), ())
+    expected = next((f for p, f in cpu.CPU_XLA_FLAGS.items() if version.startswith(p)), ())
     assert all(f in r.stdout for f in expected)
 
 
@@ -140,15 +142,15 @@ def test_cpu_malloc_tunable_only_where_it_applies():
     """Huge pages for large malloc blocks: only on glibc >= 2.35 with THP in 'madvise' mode, appended to the
     user's own tunables, never over their own hugetlb choice, and off with MMJAX_XLA_CPU_DEFAULTS=1."""
     here = dict(libc=("glibc", "2.36"), thp_mode="madvise")
-    assert speed.cpu_malloc_tunables({"JAX_PLATFORMS": "cpu"}, **here) == speed.CPU_MALLOC_TUNABLE
+    assert cpu.cpu_malloc_tunables({"JAX_PLATFORMS": "cpu"}, **here) == cpu.CPU_MALLOC_TUNABLE
     mine = {"JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
-    assert speed.cpu_malloc_tunables(mine, **here) == "glibc.malloc.arena_max=2:" + speed.CPU_MALLOC_TUNABLE
-    assert speed.cpu_malloc_tunables({"JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, **here) is None
-    assert speed.cpu_malloc_tunables({"JAX_PLATFORMS": "cpu", "MMJAX_XLA_CPU_DEFAULTS": "1"}, **here) is None
+    assert cpu.cpu_malloc_tunables(mine, **here) == "glibc.malloc.arena_max=2:" + cpu.CPU_MALLOC_TUNABLE
+    assert cpu.cpu_malloc_tunables({"JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, **here) is None
+    assert cpu.cpu_malloc_tunables({"JAX_PLATFORMS": "cpu", "MMJAX_XLA_CPU_DEFAULTS": "1"}, **here) is None
     for libc in (("glibc", "2.31"), ("", ""), ("musl", "1.2")):
-        assert speed.cpu_malloc_tunables({"JAX_PLATFORMS": "cpu"}, libc=libc, thp_mode="madvise") is None
+        assert cpu.cpu_malloc_tunables({"JAX_PLATFORMS": "cpu"}, libc=libc, thp_mode="madvise") is None
     for mode in ("always", "never"):
-        assert speed.cpu_malloc_tunables({"JAX_PLATFORMS": "cpu"}, libc=("glibc", "2.36"), thp_mode=mode) is None
+        assert cpu.cpu_malloc_tunables({"JAX_PLATFORMS": "cpu"}, libc=("glibc", "2.36"), thp_mode=mode) is None
 
 
 def test_mmjax_command_restarts_itself_with_the_malloc_tunable(tmp_path):
@@ -166,5 +168,5 @@ def test_mmjax_command_restarts_itself_with_the_malloc_tunable(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mmjax", "train", "--config", str(missing), "--workdir",
                         str(tmp_path / "w")], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "missing.py" in r.stdout + r.stderr
-    expected = speed.cpu_malloc_tunables(env)
-    assert (f"GLIBC_TUNABLES={speed.CPU_MALLOC_TUNABLE}" in r.stdout) == (expected is not None), r.stdout
+    expected = cpu.cpu_malloc_tunables(env)
+    assert (f"GLIBC_TUNABLES={cpu.CPU_MALLOC_TUNABLE}" in r.stdout) == (expected is not None), r.stdout

@@ -6,17 +6,18 @@ their metrics; bad task settings are refused naming their keys."""
 import jax
 import numpy as np
 import pytest
-
-from mmjax import config as config_lib
-from mmjax import losses, objectives
-from mmjax.config import ConfigError
-from mmjax.data import pairs
-from mmjax.metrics import read_metrics
-from mmjax.models import build_fusion_classifier
-from mmjax.train import train
-
 from test_config import tiny
 from test_sharding import _one_step as sharding_one_step
+
+from mmjax import config as config_lib
+from mmjax.config import ConfigError
+from mmjax.data import pairs
+from mmjax.losses import contrastive as losses
+from mmjax.losses import fusion as objectives
+from mmjax.models import build_fusion_classifier
+from mmjax.training import preflight
+from mmjax.training.loop import train
+from mmjax.training.metrics import read_metrics
 
 
 def _task_config(task, *overrides, data_dir=None):
@@ -163,11 +164,11 @@ def test_pair_stream_is_half_matching_and_deterministic(data_dir):
 def test_bad_task_settings_are_named(overrides, message):
     config = config_lib.apply_overrides(tiny(), overrides)
     with pytest.raises(ConfigError, match=message):
-        config_lib.validate(config, num_devices=8)
+        preflight.check(config, num_devices=8)
 
 
 def test_mismatched_widths_with_proj_dim_are_accepted():
     config = config_lib.apply_overrides(tiny(), ["config.task=classification", "config.model.image.width=48",
                                                  "config.model.fusion.mode=gated",
                                                  "config.model.fusion.proj_dim=32"])
-    config_lib.validate(config, num_devices=8)
+    preflight.check(config, num_devices=8)

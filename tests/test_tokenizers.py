@@ -153,7 +153,7 @@ def test_vocab_checked_against_the_model_embedding(tmp_path):
         config.model.text.vocab_size = vocab_size
         model = build_model(config.model)
         batch = {'image': jnp.zeros((1, 16, 16, 3)), 'text': jnp.asarray(tok.encode(['a cat']))}
-        params = jax.eval_shape(lambda b: model.init(jax.random.PRNGKey(0), b), batch)['params']
+        params = jax.eval_shape(lambda b, model=model: model.init(jax.random.PRNGKey(0), b), batch)['params']
         if ok:
             check_embedding_vocab(tok, params)
         else:  # 259 rounds up to 384 rows (vocab_multiple 128) < 525

@@ -1,4 +1,4 @@
-"""Reading torch weight files without torch and without running pickled code (mmjax.torch_files)."""
+"""Reading torch weight files without torch and without running pickled code (mmjax.interop.torch_files)."""
 
 import collections
 import io
@@ -13,7 +13,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from mmjax.torch_files import UnsafeCheckpointError, load_safetensors, load_state_dict
+from mmjax.interop.torch_files import UnsafeCheckpointError, load_safetensors, load_state_dict
 
 
 def _safetensors_bytes(arrays: dict, tags: dict) -> bytes:
@@ -216,7 +216,7 @@ def test_out_of_bounds_tensor_view_is_refused(tmp_path):
 
 
 def test_no_other_module_unpickles():
-    """Only mmjax/torch_files.py (its restricted unpickler) touches pickle; nothing calls torch.load or
+    """Only mmjax/interop/torch_files.py (its restricted unpickler) touches pickle; nothing calls torch.load or
     np.load with allow_pickle."""
     import pathlib
     import re

@@ -9,17 +9,16 @@ import sys
 import jax
 import numpy as np
 import pytest
+from subprocess_env import mmjax_env
+from test_config import TINY, tiny
 
 import mmjax
 from mmjax import config as config_lib
-from mmjax import sharding as shd
-from mmjax.checkpoint import Checkpointer, CheckpointMismatchError
-from mmjax.metrics import read_metrics
-from mmjax.state import StateFactory
-from mmjax.train import train
-
-from subprocess_env import mmjax_env
-from test_config import TINY, tiny
+from mmjax.runtime import sharding as shd
+from mmjax.training.checkpoint import Checkpointer
+from mmjax.training.loop import train
+from mmjax.training.metrics import read_metrics
+from mmjax.training.state import StateFactory
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 
@@ -37,7 +36,7 @@ def data_dir(tmp_path_factory):
 
 
 def _params(workdir, devices=None):
-    return jax.device_get(mmjax.load(str(workdir), devices=devices)._encoder.params)
+    return jax.device_get(mmjax.load(str(workdir), devices=devices).encoder.params)
 
 
 def test_resume_in_fresh_process_equals_uninterrupted(tmp_path, data_dir):

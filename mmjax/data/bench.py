@@ -1,7 +1,7 @@
 """Loader benchmark: decoded + augmented samples/s of the configured training pipeline, per worker and in total.
 
     python -m mmjax.data.synthetic --format webdataset --out /tmp/pairs --num 400 --per-shard 100
-    python -m mmjax.data.bench --config configs/clip_vit_b16.py --config.data.name=spec \
+    python -m mmjax.data.bench --config configs/clip.py:B/16 --config.data.name=spec \
         --config.data.spec=/tmp/pairs/spec.json --config.train.batch_size=32 --steps 20 --workers 1 2
     python -m mmjax.data.bench --config configs/demo.py --config.train.batch_size=64
 
@@ -19,9 +19,12 @@ import argparse
 import json
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import psutil
+
+from mmjax import config as config_lib
+from mmjax.data import pipeline
 
 
 def _cpu_seconds(process: psutil.Process) -> float:
@@ -38,7 +41,6 @@ def _cpu_seconds(process: psutil.Process) -> float:
 
 def measure(config, workers: int, steps: int, warmup: int) -> dict[str, float]:
     """Times `steps` batches of the training iterator with `workers` worker processes."""
-    from mmjax.data import pipeline
     config.unlock()
     config.data.num_workers = int(workers)
     config.lock()
@@ -61,10 +63,8 @@ def measure(config, workers: int, steps: int, warmup: int) -> dict[str, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from mmjax import config as config_lib
-    from mmjax.cli import _split_overrides
     argv = list(sys.argv[1:] if argv is None else argv)
-    rest, overrides = _split_overrides(argv)
+    rest, overrides = config_lib.split_overrides(argv)
     parser = argparse.ArgumentParser(prog='python -m mmjax.data.bench', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--config', required=True, help='a configs/*.py file (optionally file.py:arg)')

@@ -20,11 +20,11 @@ import collections
 import functools
 import gzip
 import html
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import regex
 
-from mmjax.data.tokenizers import Tokenizer
+from mmjax.data.tokenizer_base import Tokenizer
 
 START_OF_TEXT = '<|startoftext|>'
 END_OF_TEXT = '<|endoftext|>'

@@ -26,11 +26,14 @@ import collections
 import dataclasses
 import io
 import warnings
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import grain.python as grain
 import numpy as np
 from PIL import Image
+
+from mmjax.errors import RuntimeFault
 
 BAD_KINDS = ('missing_file', 'empty_image', 'too_many_pixels', 'bad_image', 'tiny_image', 'empty_caption',
              'bad_caption', 'long_caption')
@@ -47,7 +50,7 @@ class BadSample(Exception):
         self.detail = detail
 
 
-class BadDataError(RuntimeError):
+class BadDataError(RuntimeFault, RuntimeError):
     """Too many bad samples in a shard / file, or a whole shard unreadable; the message names it."""
 
 
@@ -75,7 +78,7 @@ class DecodeLimits:
             raise ValueError(f'DecodeLimits.max_bad_fraction={self.max_bad_fraction} must be in [0, 1]')
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any] | None) -> 'DecodeLimits':
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> DecodeLimits:
         """From a dict (e.g. a dataset spec's 'limits'); unknown keys raise ValueError."""
         values = dict(values or {})
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
@@ -111,13 +114,13 @@ class DecodeStats:
     def bad_fraction(self) -> float:
         return self.num_bad / self.seen if self.seen else 0.0
 
-    def update(self, other: 'DecodeStats') -> 'DecodeStats':
+    def update(self, other: DecodeStats) -> DecodeStats:
         self.seen += other.seen
         self.kept += other.kept
         self.skipped.update(other.skipped)
         return self
 
-    def __add__(self, other: 'DecodeStats') -> 'DecodeStats':
+    def __add__(self, other: DecodeStats) -> DecodeStats:
         return DecodeStats().update(self).update(other)
 
     def check(self, where: str, limits: DecodeLimits, final: bool = False) -> None:
@@ -146,7 +149,7 @@ class DecodeStats:
         return {'seen': self.seen, 'kept': self.kept, 'skipped': {k: int(v) for k, v in self.skipped.items() if v}}
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> 'DecodeStats':
+    def from_dict(cls, values: Mapping[str, Any]) -> DecodeStats:
         stats = cls()
         stats.seen, stats.kept = int(values['seen']), int(values['kept'])
         stats.skipped.update({k: int(v) for k, v in values.get('skipped', {}).items()})

@@ -58,7 +58,7 @@ PROMPT_TEMPLATES = (
 )
 
 
-# Caption style 'french' (config data.captions): a downstream task for fine-tuning (mmjax/finetune.py) -- the
+# Caption style 'french' (config data.captions): a downstream task for fine-tuning (mmjax/training/finetune.py) -- the
 # same images, captioned and prompted in French, whose number words the English-trained model has never read.
 FRENCH_CLASS_NAMES = ('zéro', 'un', 'deux', 'trois', 'quatre', 'cinq', 'six', 'sept', 'huit', 'neuf')
 FRENCH_CAPTION_TEMPLATES = (

@@ -5,12 +5,12 @@ NumPy + PIL only, so it runs inside grain worker processes and needs no accelera
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
 
-ImageLike = Union[np.ndarray, Image.Image]
+ImageLike = np.ndarray | Image.Image
 
 # ITU-R 601 luma weights for RGB -> gray.
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
@@ -72,7 +72,7 @@ def _per_channel(value, channels: int, name: str) -> np.ndarray:
     return value
 
 
-def preprocess_images(images: Union[np.ndarray, Sequence[ImageLike]], image_size: int, channels: int,
+def preprocess_images(images: np.ndarray | Sequence[ImageLike], image_size: int, channels: int,
                       mean=0.5, std=0.5) -> np.ndarray:
     """Model-ready images.
 

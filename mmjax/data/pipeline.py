@@ -28,13 +28,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import grain.python as grain
 import numpy as np
 from absl import flags
 from PIL import Image
 
+from mmjax import config as config_lib
 from mmjax.data import digits, sources, speech_triples
 from mmjax.data.decode import BAD_KINDS, DecodeCropTokenize, DecodeStats
 from mmjax.data.image import preprocess_images, random_affine
@@ -48,7 +50,7 @@ READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
 DATASETS = {'digits': digits, 'digits_speech': speech_triples}  # speech_triples: digits + spoken clips
 
 
-def _dataset(config):
+def labelled_dataset(config):
     """The labelled dataset module of config.data.name (class names, caption function); captioned data has none."""
     name = config.data.name
     if name in DATASETS:
@@ -72,14 +74,9 @@ def zeroshot_unavailable(config) -> str | None:
     return None
 
 
-def resolve_data_dir(config) -> str:
-    """config.data.data_dir, or $MMJAX_DATA_DIR, or ~/.cache/mmjax/tfds when it is empty / None."""
-    return sources.resolve_data_dir(config)
-
-
 def make_source(config, split: str):
     """Random-access source of `split` (built on first use) with records {'image': PNG bytes, 'label', 'index'}."""
-    return _dataset(config).data_source(resolve_data_dir(config), split)
+    return labelled_dataset(config).data_source(config_lib.data_dir(config), split)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +162,39 @@ class CaptionAugmentTokenize(grain.RandomMapTransform):
         return {'image': image, 'text': text, 'label': np.int32(label)}
 
 
+# Probability that a matching-pairs example shows the caption of its own image (label 1).
+MATCH_PROB = 0.5
+
+
+def pair_caption(caption_fn, digit: int, num_classes: int, rng: np.random.Generator) -> tuple[str, int]:
+    """(caption, label): a caption of `digit` (label 1) with probability MATCH_PROB, else of another class
+    drawn uniformly (label 0)."""
+    match = rng.random() < MATCH_PROB
+    shown = digit if match else (digit + int(rng.integers(1, num_classes))) % num_classes
+    return caption_fn(shown, rng), int(match)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairAugmentTokenize(CaptionAugmentTokenize):
+    """Like CaptionAugmentTokenize, but the caption matches the image only half of the time.
+
+    Output: {'image': float32 [image_size, image_size, channels], 'text': int32 [max_len],
+    'label': int32 (1 = the caption describes the image), 'digit': int32 (the image's class)}.
+    """
+
+    num_classes: int = 10
+
+    def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        digit = int(element['label'])
+        caption, match = pair_caption(self.caption_fn, digit, self.num_classes, rng)
+        text = self.tokenizer.encode([caption])[0]
+        image = element['image']
+        if self.augment:
+            image = random_affine(image, rng)
+        image = preprocess_images(image[None], self.image_size, self.channels, self.mean, self.std)[0]
+        return {'image': image, 'text': text, 'label': np.int32(match), 'digit': np.int32(digit)}
+
+
 def _host_batch_size(config, process_count: int) -> int:
     batch_size = int(config.train.batch_size)
     if batch_size <= 0 or batch_size % process_count:
@@ -180,11 +210,13 @@ def _mark_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def global_stream(config, source) -> grain.MapDataset:
+EXAMPLES = ('captions', 'pairs')  # what the stream's examples are: image-caption, or matching pairs
+
+
+def global_stream(config, source, examples: str = 'captions') -> grain.MapDataset:
     """Endless MapDataset of model-ready examples; element k is global stream position k, the same on every
-    process: {'image': float32 [H,W,C], 'text': int32 [L], 'label': int32}. With config.task ==
-    'classification' the examples are image-caption pairs (pairs.PairAugmentTokenize: 'label' = 1 if the
-    caption matches, plus 'digit')."""
+    process: {'image': float32 [H,W,C], 'text': int32 [L], 'label': int32}. With examples='pairs' they are
+    image-caption matching pairs (PairAugmentTokenize: 'label' = 1 if the caption matches, plus 'digit')."""
     _, map_seed = stream_seeds(config.seed)
     img = config.model.image
     size, channels = int(img.image_size), int(img.channels)
@@ -193,15 +225,14 @@ def global_stream(config, source) -> grain.MapDataset:
     preprocess_images(np.zeros((1, size, size), np.uint8), size, channels, mean, std)  # config errors now
     fields = dict(caption_fn=caption_fn(config), tokenizer=get_tokenizer(config.model.text),
                   augment=bool(config.data.augment), image_size=size, channels=channels, mean=mean, std=std)
-    if config.get('task') == 'classification':  # image-caption matching pairs, see mmjax/data/pairs.py
-        from mmjax.data import pairs
-        transform = pairs.make_transform(config, **fields)
+    if examples == 'pairs':
+        transform = PairAugmentTokenize(num_classes=len(labelled_dataset(config).CLASS_NAMES), **fields)
     else:
         transform = CaptionAugmentTokenize(**fields)
     # random_map seeds each element's RNG with (map_seed, its index here) = the global position.
     stream = shuffled_records(source, config.seed).map(DecodeExample()).random_map(transform, seed=map_seed)
     if config.data.name == speech_triples.NAME and 'audio' in tuple(config.model.get('towers', ())):
-        stream = speech_triples.add_speech(config, stream, resolve_data_dir(config))  # + 'audio' per example
+        stream = speech_triples.add_speech(config, stream, config_lib.data_dir(config))  # + 'audio' per example
     return stream
 
 
@@ -229,11 +260,11 @@ def captioned_records(config, opened: list[sources.Opened]) -> grain.MapDataset:
     return sources.MixtureDataset(streams, [item.member.weight for item in opened], seed=map_seed)
 
 
-def captioned_stream(config, records: grain.MapDataset) -> grain.MapDataset:
+def captioned_stream(config, records: grain.MapDataset, examples: str = 'captions') -> grain.MapDataset:
     """Captioned records -> endless model-ready stream {'image': float32 [H,W,C], 'text': int32 [L],
     'label': int32 -1}; the per-position RNG draws the caption and the crop."""
-    if config.get('task', 'contrastive') == 'classification':
-        raise ValueError(f"config.task='classification' needs labelled data (config.data.name='digits'), not "
+    if examples == 'pairs':
+        raise ValueError(f"matching pairs need labelled data (config.data.name='digits'), not "
                          f"config.data.name={config.data.name!r}")
     size, channels, mean, std = _image_fields(config)
     scale = tuple(float(v) for v in config.data.get('crop_scale', (0.08, 1.0)))
@@ -256,13 +287,15 @@ class TrainData:
     mixture: sources.MixtureDataset | None = None
 
 
-def train_data(config, split: str | None = None, progress: bool = True) -> TrainData:
+def train_data(config, split: str | None = None, progress: bool = True, examples: str = 'captions') -> TrainData:
     """Builds (preparing captioned datasets on first use, with a progress bar when `progress`) the global
-    stream of `split` (default config.data.train_split, else 'train')."""
+    stream of `split` (default config.data.train_split, else 'train') of `examples` (EXAMPLES)."""
+    if examples not in EXAMPLES:
+        raise ValueError(f'examples={examples!r}; choose one of {EXAMPLES}')
     split = split or config.data.get('train_split', 'train') or 'train'
     if not is_captioned(config):
         source = make_source(config, split)
-        return TrainData(global_stream(config, source), {config.data.name: len(source)}, {})
+        return TrainData(global_stream(config, source, examples), {config.data.name: len(source)}, {})
     opened = [sources.open_member(m, config, split, progress) for m in sources.members(config)]
     if not opened:
         raise ValueError(f"config.data.mixture is empty; give ((source, weight), ...) for config.data.name="
@@ -271,7 +304,7 @@ def train_data(config, split: str | None = None, progress: bool = True) -> Train
     if len(set(labels)) != len(labels):
         raise ValueError(f'config.data.mixture names a dataset twice: {labels}')
     records = captioned_records(config, opened)
-    return TrainData(captioned_stream(config, records), {l: len(o.source) for l, o in zip(labels, opened)},
+    return TrainData(captioned_stream(config, records, examples), {l: len(o.source) for l, o in zip(labels, opened)},
                      {l: o.stats for l, o in zip(labels, opened)},
                      records if isinstance(records, sources.MixtureDataset) else None)
 
@@ -294,7 +327,7 @@ class TrainIterator(grain.DatasetIterator):
     start at the first `next` or `start_prefetch`).
     """
 
-    def __init__(self, config, process_index: int, process_count: int):
+    def __init__(self, config, process_index: int, process_count: int, examples: str = 'captions'):
         super().__init__()
         self._inner: grain.DatasetIterator | None = None
         if not 0 <= process_index < process_count:
@@ -305,7 +338,7 @@ class TrainIterator(grain.DatasetIterator):
         self._num_workers = int(config.data.num_workers)
         if self._num_workers < 0:
             raise ValueError(f'config.data.num_workers={self._num_workers} must be >= 0')
-        self._data = train_data(config, progress=process_index == 0)
+        self._data = train_data(config, progress=process_index == 0, examples=examples)
         self._num_records = sum(self._data.sizes.values())
         self._stream = self._data.stream
         self._examples_seen = 0
@@ -374,15 +407,17 @@ class TrainIterator(grain.DatasetIterator):
                 f'host batch {self._host_batch}, examples_seen={self._examples_seen})')
 
 
-def make_train_loader(config, process_index: int = 0, process_count: int = 1) -> TrainIterator:
+def make_train_loader(config, process_index: int = 0, process_count: int = 1,
+                      examples: str = 'captions') -> TrainIterator:
     """Endless iterator of this process's batches (supports `get_state()` / `set_state(state)`).
 
     Yields {'image': float32 [b,H,W,C], 'text': int32 [b,L], 'label': int32 [b]} with
     b = config.train.batch_size // process_count, H = W = config.model.image.image_size,
     C = config.model.image.channels, L = config.model.text.max_len. Batch g of process p holds global
-    stream positions [g*B + p*b, g*B + (p+1)*b), B = config.train.batch_size.
+    stream positions [g*B + p*b, g*B + (p+1)*b), B = config.train.batch_size. examples='pairs': image-caption
+    matching pairs of labelled data (see `global_stream`).
     """
-    return TrainIterator(config, process_index, process_count)
+    return TrainIterator(config, process_index, process_count, examples)
 
 
 def load_eval_split(config, split: str = 'test') -> dict[str, np.ndarray]:
@@ -404,7 +439,7 @@ def load_eval_split(config, split: str = 'test') -> dict[str, np.ndarray]:
 def caption_fn(config) -> Callable[[int, np.random.Generator], str]:
     """The digits' caption(label, rng) in the caption style `config.data.captions` ('english' | 'french')."""
     style = config.data.get('captions', 'english') or 'english'
-    return _dataset(config).caption if style == 'english' else functools.partial(digits.caption, style=style)
+    return labelled_dataset(config).caption if style == 'english' else functools.partial(digits.caption, style=style)
 
 
 def zeroshot_prompts(config) -> tuple[list[str], list[str]]:
@@ -413,5 +448,5 @@ def zeroshot_prompts(config) -> tuple[list[str], list[str]]:
     style = config.data.get('captions', 'english') or 'english'
     if style != 'english':
         return digits.prompts(style)
-    dataset = _dataset(config)
+    dataset = labelled_dataset(config)
     return list(dataset.CLASS_NAMES), list(dataset.PROMPT_TEMPLATES)

@@ -30,11 +30,13 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import grain.python as grain
 import numpy as np
 
+from mmjax import config as config_lib
 from mmjax.data import builders
 from mmjax.data.decode import DecodeStats
 
@@ -187,13 +189,6 @@ class TfdsCaptioned(grain.MapTransform):
         return {'image': record[self.image_key], 'captions': captions, 'key': b''}
 
 
-def resolve_data_dir(config) -> str:
-    """config.data.data_dir, or $MMJAX_DATA_DIR, or ~/.cache/mmjax/tfds when it is empty."""
-    if config.data.data_dir:
-        return os.path.abspath(os.path.expanduser(config.data.data_dir))
-    return os.environ.get('MMJAX_DATA_DIR', os.path.expanduser('~/.cache/mmjax/tfds'))
-
-
 @dataclasses.dataclass
 class Opened:
     """A member opened for one split: its random-access source, the transform from its records to captioned
@@ -207,12 +202,12 @@ class Opened:
 
 def open_member(member: Member, config, split: str, progress: bool = True) -> Opened:
     """Prepares (spec, first use) and opens `member`'s `split`."""
-    data_dir = resolve_data_dir(config)
+    data_dir = config_lib.data_dir(config)
     if member.kind == 'spec':
         stats = builders.prepare_dataset(member.spec, data_dir, progress=progress)
         name = member.spec['name']
         return Opened(member, builders.load_source(name, data_dir, split), None, stats.get(split, DecodeStats()))
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # slow to import (seconds); only prepared TFDS datasets need it
     image_key = str(config.data.get('tfds_image_key', 'image'))
     caption_key = str(config.data.get('tfds_caption_key', 'caption'))
     try:
@@ -226,4 +221,4 @@ def open_member(member: Member, config, split: str, progress: bool = True) -> Op
 
 
 __all__ = ['DATA_KINDS', 'MIXTURE_BLOCK', 'Member', 'MixtureDataset', 'Opened', 'TfdsCaptioned', 'members',
-           'mixture_counts', 'open_member', 'parse_source', 'resolve_data_dir']
+           'mixture_counts', 'open_member', 'parse_source']

@@ -28,6 +28,7 @@ import wave
 
 import numpy as np
 
+from mmjax import config as config_lib
 from mmjax.data.audio import resample
 from mmjax.data.digits import CLASS_NAMES
 from mmjax.data.locking import file_lock
@@ -82,7 +83,7 @@ class SpeechDigits:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def split(self, name: str) -> 'SpeechDigits':
+    def split(self, name: str) -> SpeechDigits:
         """The 'train' or 'test' (held-out voice/rate combinations) subset, in clip order."""
         if name not in ('train', 'test'):
             raise ValueError(f"unknown split {name!r}; choose 'train' or 'test'")
@@ -170,11 +171,6 @@ def synthesize(grid: Grid = Grid(), num_threads: int = 2) -> SpeechDigits:
         sample_rate=grid.sample_rate)
 
 
-def default_data_dir() -> str:
-    """$MMJAX_DATA_DIR or ~/.cache/mmjax/tfds (the same default as the image data)."""
-    return os.environ.get('MMJAX_DATA_DIR', os.path.expanduser('~/.cache/mmjax/tfds'))
-
-
 def cache_path(data_dir: str, grid: Grid = Grid()) -> str:
     """The .npz file for `grid` (its name fingerprints the grid, the format and the espeak-ng version)."""
     key = json.dumps([FORMAT_VERSION, espeak_version(), dataclasses.asdict(grid)], sort_keys=True)
@@ -190,8 +186,8 @@ def _read(path: str) -> SpeechDigits:
 
 def load(data_dir: str | None = None, grid: Grid = Grid(), split: str | None = None) -> SpeechDigits:
     """The spoken-number clips of `grid`, synthesised on first use and cached under `data_dir`
-    (default `default_data_dir()`); `split` 'train' | 'test' | None (all). Safe for concurrent callers."""
-    data_dir = default_data_dir() if not data_dir else os.path.abspath(os.path.expanduser(data_dir))
+    (default `config_lib.default_data_dir()`); `split` 'train' | 'test' | None (all). Safe for concurrent callers."""
+    data_dir = config_lib.default_data_dir() if not data_dir else os.path.abspath(os.path.expanduser(data_dir))
     path = cache_path(data_dir, grid)
     if not os.path.isfile(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -10,11 +10,13 @@ for content, except unk for characters the model cannot represent.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
+import flax
 import numpy as np
 
-from mmjax.data.tokenizers import Tokenizer
+from mmjax.data.tokenizer_base import Tokenizer
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -24,7 +26,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     def __init__(self, model_file: str, max_len: int):
         super().__init__(max_len)
-        import sentencepiece
+        import sentencepiece  # optional package (the `text` extra)
         self._sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
 
     @property
@@ -46,7 +48,7 @@ class HFTokenizer(Tokenizer):
 
     def __init__(self, tokenizer_file: str, max_len: int):
         super().__init__(max_len)
-        import tokenizers
+        import tokenizers  # optional package (the `text` extra)
         self._tok = tokenizers.Tokenizer.from_file(tokenizer_file)
         self._tok.no_truncation()
         self._tok.no_padding()
@@ -75,7 +77,6 @@ class HFTokenizer(Tokenizer):
 
 def text_embedding_rows(params: Any) -> int:
     """Rows of the text tower's token-embedding table (params['text'][...]['token_embed']['embedding'])."""
-    import flax
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params) if hasattr(params, 'unfreeze') else params)
     rows = [np.shape(getattr(v, 'value', v))[0] for path, v in flat.items()
             if path and path[0] == 'text' and 'token_embed' in path and path[-1] in ('embedding', 'value')]

@@ -20,7 +20,7 @@ import io
 import json
 import os
 import tarfile
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw

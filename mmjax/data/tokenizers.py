@@ -8,66 +8,12 @@ New tokenizers (SentencePiece, HF, CLIP-BPE) subclass `Tokenizer` and register a
 
 from __future__ import annotations
 
-import abc
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
-import numpy as np
-
-PAD_ID = 0
-BOS_ID = 1
-EOT_ID = 2
-
-
-class Tokenizer(abc.ABC):
-    """Interface: `encode`, `decode`, `vocab_size`, `pad_id`, `bos_id`, `eot_id`, `max_len`."""
-
-    pad_id: int = PAD_ID
-    bos_id: int = BOS_ID
-    eot_id: int = EOT_ID
-
-    def __init__(self, max_len: int):
-        if max_len < 2:
-            raise ValueError(f'max_len must be >= 2 to hold BOS and EOT, got {max_len}')
-        self.max_len = int(max_len)
-
-    @property
-    @abc.abstractmethod
-    def vocab_size(self) -> int:
-        """Number of token ids, specials included."""
-
-    @abc.abstractmethod
-    def text_to_ids(self, text: str) -> list[int]:
-        """Content ids of one string (no specials, no truncation)."""
-
-    @abc.abstractmethod
-    def ids_to_text(self, ids: Sequence[int]) -> str:
-        """Inverse of `text_to_ids` on content ids."""
-
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """list[str] -> int32 [N, max_len]: BOS, content ids (truncated to max_len - 2), EOT, pads."""
-        if isinstance(texts, str):
-            raise TypeError('encode expects a list of strings, got a single str')
-        out = np.full((len(texts), self.max_len), self.pad_id, np.int32)
-        for i, text in enumerate(texts):
-            ids = [self.bos_id] + self.text_to_ids(text)[: self.max_len - 2] + [self.eot_id]
-            out[i, : len(ids)] = ids
-        return out
-
-    def decode(self, tokens: np.ndarray) -> list[str]:
-        """int [N, L] (or [L]) -> list[str]; specials and pads are dropped, decoding stops at EOT."""
-        tokens = np.asarray(tokens)
-        if tokens.ndim == 1:
-            tokens = tokens[None]
-        texts = []
-        for row in tokens.tolist():
-            content = []
-            for t in row:
-                if t == self.eot_id:
-                    break
-                if t not in (self.pad_id, self.bos_id):
-                    content.append(t)
-            texts.append(self.ids_to_text(content))
-        return texts
+from mmjax.config import BOS_ID, EOT_ID, PAD_ID
+from mmjax.data.bpe import ClipBpeTokenizer
+from mmjax.data.subword import HFTokenizer, SentencePieceTokenizer
+from mmjax.data.tokenizer_base import Tokenizer
 
 
 class ByteTokenizer(Tokenizer):
@@ -100,17 +46,14 @@ def _tokenizer_path(text_cfg, name: str) -> str:
 
 
 def _sentencepiece_tokenizer(text_cfg) -> Tokenizer:
-    from mmjax.data.subword import SentencePieceTokenizer  # lazy: optional package `sentencepiece`
     return SentencePieceTokenizer(_tokenizer_path(text_cfg, 'sentencepiece'), max_len=text_cfg.max_len)
 
 
 def _hf_tokenizer(text_cfg) -> Tokenizer:
-    from mmjax.data.subword import HFTokenizer  # lazy: optional package `tokenizers`
     return HFTokenizer(_tokenizer_path(text_cfg, 'hf'), max_len=text_cfg.max_len)
 
 
 def _clip_bpe_tokenizer(text_cfg) -> Tokenizer:
-    from mmjax.data.bpe import ClipBpeTokenizer  # lazy: imports this module
     return ClipBpeTokenizer(_tokenizer_path(text_cfg, 'clip_bpe'), max_len=text_cfg.max_len,
                             max_merges=text_cfg.get('bpe_max_merges', None))
 
@@ -124,6 +67,9 @@ TOKENIZERS: dict[str, Callable[..., Tokenizer]] = {
     'hf': _hf_tokenizer,
     'clip_bpe': _clip_bpe_tokenizer,
 }
+
+
+__all__ = ["BOS_ID", "EOT_ID", "PAD_ID", "TOKENIZERS", "ByteTokenizer", "Tokenizer", "get_tokenizer"]
 
 
 def get_tokenizer(text_cfg) -> Tokenizer:

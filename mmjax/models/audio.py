@@ -1,6 +1,6 @@
 """Audio encoder: a spectrogram transformer that takes raw waveforms.
 
-The tower runs the JAX log-mel front end (`mmjax.data.audio.LogMel`) itself, so users and the input pipeline
+The tower runs the JAX log-mel front end (`mmjax.models.frontend.LogMel`) itself, so users and the input pipeline
 hand it 16 kHz (config `sample_rate`) float waveforms and their lengths, never features: there is one place
 where the feature settings live (`config.model.audio`), they cannot drift between training and inference, and
 the front end runs on the accelerator, batched and sharded like the rest of the model.
@@ -17,18 +17,16 @@ neither the padding's content nor its length changes the outputs.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.data.audio import LogMel
-from mmjax.models.layers import (ACT_POOLED, ACT_TOKENS, Encoder, add_positions, constrain, dense, layer_norm,
-                                 partitioned, pooled_token_features)
-from mmjax.models.encoders import finetune_kwargs, prompt_tokens
-
-Dtype = Any
+from mmjax.models.encoders import EncoderOptions
+from mmjax.models.frontend import LogMel
+from mmjax.models.layers import ACT_POOLED, ACT_TOKENS, add_positions, constrain, dense, layer_norm, partitioned
+from mmjax.models.transformer import pooled_token_features
 
 
 def patchify_spectrogram(x: jax.Array, patch_time: int, patch_freq: int) -> jax.Array:
@@ -41,15 +39,15 @@ def patchify_spectrogram(x: jax.Array, patch_time: int, patch_freq: int) -> jax.
     return x.reshape(b, (f // patch_time) * (m // patch_freq), patch_time * patch_freq)
 
 
-class AudioTransformer(nn.Module):
+class AudioTransformer(EncoderOptions):
     """Waveform -> log-mel -> patch embedding, learned positions, CLS, pre-LN encoder, final LN.
 
     Log-mel dB values are standardised with the fixed `input_mean` / `input_std` (defaults measured on the
     spoken-numbers set, whose real frames have mean -37 dB, std 22 dB, range [-100, 13] dB).
     pool='cls': pooled = CLS token; pool='mean': mean over the valid patch tokens.
-    Fine-tuning fields (off by default; see `mmjax.finetune`), as in `mmjax.models.encoders.ViT`: `num_prompts`
-    P > 0 inserts P learned tokens after the class token (no position embeddings; always attended to, dropped
-    from the returned tokens and from mean pooling); `adapter_dim` / `lora_*` go to every encoder block.
+    Shared options and fine-tuning fields: `mmjax.models.encoders.EncoderOptions` (keyword-only). As in ViT,
+    `num_prompts` P > 0 inserts P learned tokens after the class token (no position embeddings; always attended
+    to, dropped from the returned tokens and from mean pooling).
     """
     sample_rate: int
     n_fft: int
@@ -68,16 +66,6 @@ class AudioTransformer(nn.Module):
     f_max: float | None = None
     input_mean: float = -37.0
     input_std: float = 22.0
-    remat: str = 'none'
-    scan_layers: bool = False
-    activation: str = 'gelu'
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    num_prompts: int = 0
-    adapter_dim: int = 0
-    lora_rank: int = 0
-    lora_alpha: float = 1.0
-    lora_targets: str = ''
 
     @property
     def frontend(self) -> LogMel:
@@ -116,7 +104,7 @@ class AudioTransformer(nn.Module):
         -> (tokens [B, 1 + N, width] with N = ceil(frames / patch_time) * (n_mels / patch_freq), frames =
         1 + T // hop, tokens at padded patches zero; pooled [B, width]) in `dtype`.
         return_tokens=False: (None, pooled); with pool='cls' the last block then computes the class token only
-        (`mmjax.models.layers.Encoder` query_index)."""
+        (`mmjax.models.transformer.Encoder` query_index)."""
         if isinstance(audio, Mapping):
             if lengths is not None:
                 raise ValueError('pass lengths either in the audio dict or as an argument, not both')
@@ -150,12 +138,11 @@ class AudioTransformer(nn.Module):
         p = self.num_prompts
         attend = valid  # keys the encoder may attend to: [B, 1 + P + N] with prompts
         if p > 0:
-            x = jnp.concatenate([x[:, :1], prompt_tokens(self, b), x[:, 1:]], axis=1)
+            x = jnp.concatenate([x[:, :1], self.prompt_tokens(b), x[:, 1:]], axis=1)
             attend = jnp.concatenate([valid[:, :1], jnp.ones((b, p), bool), valid[:, 1:]], axis=1)
         x = layer_norm(name='ln_pre', **kw)(x)
 
-        encoder = Encoder(self.depth, self.num_heads, self.mlp_dim, remat=self.remat, scan=self.scan_layers,
-                          activation=self.activation, name='transformer', **finetune_kwargs(self), **kw)
+        encoder = self.encoder_stack()
         if not return_tokens and self.pool == 'cls':
             return None, pooled_token_features(encoder, x, attend[:, None, None, :], jnp.zeros((b,), jnp.int32),
                                                **kw)

@@ -1,6 +1,6 @@
 """Fusion of two modalities: cross-attention, co-attention, feature fusion, Flamingo-style gated blocks.
 
-Every attention here is `layers.MultiHeadAttention`; every parameter carries logical axis names (via the `layers`
+Every attention here is `attention.MultiHeadAttention`; every parameter carries logical axis names (via the `layers`
 helpers) and every module's output is constrained with `act_*` names.
 
 Key-padding masks are bool with True = a real token (may be attended to); None = all tokens valid.
@@ -19,9 +19,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models.encoders import PAD_ID, last_nonpad_index
-from mmjax.models.layers import (ACT_POOLED, ACT_TOKENS, REMAT_POLICIES, Embed, EncoderBlock, Mlp,
-                                 MultiHeadAttention, constrain, dense, layer_norm, partitioned)
+from mmjax.models.attention import MultiHeadAttention
+from mmjax.models.encoders import embed_text
+from mmjax.models.layers import ACT_POOLED, ACT_TOKENS, Mlp, constrain, dense, layer_norm, partitioned, remat_module
+from mmjax.models.transformer import EncoderBlock, take_rows
 
 Dtype = Any
 FUSION_MODES = ('concat', 'weighted', 'gated', 'xattn')
@@ -298,7 +299,7 @@ class GatedCrossAttentionBlock(nn.Module):
 
 
 class InterleavedEncoder(nn.Module):
-    """`depth` EncoderBlocks ('block_{i}', as in layers.Encoder) with a GatedCrossAttentionBlock ('xattn_{i}')
+    """`depth` EncoderBlocks ('block_{i}', as in transformer.Encoder) with a GatedCrossAttentionBlock ('xattn_{i}')
     after every `every`-th block (after block i when (i + 1) % every == 0)."""
     depth: int
     num_heads: int
@@ -317,12 +318,8 @@ class InterleavedEncoder(nn.Module):
         """x [B,L,E], self-attention mask [B,1|H,L,L] | None, context [B,M,Ec], context_mask [B,M] -> [B,L,E]."""
         if self.every < 1:
             raise ValueError(f'xattn_every must be >= 1; got {self.every}')
-        block_cls, xattn_cls = EncoderBlock, GatedCrossAttentionBlock
-        if self.remat != 'none':
-            if self.remat not in REMAT_POLICIES:
-                raise ValueError(f"model.remat must be one of 'none', {sorted(REMAT_POLICIES)}; got {self.remat!r}")
-            block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat])
-            xattn_cls = nn.remat(xattn_cls, policy=REMAT_POLICIES[self.remat])
+        block_cls = remat_module(EncoderBlock, self.remat)
+        xattn_cls = remat_module(GatedCrossAttentionBlock, self.remat)
         kw = dict(activation=self.activation, dtype=self.dtype, param_dtype=self.param_dtype)
         x = constrain(x, ACT_TOKENS)
         for i in range(self.depth):
@@ -336,9 +333,10 @@ class InterleavedEncoder(nn.Module):
 class GatedXAttnTextEncoder(nn.Module):
     """encoders.TextTransformer with a tanh-gated cross-attention block to `context` after every k-th layer.
 
-    Same fields, param names and semantics as TextTransformer (so its params load unchanged: the extra params are
-    'transformer/xattn_{i}'); at init it computes exactly what TextTransformer computes. Extra fields:
-    xattn_every (k), xattn_heads (default num_heads), xattn_mlp_dim (default mlp_dim). No scan (blocks differ).
+    Same fields, param names and semantics as TextTransformer, whose input (`encoders.embed_text`) it shares (so
+    its params load unchanged: the extra params are 'transformer/xattn_{i}'); at init it computes exactly what
+    TextTransformer computes. Extra fields: xattn_every (k), xattn_heads (default num_heads), xattn_mlp_dim
+    (default mlp_dim). No scan (blocks differ), no prompts, adapters or LoRA.
     """
     vocab_size: int
     max_len: int
@@ -362,29 +360,11 @@ class GatedXAttnTextEncoder(nn.Module):
                  valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """tokens int32 [B,L], context [B,M,Ec], context_mask bool [B,M] | None, valid bool [B,L] | None
         (default tokens != 0) -> (tokens [B,L,width], pooled [B,width])."""
-        if self.pool not in ('eot', 'cls'):
-            raise ValueError(f"model.text.pool must be 'eot' or 'cls'; got {self.pool!r}")
-        length = tokens.shape[1]
-        if length > self.max_len:
-            raise ValueError(f'text length {length} exceeds model.text.max_len {self.max_len}')
-        valid = tokens != PAD_ID if valid is None else valid
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        rows = -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
-        x = Embed(rows, self.width, std=0.02, name='token_embed', **kw)(tokens)
-        pos = self.param('pos_embed', partitioned(nn.initializers.normal(0.01), ('length', 'embed')),
-                         (self.max_len, self.width), self.param_dtype)
-        x = x + constrain(pos[:length].astype(self.dtype), ('act_length', 'act_embed'))[None]
-        mask = valid[:, None, None, :]
-        if self.causal:
-            mask = mask & jnp.tril(jnp.ones((length, length), bool))[None, None]
+        x, mask, index = embed_text(self, tokens, valid)
         x = InterleavedEncoder(self.depth, self.num_heads, self.mlp_dim, self.xattn_every,
                                self.xattn_heads or self.num_heads, self.xattn_mlp_dim or self.mlp_dim,
                                remat=self.remat, activation=self.activation, name='transformer',
                                **kw)(x, mask, context, context_mask)
         x = constrain(layer_norm(name='ln_final', **kw)(x), ACT_TOKENS)
-        if self.pool == 'cls':
-            pooled = x[:, 0]
-        else:
-            index = last_nonpad_index(jnp.where(valid, 1, PAD_ID))
-            pooled = jnp.take_along_axis(x, index[:, None, None], axis=1)[:, 0]
-        return x, constrain(pooled, ACT_POOLED)
+        return x, constrain(take_rows(x, index)[:, 0], ACT_POOLED)

@@ -21,15 +21,43 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mmjax import objectives
-from mmjax.models.encoders import PAD_ID, TextTransformer, ViT, last_nonpad_index
+from mmjax.config import PAD_ID
+from mmjax.models.encoders import TextTransformer, ViT, last_nonpad_index
 from mmjax.models.fusion import FUSION_MODES, CoAttention, CrossAttention, build_fusion, masked_mean
-from mmjax.models.layers import ACT_POOLED, ACT_TOKENS, EncoderBlock, activation_fn, constrain, dense, layer_norm
 from mmjax.models.heads import ProjectionHead, l2_normalize, logit_scale
-from mmjax.models.model import ContrastiveModel, encoder_kwargs, build_model
+from mmjax.models.layers import ACT_POOLED, ACT_TOKENS, activation_fn, constrain, dense, layer_norm
+from mmjax.models.model import ContrastiveModel, build_model, encoder_kwargs
+from mmjax.models.transformer import EncoderBlock
 
 Dtype = Any
 Kwargs = tuple[tuple[str, Any], ...]
+
+
+
+def itm_negatives(sim: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    """Hard negatives mined inside the batch.
+
+    Args:
+        sim: [B, B] similarity logits (e.g. logit_scale * x @ y.T); row i scores candidates j for query i, and
+            (i, i) is the positive pair. No gradient flows through it.
+        rng: PRNG key: sample j with probability softmax(sim[i, j]) over j != i. None: the hardest negative
+            (argmax over j != i).
+
+    Returns:
+        int32 [B]: for each row i a column index j != i. Only the diagonal is excluded, so in a batch with duplicate
+        captions an identical caption at j != i may be drawn (and labelled a negative); the positive pair never is.
+    """
+    if sim.ndim != 2 or sim.shape[0] != sim.shape[1]:
+        raise ValueError(f'itm_negatives needs a square similarity matrix [B, B]; got {sim.shape}')
+    b = sim.shape[0]
+    if b < 2:
+        raise ValueError(f'itm_negatives needs a batch of at least 2 to find a negative; got B={b}')
+    sim = jax.lax.stop_gradient(sim).astype(jnp.float32)
+    k = jnp.arange(b - 1, dtype=jnp.int32)[None, :]
+    columns = k + (k >= jnp.arange(b, dtype=jnp.int32)[:, None])  # [B, B-1]: every column but i
+    off_diag = jnp.take_along_axis(sim, columns, axis=1)
+    pick = jnp.argmax(off_diag, axis=1) if rng is None else jax.random.categorical(rng, off_diag, axis=1)
+    return jnp.take_along_axis(columns, pick[:, None].astype(jnp.int32), axis=1)[:, 0]
 
 
 class EncoderSlot(nn.Module):
@@ -266,7 +294,7 @@ class ContrastiveItmMlmModel(ContrastiveModel):
         with MLM masking, see objectives.mask_tokens)} -> the ContrastiveModel outputs plus
           'itm_logits_pos' float32 [B]: ITM logits of the matching pairs,
           'itm_logits_neg' float32 [2B]: each image with a hard negative text, then each text with a hard
-              negative image (objectives.itm_negatives on logit_scale * image·text similarity; sampled with the
+              negative image (itm_negatives on logit_scale * image·text similarity; sampled with the
               'itm' rng when given, else the hardest negative),
           'mlm_logits' float32 [B,L,V]: vocabulary logits of the image-fused 'mlm_text' (or 'text' when absent).
         """
@@ -276,8 +304,8 @@ class ContrastiveItmMlmModel(ContrastiveModel):
         text_mask = batch['text'] != PAD_ID
         sim = jax.lax.stop_gradient(self.scale * (img['embedding'] @ txt['embedding'].T))
         rngs = jax.random.split(self.make_rng('itm')) if self.has_rng('itm') else (None, None)
-        neg_text = objectives.itm_negatives(sim, rngs[0])  # [B] a text index per image
-        neg_image = objectives.itm_negatives(sim.T, rngs[1])  # [B] an image index per text
+        neg_text = itm_negatives(sim, rngs[0])  # [B] a text index per image
+        neg_image = itm_negatives(sim.T, rngs[1])  # [B] an image index per text
         heads = self.itm_mlm
         # One fused pass over [positives; image + negative text; negative image + text] (3B pairs).
         image_tokens = jnp.concatenate([img['tokens'], img['tokens'], img['tokens'][neg_image]])

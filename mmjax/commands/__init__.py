@@ -1,0 +1,1 @@
+"""The `mmjax` subcommands' entry points: train, eval, compile, bench, convert."""

@@ -1,0 +1,111 @@
+"""`mmjax eval --config C --workdir W [--step N | --all]`: evaluates checkpoints of a training workdir.
+
+For each evaluated step it writes `W/eval/<step>.json` (flat keys: zeroshot/top1, zeroshot/top5,
+retrieval/i2t/r1|r5|r10, retrieval/t2i/r1|r5|r10, linear_probe/top1, plus linear_probe/l2), prints a
+table, and writes PNGs to `W/eval/`: `curves.png` (loss and eval metrics vs step),
+`confusion_<step>.png` (zero-shot) and `retrieval_<step>.png` (top-5 images for a few text queries).
+A model with an audio tower also gets zeroshot/audio/top1|top5 on the held-out voices' clips (the same figures
+`mmjax train` logs); without an image tower that is its whole evaluation (zeroshot/top1 is then the audio's).
+
+Read-only on the checkpoints (safe while training is still writing them): the model comes from
+`mmjax.load(W, step)`, i.e. the workdir's own config.json; `--config` (with `--config.KEY=VALUE`
+overrides) supplies the data settings (data.name, data.data_dir, ...) and eval.batch_size.
+
+The evaluators and the data they need live in `mmjax.eval.suite`.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import ml_collections
+
+from mmjax import inference
+from mmjax.errors import NotAWorkdirError
+from mmjax.eval import plots as plots_lib
+from mmjax.eval.suite import evaluate_model, format_table, load_eval_data
+from mmjax.training.checkpoint import Checkpointer, NoCheckpointError
+from mmjax.training.metrics import read_metrics
+
+
+def _data_config(model_config, cli_config):
+    """The workdir's config (model, preprocessing) with the data section of the command-line config."""
+    cfg = ml_collections.ConfigDict(model_config.to_dict())
+    cfg.data = ml_collections.ConfigDict(cli_config.data.to_dict())
+    return cfg
+
+
+def read_eval_results(workdir: str) -> dict[int, dict]:
+    """{step: metrics} from W/eval/<step>.json."""
+    out = {}
+    for path in glob.glob(os.path.join(workdir, "eval", "*.json")):
+        name = os.path.splitext(os.path.basename(path))[0]
+        if name.isdigit():
+            with open(path) as f:
+                out[int(name)] = json.load(f)
+    return dict(sorted(out.items()))
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+def run(config, workdir: str, step: int | None = None, all_steps: bool = False, progress: bool = True,
+        plots: bool = True, out=print) -> dict[int, dict]:
+    """Evaluates the latest checkpoint of `workdir` (or `step`, or every one); returns {step: metrics}."""
+    workdir = os.path.abspath(workdir)
+    if not os.path.exists(os.path.join(workdir, "config.json")):
+        raise NotAWorkdirError(f"{workdir!r} is not an mmjax workdir: no config.json in it")
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise NoCheckpointError(f"no checkpoints in {ckpt_dir}")
+    ckpt = Checkpointer(ckpt_dir, async_save=False, read_only=True)
+    try:
+        steps = sorted(ckpt.all_steps()) if all_steps else [ckpt.choose_step(step)]
+    finally:
+        ckpt.close()
+    if not steps:
+        raise NoCheckpointError(f"no checkpoints in {ckpt_dir}")
+
+    eval_dir = os.path.join(workdir, "eval")
+    os.makedirs(eval_dir, exist_ok=True)
+    data, results = None, {}
+    for s in steps:
+        try:
+            model = inference.load(workdir, s)
+        except (FileNotFoundError, ValueError) as e:  # deleted by keep-N while we were evaluating
+            if len(steps) == 1:
+                raise
+            out(f"mmjax: skipping checkpoint {s}: {e}")
+            continue
+        model.encoder.batch_size = max(1, int(config.eval.batch_size))  # 1 device: no shard rounding
+        if data is None:
+            data = load_eval_data(_data_config(model.config, config))
+        if progress:
+            out(f"mmjax: evaluating checkpoint {s} of {workdir}")
+        metrics, extras = evaluate_model(model, data, progress)
+        results[s] = metrics
+        _write_json(os.path.join(eval_dir, f"{s}.json"), {"step": s, **metrics})
+        if plots and extras["zeroshot_preds"] is not None:  # the image plots
+            plots_lib.confusion_matrix(data["test"]["label"], extras["zeroshot_preds"], data["class_names"],
+                                       os.path.join(eval_dir, f"confusion_{s}.png"),
+                                       title=f"zero-shot confusion, step {s}")
+            plots_lib.contact_sheet(extras["queries"], data["test"]["image"], extras["top_idx"],
+                                    os.path.join(eval_dir, f"retrieval_{s}.png"), extras["top_correct"])
+    if plots and results:
+        plots_lib.training_curves(read_metrics(workdir), read_eval_results(workdir),
+                                  os.path.join(eval_dir, "curves.png"))
+    if results:
+        out(format_table(results))
+        out(f"mmjax: results in {eval_dir}/")
+    return results
+
+
+def main(config, args) -> int:
+    run(config, args.workdir, step=args.step, all_steps=args.all, progress=not args.quiet,
+        plots=not args.no_plots, out=lambda s: print(s, flush=True))
+    return 0

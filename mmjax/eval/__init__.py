@@ -1,0 +1,1 @@
+"""Evaluation: one batched encoder, zero-shot for every tower, retrieval, linear probe, task evaluators, plots."""

@@ -1,0 +1,124 @@
+"""PNG figures of a workdir's training and evaluation (matplotlib, no display needed).
+
+    training_curves(records, evals, out)                     loss (metrics.jsonl) and every eval metric vs step
+    confusion_matrix(labels, preds, class_names, out)  zero-shot confusion matrix
+    contact_sheet(queries, images, top_idx, out)       the top-k retrieved images for a few text queries
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib  # slow to import; only the figures of `mmjax eval` need it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # after the backend is chosen
+
+    return plt
+
+
+def training_curves(records: list[dict], eval_results: dict[int, dict], out: str) -> str:
+    """Loss vs step from the records of W/metrics.jsonl, and each eval metric (keys with a '/', from the records
+    and from `eval_results` {step: metrics}, W/eval/*.json) vs step, in a second panel."""
+    plt = _plt()
+    evals: dict[str, dict[int, float]] = {}
+    for r in records:
+        for k, v in r.items():
+            if "/" in k:
+                evals.setdefault(k, {})[r["step"]] = v
+    for step, m in eval_results.items():
+        for k, v in m.items():
+            if "/" in k and isinstance(v, (int, float)) and not k.endswith("/l2"):
+                evals.setdefault(k, {})[step] = v
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    loss = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    if loss:
+        s, v = zip(*loss)
+        ax1.plot(s, v, color="C0")
+    ax1.set(xlabel="step", ylabel="loss", title="training loss")
+    ax1.grid(alpha=0.3)
+    for i, (k, pts) in enumerate(sorted(evals.items())):
+        s = sorted(pts)
+        ax2.plot(s, [pts[x] for x in s], marker="o", label=k, color=f"C{i % 10}",
+                 linestyle="--" if "t2i" in k else "-")
+    ax2.set(xlabel="step", ylabel="value", title="evaluation metrics", ylim=(0, 1.02))
+    ax2.grid(alpha=0.3)
+    if evals:
+        ax2.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def confusion_matrix(labels: np.ndarray, preds: np.ndarray, class_names: Sequence[str], out: str,
+                     title: str = "zero-shot confusion matrix") -> str:
+    """Row-normalised confusion matrix (true class rows, predicted class columns) with counts."""
+    plt = _plt()
+    c = len(class_names)
+    cm = np.zeros((c, c), np.int64)
+    np.add.at(cm, (np.asarray(labels), np.asarray(preds)), 1)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    size = max(5.0, 0.5 * c + 2)
+    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    if c <= 30:
+        for i in range(c):
+            for j in range(c):
+                if cm[i, j]:
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                            color="white" if norm[i, j] > 0.5 else "black")
+        ax.set_xticks(range(c), class_names, rotation=45, ha="right")
+        ax.set_yticks(range(c), class_names)
+    ax.set(xlabel="predicted", ylabel="true", title=f"{title} (top-1 {np.trace(cm) / max(cm.sum(), 1):.3f})")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def _displayable(image: np.ndarray) -> np.ndarray:
+    """A preprocessed (normalised float) or uint8 image -> float [H,W] or [H,W,3] in [0, 1]."""
+    x = np.asarray(image, np.float32)
+    lo, hi = float(x.min()), float(x.max())
+    x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+    if x.ndim == 3 and x.shape[-1] == 1:
+        x = x[..., 0]
+    return x
+
+
+def contact_sheet(queries: Sequence[str], images: np.ndarray, top_idx: np.ndarray, out: str,
+                  correct: np.ndarray | None = None) -> str:
+    """One row per text query: the query, then its top-k images (top_idx [Q, k]) in rank order.
+    correct [Q, k] bool (optional) frames hits green and misses red."""
+    plt = _plt()
+    q, k = np.asarray(top_idx).shape
+    fig, axes = plt.subplots(q, k + 1, figsize=(1.5 * (k + 1) + 1.5, 1.5 * q),
+                             gridspec_kw={"width_ratios": [2.5] + [1] * k}, squeeze=False)
+    for r in range(q):
+        axes[r, 0].axis("off")
+        axes[r, 0].text(0.98, 0.5, f"\u201c{queries[r]}\u201d", ha="right", va="center", fontsize=9,
+                        wrap=True, transform=axes[r, 0].transAxes)
+        for j in range(k):
+            ax = axes[r, j + 1]
+            img = _displayable(images[top_idx[r, j]])
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if correct is not None:
+                color = "tab:green" if correct[r, j] else "tab:red"
+                for s in ax.spines.values():
+                    s.set_edgecolor(color)
+                    s.set_linewidth(3)
+            if r == 0:
+                ax.set_title(f"#{j + 1}", fontsize=9)
+    fig.suptitle("top retrieved images per text query", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out

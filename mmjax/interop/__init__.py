@@ -1,0 +1,1 @@
+"""Interoperability: open_clip / OpenAI CLIP weight conversion and torch / safetensors files read without torch."""

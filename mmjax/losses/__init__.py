@@ -1,0 +1,1 @@
+"""Losses: contrastive (plain), chunked ring contrastive, and the fusion tasks' classification/ITM/MLM losses."""

@@ -1,0 +1,155 @@
+"""`config.init_from`: a fresh run starts from another run's parameters (all, or those matching
+`init_from.include`), and says what was loaded, newly initialised and ignored.
+
+`start(config, factory, state)` is what a fresh training run calls; it also reports the trainable fraction
+under a fine-tuning mode or freeze rules.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax import config as config_lib
+from mmjax.training.checkpoint import Checkpointer
+from mmjax.training.finetune import count_trainable, mode_of
+from mmjax.training.optim import param_path
+from mmjax.training.state import StateFactory
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    return {param_path(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def merge_params(target: Any, source: Any, include: str = '.*') -> tuple[Any, dict[str, list[str]]]:
+    """Copies into `target` every parameter of `source` whose path fullmatches `include` and exists in both.
+
+    Returns (params like `target`, report) with report = {'loaded': paths copied, 'initialised': target paths
+    kept as they were (absent from the source or not included), 'ignored': source paths not used}. Copied
+    arrays take the target's dtype and sharding. Raises ValueError naming a parameter whose shapes differ.
+    """
+    pattern = re.compile(include)
+    src = _flat(source)
+    report: dict[str, list[str]] = {'loaded': [], 'initialised': [], 'ignored': []}
+
+    def pick(path, leaf):
+        name = param_path(path)
+        if name not in src or not pattern.fullmatch(name):
+            report['initialised'].append(name)
+            return leaf
+        value = src[name]
+        if tuple(value.shape) != tuple(leaf.shape):
+            raise ValueError(f'init_from: parameter {name!r} has shape {tuple(value.shape)} in the checkpoint '
+                             f'but {tuple(leaf.shape)} in the model; exclude it with init_from.include or use a '
+                             f'matching model config')
+        report['loaded'].append(name)
+        value = jnp.asarray(value, leaf.dtype)
+        sharding = getattr(leaf, 'sharding', None)
+        return jax.device_put(value, sharding) if sharding is not None else value
+
+    params = jax.tree_util.tree_map_with_path(pick, target)
+    used = set(report['loaded'])
+    report['ignored'] = sorted(n for n in src if n not in used)
+    return params, report
+
+
+def _fold(name: str, tail: int | None) -> str:
+    """Path with block numbers folded ('block_*'); with `tail`, only its first 2 and last `tail` components."""
+    parts = re.sub(r'block_\d+', 'block_*', name).split('/')
+    if tail is None or len(parts) <= 2 + tail:
+        return '/'.join(parts)
+    return '/'.join(parts[:2] + ['...'] + (parts[-tail:] if tail else []))
+
+
+def summarise(names: list[str], depth: int | None = None, max_groups: int = 16) -> str:
+    """'prefix (count), ...' of parameter paths: the first `depth` components, or (depth None) the paths with
+    block numbers folded, shortened to their first 2 and last few components until at most `max_groups`."""
+    if not names:
+        return '-'
+    if depth is not None:
+        groups = Counter('/'.join(n.split('/')[:depth]) for n in names)
+    else:
+        for tail in (None, 3, 2, 1, 0):
+            groups = Counter(_fold(n, tail) for n in names)
+            if len(groups) <= max_groups:
+                break
+    return ', '.join(f'{k} ({c})' for k, c in sorted(groups.items()))
+
+
+def format_report(report: dict[str, list[str]], where: str, sizes: dict[str, int] | None = None) -> str:
+    """The human-readable init_from report: loaded / newly initialised / ignored with counts and prefixes."""
+    def count(names):
+        values = f', {sum(sizes[n] for n in names) / 1e6:.3f}M values' if sizes else ''
+        return f'{len(names)} tensors{values}'
+    return '\n'.join([
+        f'mmjax: init_from {where}',
+        f"  loaded {count(report['loaded'])}: {summarise(report['loaded'], depth=2)}",
+        f"  newly initialised {len(report['initialised'])} tensors: {summarise(report['initialised'])}",
+        f"  ignored (in the checkpoint, not loaded) {len(report['ignored'])} tensors: "
+        f"{summarise(report['ignored'])}",
+    ])
+
+
+def resolve_source(path: str, step: int | None) -> tuple[str, str, int]:
+    """init_from.path (a workdir, its checkpoints/ folder or one step folder in it) -> (workdir, checkpoints
+    folder, step). Raises FileNotFoundError / ValueError naming `init_from.path` / `init_from.step`."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f'init_from.path: {path!r} is not a folder')
+    if os.path.isdir(os.path.join(path, 'checkpoints')):
+        workdir, directory = path, os.path.join(path, 'checkpoints')
+    elif os.path.basename(path).isdigit():
+        directory = os.path.dirname(path)
+        workdir = os.path.dirname(directory)
+        if step is not None and step != int(os.path.basename(path)):
+            raise ValueError(f'init_from.path names step {os.path.basename(path)} but init_from.step={step}')
+        step = int(os.path.basename(path))
+    else:
+        workdir, directory = os.path.dirname(path), path
+    ckpt = Checkpointer(directory, async_save=False, read_only=True)
+    try:
+        return workdir, directory, ckpt.choose_step(step, key='init_from.step')
+    finally:
+        ckpt.close()
+
+
+def load_source_params(config, mesh) -> tuple[Any, str]:
+    """Restores the parameters of `config.init_from` onto `mesh`: (params, 'where (step N)')."""
+    workdir, directory, step = resolve_source(config.init_from.path, config.init_from.step)
+    ckpt = Checkpointer(directory, async_save=False, read_only=True)
+    try:
+        saved = None if os.path.exists(os.path.join(workdir, 'config.json')) else ckpt.restore_config(step)
+        source_config = config_lib.load_workdir_config(workdir, saved)  # unlocked
+        source_config.mesh.update({axis: int(size) for axis, size in mesh.shape.items()})
+        source_config.init_from.path = ''
+        source_config.lock()
+        factory = StateFactory(source_config, mesh)
+        state = ckpt.restore(step, factory.abstract)
+    finally:
+        ckpt.close()
+    return state.params, f'{directory} (step {step})'
+
+
+def start(config, factory, state, log: Callable[[str], Any] = print):
+    """The state a fresh run starts from: `state` with `config.init_from` loaded (and reported).
+
+    Also reports the trainable fraction when a fine-tuning mode or freeze rules are set.
+    """
+    if mode_of(config) != 'none' or config.optim.freeze_rules:
+        trainable, total = count_trainable(config, state.params)
+        log(f'mmjax: finetune.mode={config.finetune.mode!r}: training {trainable} of {total} parameter values '
+            f'({100.0 * trainable / total:.2f}%)')
+    if not config.init_from.path:
+        return state
+    source, where = load_source_params(config, factory.mesh)
+    params, report = merge_params(state.params, source, config.init_from.include)
+    sizes = {n: int(np.prod(leaf.shape)) for n, leaf in _flat(params).items()}
+    log(format_report(report, where, sizes))
+    return state.replace(params=params)
