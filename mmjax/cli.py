@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--stop-at-step", type=int, default=None,
                    help="stop after this step with a checkpoint written; the learning-rate schedule "
                         "still spans train.steps, so a later run on the workdir continues it")
+    t.add_argument("--force-unlock", action="store_true",
+                   help="take over the workdir's lock even if another run seems to hold it (check first that "
+                        "no other run is using the workdir)")
     c = sub.add_parser("compile", help="compile the train step ahead of time for a TPU topology "
                                           "(needs libtpu) and report per-chip memory and FLOPs",
                        epilog="Exit status 1 when the step does not fit the chip's HBM.")
@@ -75,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
                          "for mmjax's CLIP BPE tokenizer; raw: keep open_clip's token ids")
     oc.add_argument("--bpe-path", default=None, help="CLIP merges file (default: open_clip's bundled one)")
     oc.add_argument("--scan-layers", action="store_true", help="store the blocks stacked (model.scan_layers)")
+    for command in (t, c, b, e, oc):
+        command.add_argument("--debug", action="store_true",
+                             help="show the full traceback of an error (also MMJAX_DEBUG=1)")
     return p
 
 
@@ -115,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args, config = parse_command(argv)
         return COMMANDS[args.command](config, args) or 0
     except MmjaxError as e:
-        if os.environ.get("MMJAX_DEBUG") == "1":
+        if "--debug" in argv or os.environ.get("MMJAX_DEBUG") == "1":
             raise
         print(f"mmjax: error: {e}", file=sys.stderr)
         return e.exit_code
