@@ -28,13 +28,21 @@ setup(
         "matplotlib>=3.8",  # mmjax eval figures
         "tqdm>=4.60",  # progress bars (eval, dataset preparation)
         "regex>=2023",  # CLIP BPE tokenizer
+        # object stores: etils.epath (the path layer Orbax uses) reaches gs:// through gcsfs and s3:// through s3fs;
+        # s3fs and gcsfs pin fsspec to their own release, and an unpinned s3fs can resolve to a 2020 release
+        "etils[epath]>=1.15",
+        "gcsfs>=2026.9",
+        "s3fs>=2026.9",
     ],
     extras_require={
         # librosa: reference for the JAX log-mel; sentencepiece/tokenizers: the file tokenizers; pytest-xdist: the
         # suite runs in 2 processes (pytest.ini), since XLA compiles on one core; import-linter and ruff: the
         # layering contracts (.importlinter) and lint rules (ruff.toml) that tests/test_layout.py runs
         "test": ["pytest>=8", "pytest-xdist>=3", "librosa>=0.10", "sentencepiece>=0.2", "tokenizers>=0.19",
-                 "import-linter>=2.1", "ruff>=0.6"],
+                 "import-linter>=2.1", "ruff>=0.6",
+                 # object-store servers the tests start on 127.0.0.1 (tests/storage_servers.py): the emulator is
+                 # pinned exactly because the tests' wrapper adds behaviours Orbax needs to its request handlers
+                 "gcp-storage-emulator==2026.7.19", "moto[server]>=5.2.1,<6", "boto3", "google-cloud-storage>=3.14"],
         "text": ["sentencepiece>=0.2", "tokenizers>=0.19"],
         "tpu": ["libtpu==0.0.42.*"],  # for `mmjax compile` (AOT for TPU topologies); pinned by jax 0.10.2
         # `mmjax convert open_clip` reads weights without torch; this extra is its test reference. Install with

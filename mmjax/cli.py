@@ -2,7 +2,9 @@
 compile and convert (`mmjax --help`).
 
 Errors of mmjax's own (`mmjax.errors.MmjaxError`) end as one `mmjax: error: ...` line and the error's exit code
-(2 for usage and config, 1 for faults while running); any other exception shows its traceback.
+(2 for usage and config, 1 for faults while running), and so does an OSError of the storage (a full disk, a
+read-only file system, no permission: exit 1) wherever it is met; any other exception shows its traceback.
+`--debug` (or MMJAX_DEBUG=1) shows the traceback of every error.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from mmjax.commands import compile as compile_cmd
 from mmjax.commands import convert as convert_cmd
 from mmjax.commands import eval as eval_cmd
 from mmjax.commands import train as train_cmd
-from mmjax.errors import MmjaxError
+from mmjax.errors import MmjaxError, StorageError, is_storage_fault
 from mmjax.runtime import cpu
 
 
@@ -120,9 +122,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Config problems are found before joining a cluster or compiling anything.
         args, config = parse_command(argv)
         return COMMANDS[args.command](config, args) or 0
-    except MmjaxError as e:
+    except (MmjaxError, OSError) as e:
         if "--debug" in argv or os.environ.get("MMJAX_DEBUG") == "1":
             raise
+        if not isinstance(e, MmjaxError):
+            if not is_storage_fault(e):  # not the storage's fault: a bug, shown with its traceback
+                raise
+            e = StorageError.from_os_error(e)
         print(f"mmjax: error: {e}", file=sys.stderr)
         return e.exit_code
 

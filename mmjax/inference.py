@@ -57,14 +57,21 @@ class LoadedModel:
 
 
 def load(workdir: str, step: int | None = None, devices=None) -> LoadedModel:
-    """Restores the checkpoint at `step` (default: latest) of a training workdir for inference."""
+    """Restores the checkpoint at `step` (default: the newest that passes verification, saying so when that is
+    not the latest) of a training workdir for inference. A checkpoint that fails verification is never loaded:
+    with `step` given, CheckpointDamagedError names the step and what failed."""
     config = config_lib.load_workdir_config(workdir)  # unlocked
     devices = list(jax.devices()[:1] if devices is None else devices)
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = len(devices), 1, 1
     config.lock()
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False, read_only=True)
-    step = ckpt.choose_step(step)
-    factory = StateFactory(config, shd.make_mesh(config.mesh, devices))
-    state = ckpt.restore(step, factory.abstract)
-    ckpt.close()
-    return LoadedModel(config, factory, state.params, step)
+    try:
+        chosen = ckpt.choose_step(step)
+        factory = StateFactory(config, shd.make_mesh(config.mesh, devices))
+        if step is None:
+            chosen, state = ckpt.restore_latest(factory.abstract)
+        else:
+            state = ckpt.restore(chosen, factory.abstract)
+    finally:
+        ckpt.close()
+    return LoadedModel(config, factory, state.params, chosen)

@@ -105,13 +105,17 @@ def test_stats_fraction_and_metrics():
         stats.ok()
     for kind in ('bad_image', 'bad_image', 'missing_file'):
         stats.bad(kind)
-    stats.check('shard-7.tar', DecodeLimits(max_bad_fraction=0.4, min_samples_for_fraction=8))  # 3/8 <= 0.4
+    stats.check('shard-7.tar', DecodeLimits(max_bad_fraction=0.4), final=True)  # 3/8 <= 0.4
+    stats.check('shard-7.tar', limits)  # 3/8 > 0.25 but the file is not over: judged at its end
+    stats.check('shard-7.tar', limits, total=12)  # 3 bad of 12 can still end at 0.25
     with pytest.raises(BadDataError, match='shard-7.tar: 3/8 samples bad'):
-        stats.check('shard-7.tar', limits)  # 3/8 > 0.25, judged once 8 were seen
+        stats.check('shard-7.tar', limits, final=True)  # 3/8 > 0.25 at the end of the file
+    with pytest.raises(BadDataError, match=r'shard-7.tar: 3 bad samples in the first 8 of its 11.*stopped early'):
+        stats.check('shard-7.tar', limits, total=11)  # 3/11 > 0.25 whatever the last 3 hold
     small = DecodeStats()
     small.bad('bad_image')
     small.ok()
-    small.check('early', limits)  # 2 seen < 8: not judged yet
+    small.check('early', limits)  # not the end of the file: not judged yet
     with pytest.raises(BadDataError, match='early'):
         small.check('early', limits, final=True)
     all_bad = DecodeStats()

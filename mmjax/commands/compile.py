@@ -47,6 +47,10 @@ class LibtpuMissing(MmjaxError, RuntimeError):
     """libtpu is not installed: it holds the TPU compiler."""
 
 
+class TopologyError(MmjaxError, ValueError):
+    """--topology or --num-slices names no slice mmjax can compile for (exit 2)."""
+
+
 def use_cpu_host() -> None:
     """Runs the host's own work on CPU (libtpu would otherwise look for an attached TPU); TPU devices
     are compile-only. An explicit JAX_PLATFORMS is respected."""
@@ -128,17 +132,17 @@ def _grid_2d(chips: int) -> tuple[int, int]:
 
 
 def parse_topology(name: str) -> Topology:
-    """'v5p-256' -> Topology(v5p, 128 chips, 4x4x8). Raises ValueError for unknown names/sizes."""
+    """'v5p-256' -> Topology(v5p, 128 chips, 4x4x8). Raises TopologyError (a ValueError) for unknown names/sizes."""
     m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e|v6litepod)-(\d+)", name.strip().lower())
     if not m:
-        raise ValueError(f"--topology {name!r}: expected v4-N, v5p-N, v5e-N (v5litepod-N) or v6e-N, "
-                         f"e.g. v5p-256 or v6e-256")
+        raise TopologyError(f"--topology {name!r}: expected v4-N, v5p-N, v5e-N (v5litepod-N) or v6e-N, "
+                            f"e.g. v5p-256 or v6e-256")
     gen_name = _ALIASES.get(m.group(1), m.group(1))
     gen, n = GENERATIONS[gen_name], int(m.group(2))
     chips = n // 2 if gen.names_count_cores else n
     if n <= 0 or (gen.names_count_cores and n % 2) or chips & (chips - 1):
-        raise ValueError(f"--topology {name!r}: {gen_name} slices have a power-of-two number of "
-                         f"{'TensorCores (2 per chip)' if gen.names_count_cores else 'chips'}")
+        raise TopologyError(f"--topology {name!r}: {gen_name} slices have a power-of-two number of "
+                            f"{'TensorCores (2 per chip)' if gen.names_count_cores else 'chips'}")
     if gen.three_d:
         shape = _grid_3d(chips)
         wrap = (chips >= 64,) * 3  # full cubes (4x4x4 and up) are tori
@@ -232,7 +236,7 @@ def compile_for_topology(config, topology: str, num_slices: int = 1) -> dict[str
     compiling when the config does not suit the devices."""
     topo = parse_topology(topology)
     if num_slices < 1:
-        raise ValueError(f"--num-slices must be >= 1, got {num_slices}")
+        raise TopologyError(f"--num-slices must be >= 1, got {num_slices}")
     devices = topology_devices(topo, num_slices)
     preflight.check(config, len(devices), 1)
     mesh = topology_mesh(config.mesh, devices, num_slices)

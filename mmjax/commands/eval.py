@@ -16,6 +16,7 @@ The evaluators and the data they need live in `mmjax.eval.suite`.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -23,7 +24,7 @@ import os
 import ml_collections
 
 from mmjax import inference
-from mmjax.errors import NotAWorkdirError
+from mmjax.errors import NotAWorkdirError, StorageError
 from mmjax.eval import plots as plots_lib
 from mmjax.eval.suite import evaluate_model, format_table, load_eval_data
 from mmjax.training.checkpoint import Checkpointer, NoCheckpointError
@@ -37,29 +38,45 @@ def _data_config(model_config, cli_config):
     return cfg
 
 
-def read_eval_results(workdir: str) -> dict[int, dict]:
-    """{step: metrics} from W/eval/<step>.json."""
+def read_eval_results(workdir: str, log=print) -> dict[int, dict]:
+    """{step: metrics} from W/eval/<step>.json. A file that is not a JSON object (damaged) is skipped and reported
+    through `log`, naming it."""
     out = {}
     for path in glob.glob(os.path.join(workdir, "eval", "*.json")):
         name = os.path.splitext(os.path.basename(path))[0]
         if name.isdigit():
-            with open(path) as f:
-                out[int(name)] = json.load(f)
+            try:
+                with open(path) as f:
+                    results = json.load(f)
+            except ValueError as e:  # not JSON, or not UTF-8
+                results = f"not JSON ({e})"
+            if not isinstance(results, dict):
+                log(f"mmjax: skipped {path}: {results if isinstance(results, str) else 'not a JSON object'}; "
+                    f"`mmjax eval --step {name}` writes it again")
+                continue
+            out[int(name)] = results
     return dict(sorted(out.items()))
 
 
 def _write_json(path: str, obj: dict) -> None:
+    """Writes `path` whole or not at all (a temporary file, then a rename); a failure raises StorageError."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise StorageError.from_os_error(e, "cannot write the evaluation results", path) from e
 
 def run(config, workdir: str, step: int | None = None, all_steps: bool = False, progress: bool = True,
         plots: bool = True, out=print) -> dict[int, dict]:
     """Evaluates the latest checkpoint of `workdir` (or `step`, or every one); returns {step: metrics}."""
     workdir = os.path.abspath(workdir)
     if not os.path.exists(os.path.join(workdir, "config.json")):
-        raise NotAWorkdirError(f"{workdir!r} is not an mmjax workdir: no config.json in it")
+        raise NotAWorkdirError(f"{workdir!r} is not an mmjax workdir: no config.json in it; pass the --workdir of "
+                               f"a training run (or of `mmjax convert`)")
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
         raise NoCheckpointError(f"no checkpoints in {ckpt_dir}")
@@ -97,7 +114,7 @@ def run(config, workdir: str, step: int | None = None, all_steps: bool = False, 
             plots_lib.contact_sheet(extras["queries"], data["test"]["image"], extras["top_idx"],
                                     os.path.join(eval_dir, f"retrieval_{s}.png"), extras["top_correct"])
     if plots and results:
-        plots_lib.training_curves(read_metrics(workdir), read_eval_results(workdir),
+        plots_lib.training_curves(read_metrics(workdir, log=out), read_eval_results(workdir, log=out),
                                   os.path.join(eval_dir, "curves.png"))
     if results:
         out(format_table(results))

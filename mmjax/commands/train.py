@@ -8,5 +8,6 @@ from mmjax.training.loop import train
 
 def main(config, args) -> int:
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    train(config, args.workdir, stop_at_step=args.stop_at_step, verbose=not args.quiet)
+    train(config, args.workdir, stop_at_step=args.stop_at_step, verbose=not args.quiet,
+          force_unlock=args.force_unlock)
     return 0

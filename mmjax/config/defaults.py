@@ -64,6 +64,8 @@ def _data_defaults(c: ml_collections.ConfigDict) -> None:
     #             JSON; see mmjax/data/builders.py) or an inline JSON object; prepared into data_dir on first use;
     #   "tfds"    data.tfds_name = an already-prepared TFDS dataset under data_dir, read through the features
     #             data.tfds_image_key and data.tfds_caption_key ('a/b' for nested features);
+    #   "wds_stream" data.spec = a webdataset spec whose tar shards (local or gs:// / s3://) are streamed in place,
+    #             without preparing them (data.shuffle_buffer, data.open_shards);
     #   "mixture" data.mixture = (("a.json", 0.7), ("tfds:coco_captions", 0.3)): (source, weight) pairs, a
     #             source being a spec file, an inline JSON spec or "tfds:<name>"; weights > 0, relative; every
     #             block of 1,000 examples holds each dataset in proportion (deterministic, resumable).
@@ -78,6 +80,11 @@ def _data_defaults(c: ml_collections.ConfigDict) -> None:
     c.data.mixture = ()
     c.data.train_split = "train"
     c.data.num_workers = 0
+    # data.name='wds_stream' (tar shards streamed in place, mmjax/data/stream.py): raw samples held by each reader's
+    # shuffle buffer (memory: about this many encoded images per grain worker), and shards each reader reads
+    # round-robin at a time.
+    c.data.shuffle_buffer = 2000
+    c.data.open_shards = 4
     c.data.augment = True  # digits: random affine; captioned data: random-resized crop + flip (else center crop)
     c.data.crop_scale = (0.08, 1.0)  # area fraction range of the random-resized crop (captioned data)
     c.data.image_mean = (0.5, 0.5, 0.5)

@@ -11,6 +11,7 @@ import difflib
 import importlib.util
 import json
 import os
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,13 +29,37 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
         raise ConfigError([f"--config: file {path!r} does not exist"])
     spec = importlib.util.spec_from_file_location("mmjax_user_config", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except ConfigError:
+        raise
+    except Exception as error:  # the user's file failed: name the file, its line and what to do
+        raise ConfigError([_config_file_problem(path, error, "importing it")]) from error
     if not hasattr(module, "get_config"):
         raise ConfigError([f"--config: {path!r} defines no get_config(arg) function"])
-    config = module.get_config(arg) if arg is not None else module.get_config()
+    try:
+        config = module.get_config(arg) if arg is not None else module.get_config()
+    except ConfigError:
+        raise
+    except Exception as error:
+        raise ConfigError([_config_file_problem(path, error, "running its get_config()")]) from error
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError([f"--config: get_config() in {path!r} must return an ml_collections.ConfigDict"])
     return conform(config)
+
+
+def _config_file_problem(path: str, error: Exception, doing: str) -> str:
+    """One line for an exception raised by a config file: the file and line, the error, and what to do."""
+    if isinstance(error, SyntaxError) and error.filename == path:
+        column = f", column {error.offset}" if error.offset else ""
+        return (f"--config: syntax error in {path} line {error.lineno}{column}: {error.msg}; fix the file")
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename == path]
+    where = f"{path} line {frames[-1].lineno}" if frames else path
+    what = f"{type(error).__name__}: {error}"
+    if isinstance(error, ImportError):
+        missing = f"install {error.name!r} or " if getattr(error, "name", None) else ""
+        return f"--config: {where} failed to import ({what}); {missing}fix the import"
+    return f"--config: {where} raised {what} while {doing}; fix the file"
 
 
 def conform(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -60,9 +85,14 @@ def load_workdir_config(workdir: str, saved: dict | None = None) -> ml_collectio
     if saved is None:
         path = os.path.join(workdir, "config.json")
         if not os.path.exists(path):
-            raise NotAWorkdirError(f"{workdir!r} is not an mmjax workdir: no config.json in it")
+            raise NotAWorkdirError(f"{workdir!r} is not an mmjax workdir: no config.json in it; pass the "
+                                   f"--workdir of a training run (or of `mmjax convert`)")
         with open(path) as f:
-            saved = json.load(f)
+            try:
+                saved = json.load(f)
+            except ValueError as error:  # truncated or damaged
+                raise ConfigError([f"{path} is damaged (not valid JSON: {error}); restore it: `mmjax train` with "
+                                   f"the run's --config writes it again"]) from error
     config = conform(ml_collections.ConfigDict(saved))
     config.unlock()
     path = config.model.text.tokenizer_path

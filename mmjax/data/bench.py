@@ -11,6 +11,11 @@ first-use dataset preparation), then times `--steps` batches. Reported per W: wa
 total and per worker (total / max(W, 1)), and CPU seconds (this process + its worker processes, from
 psutil) with CPU-seconds per 1,000 samples, the figure that does not depend on how loaded the machine is.
 `--json PATH` also writes the rows.
+
+`--paths prepared stream` times both paths on the same webdataset spec: the prepared path (data.name='spec':
+array_record under data.data_dir, prepared on first use and not timed) and the streaming path
+(data.name='wds_stream': the tar shards read in place). Each row then also gives samples/s per core: samples per
+CPU second of the process and its workers, the figure that says how many cores a host needs per sample rate.
 """
 
 from __future__ import annotations
@@ -59,7 +64,20 @@ def measure(config, workers: int, steps: int, warmup: int) -> dict[str, float]:
     image = batch['image']
     return {'workers': workers, 'samples': samples, 'wall_s': wall, 'samples_per_s': samples / wall,
             'samples_per_s_per_worker': samples / wall / max(workers, 1), 'cpu_s': cpu,
-            'cpu_s_per_1k_samples': 1000 * cpu / samples, 'image_shape': list(image.shape[1:])}
+            'cpu_s_per_1k_samples': 1000 * cpu / samples, 'samples_per_s_per_core': samples / max(cpu, 1e-9),
+            'image_shape': list(image.shape[1:])}
+
+
+PATHS = {'prepared': 'spec', 'stream': 'wds_stream'}  # --paths -> data.name
+
+
+def with_data_name(config, name: str):
+    """A copy of `config` reading the same spec through data.name=`name`."""
+    config = config.copy_and_resolve_references()
+    config.unlock()
+    config.data.name = name
+    config.lock()
+    return config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -73,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument('--workers', type=int, nargs='+', default=None,
                         help='worker counts to measure (default: config.data.num_workers)')
     parser.add_argument('--json', default='', help='also write the rows to this JSON file')
+    parser.add_argument('--paths', nargs='+', choices=sorted(PATHS), default=None,
+                        help="time these paths on the config's webdataset spec (default: the config's data.name)")
     args = parser.parse_args(rest)
     if args.steps <= 0 or args.warmup < 0:
         parser.error('--steps must be positive and --warmup >= 0')
@@ -82,13 +102,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f'--workers must be >= 0, got {workers}')
     print(f'mmjax.data.bench: data.name={config.data.name!r} batch {config.train.batch_size}, '
           f'{args.steps} timed batches after {args.warmup} warm-up, {psutil.cpu_count()} CPUs', flush=True)
+    if args.paths and config.data.name not in PATHS.values():
+        parser.error(f"--paths needs a webdataset spec: data.name='spec' or 'wds_stream', not {config.data.name!r}")
     rows = []
-    for w in workers:
-        row = measure(config, w, args.steps, args.warmup)
-        rows.append(row)
-        print(f"workers={w}: {row['samples_per_s']:.1f} samples/s total, {row['samples_per_s_per_worker']:.1f} "
-              f"per worker; {row['wall_s']:.2f} s wall, {row['cpu_s']:.2f} CPU s "
-              f"({row['cpu_s_per_1k_samples']:.2f} CPU s / 1k samples); images {row['image_shape']}", flush=True)
+    for path in args.paths or [None]:
+        cfg = with_data_name(config, PATHS[path]) if path else config
+        for w in workers:
+            row = {'path': path or cfg.data.name, **measure(cfg, w, args.steps, args.warmup)}
+            rows.append(row)
+            print(f"{row['path']} workers={w}: {row['samples_per_s']:.1f} samples/s total, "
+                  f"{row['samples_per_s_per_worker']:.1f} per worker, {row['samples_per_s_per_core']:.1f} per core; "
+                  f"{row['wall_s']:.2f} s wall, {row['cpu_s']:.2f} CPU s ({row['cpu_s_per_1k_samples']:.2f} CPU s / "
+                  f"1k samples); images {row['image_shape']}", flush=True)
     if args.json:
         with open(args.json, 'w') as handle:
             json.dump(rows, handle, indent=1)

@@ -22,7 +22,10 @@ Bad samples are filtered at PREPARE time with `mmjax.data.decode.check_sample` (
 pipeline maps global stream positions to records by index arithmetic, so it cannot skip records at read time
 without changing batches across process counts; and a bad sample then costs its decode once, not every epoch.
 Counts by kind are saved as `decode_stats.json` beside the dataset (`load_stats`). A shard / file with more
-than `max_bad_fraction` bad samples, or unreadable as a whole, raises `BadDataError` naming it.
+than `max_bad_fraction` bad samples, or unreadable as a whole, raises `BadDataError` naming it. The fraction is
+judged per file at its end; a file whose length is known (CSV rows, COCO images, the members of an uncompressed
+tar) stops early once its bad samples alone exceed the limit of its whole length. A CSV field longer than the csv
+module's limit is read whole (up to `CSV_FIELD_LIMIT`) and counted as `long_caption`.
 """
 
 from __future__ import annotations
@@ -42,13 +45,26 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tqdm.auto import tqdm
 
-from mmjax.data.decode import BadDataError, BadSample, DecodeLimits, DecodeStats, check_sample, read_file
+from mmjax.data.decode import (
+    BadDataError,
+    BadSample,
+    DataFileNotFoundError,
+    DataSpecError,
+    DecodeLimits,
+    DecodeStats,
+    check_sample,
+    read_file,
+)
 from mmjax.data.locking import file_lock
 
 FORMATS = ('webdataset', 'csv', 'coco')
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
 VERSION = '1.0.0'
 STATS_FILE = 'decode_stats.json'
+# Python's csv module refuses fields over 131,072 characters. A longer caption (a scraped page dump) is read whole
+# and counted as `long_caption` by the caption rule; a field over this limit (an unbalanced quote swallowing the
+# rest of the file, say) is counted as `long_caption` too, and the reader goes on at the next line.
+CSV_FIELD_LIMIT = 1 << 24
 
 
 # --------------------------------------------------------------------------------------------------- readers
@@ -110,12 +126,16 @@ def iter_csv(path: str, image_column: str = 'filepath', caption_column: str | Se
         handle = open(path, newline='', encoding='utf-8', errors='surrogateescape')
     except OSError as error:
         raise BadDataError(f'CSV file {path} is unreadable: {error}') from None
+    _raise_csv_field_limit()
     with handle:
         reader = csv.DictReader(handle, delimiter=delimiter)
         missing = [c for c in [image_column, *columns] if c not in (reader.fieldnames or [])]
         if missing:
             raise BadDataError(f'CSV file {path} lacks columns {missing}; it has {reader.fieldnames}')
-        for row_number, row in enumerate(reader):
+        for row_number, row in enumerate(_csv_rows(reader, path)):
+            if isinstance(row, BadSample):
+                yield str(row_number), row, []
+                continue
             image_path = (row[image_column] or '').strip()
             captions = [_undo_surrogates(row[c]) for c in columns if row[c] is not None]
             if not image_path:
@@ -129,6 +149,53 @@ def iter_csv(path: str, image_column: str = 'filepath', caption_column: str | Se
             yield str(row_number), image, captions
 
 
+def _raise_csv_field_limit() -> None:
+    if csv.field_size_limit() < CSV_FIELD_LIMIT:
+        csv.field_size_limit(CSV_FIELD_LIMIT)  # process-wide; only ever raised
+
+
+def _csv_rows(reader: csv.DictReader, path: str) -> Iterator[dict[str, Any] | BadSample]:
+    """The rows of `reader`; a row with a field over the csv module's limit comes as BadSample('long_caption')
+    (the reader goes on at the next line). Any other CSV error raises BadDataError naming the file and line."""
+    while True:
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:
+            line = reader.reader.line_num  # the DictReader's own count is that of its last good row
+            if 'field larger than field limit' not in str(error):
+                raise BadDataError(f'CSV file {path} line {line} is malformed ({error}); fix the file') from None
+            yield BadSample('long_caption', f'{path} line {line}: a field over {csv.field_size_limit()} characters')
+
+
+def _count_csv_rows(path: str, delimiter: str | None) -> int | None:
+    """The number of rows of a CSV / TSV file (a fast pass without reading images), or None if it is unreadable."""
+    if delimiter is None:
+        delimiter = '\t' if path.lower().endswith(('.tsv', '.tab')) else ','
+    _raise_csv_field_limit()
+    try:
+        with open(path, newline='', encoding='utf-8', errors='surrogateescape') as handle:
+            reader = csv.DictReader(handle, delimiter=delimiter)
+            count = 0
+            for _ in _csv_rows(reader, path):
+                count += 1
+            return count
+    except (OSError, BadDataError):
+        return None
+
+
+def _count_tar_samples(path: str) -> int | None:
+    """The number of samples (keys) of an uncompressed tar shard from its member headers alone, or None (a
+    compressed or unreadable shard: then it is judged at its end only)."""
+    try:
+        with tarfile.open(path, 'r:') as tar:
+            keys = [_split_member(m.name)[0] for m in tar if m.isfile()]
+    except (tarfile.TarError, EOFError, OSError, ValueError):
+        return None
+    return sum(1 for i, key in enumerate(keys) if i == 0 or key != keys[i - 1])
+
+
 def _undo_surrogates(text: str) -> str | bytes:
     """A CSV cell read with errors='surrogateescape': its bytes when it was not valid UTF-8, else the str."""
     try:
@@ -138,14 +205,20 @@ def _undo_surrogates(text: str) -> str | bytes:
         return text.encode('utf-8', errors='surrogateescape')
 
 
-def iter_coco(path: str, image_root: str | None = None) -> Iterator[tuple[str, bytes | BadSample, list[Any]]]:
-    """(image id, image bytes | BadSample, all captions of the image) per image of a COCO-captions JSON."""
+def _read_coco(path: str) -> tuple[list[dict], list[dict]]:
     try:
         with open(path, 'rb') as handle:
             data = json.load(handle)
-        images, annotations = data['images'], data['annotations']
+        return data['images'], data['annotations']
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise BadDataError(f'COCO captions file {path} is unreadable: {type(error).__name__}: {error}') from None
+
+
+def iter_coco(path: str, image_root: str | None = None, data: tuple[list[dict], list[dict]] | None = None
+              ) -> Iterator[tuple[str, bytes | BadSample, list[Any]]]:
+    """(image id, image bytes | BadSample, all captions of the image) per image of a COCO-captions JSON
+    (`data`: its (images, annotations) when already read)."""
+    images, annotations = data if data is not None else _read_coco(path)
     root = image_root or os.path.dirname(os.path.abspath(path))
     captions: dict[Any, list[Any]] = {}
     for annotation in annotations:
@@ -153,10 +226,10 @@ def iter_coco(path: str, image_root: str | None = None) -> Iterator[tuple[str, b
     for image in sorted(images, key=lambda im: str(im['id'])):
         full = os.path.join(root, image['file_name'])
         try:
-            data = read_file(full)
+            content = read_file(full)
         except BadSample as bad:
-            data = bad
-        yield str(image['id']), data, captions.get(image['id'], [])
+            content = bad
+        yield str(image['id']), content, captions.get(image['id'], [])
 
 
 # --------------------------------------------------------------------------------------------------- spec
@@ -170,7 +243,8 @@ def _expand(paths: str | Sequence[str], base: str | None) -> list[str]:
             pattern = os.path.join(base, pattern)
         matches = sorted(glob.glob(pattern))
         if not matches:
-            raise FileNotFoundError(f'dataset spec: no file matches {pattern!r}')
+            raise DataFileNotFoundError(f'dataset spec: no file matches {pattern!r}; check the path (a relative one '
+                                        f'is read from the spec file\'s folder, or the current folder)')
         out.extend(matches)
     return out
 
@@ -180,19 +254,19 @@ def normalize_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     spec = dict(spec)
     for required in ('name', 'format'):
         if required not in spec:
-            raise ValueError(f'dataset spec needs {required!r}: {spec}')
+            raise DataSpecError(f'dataset spec needs {required!r}: {spec}')
     if spec['format'] not in FORMATS:
-        raise ValueError(f"dataset spec format={spec['format']!r}; choose one of {FORMATS}")
+        raise DataSpecError(f"dataset spec format={spec['format']!r}; choose one of {FORMATS}")
     name = spec['name']
     if not isinstance(name, str) or not name.replace('_', '').isalnum() or not name[0].isalpha() \
             or name != name.lower():
-        raise ValueError(f'dataset spec name={name!r} must be lower_snake_case (letters, digits, _)')
+        raise DataSpecError(f'dataset spec name={name!r} must be lower_snake_case (letters, digits, _)')
     if 'paths' in spec:
         if 'splits' in spec:
-            raise ValueError("dataset spec: give 'paths' (the train split) or 'splits', not both")
+            raise DataSpecError("dataset spec: give 'paths' (the train split) or 'splits', not both")
         spec['splits'] = {'train': spec.pop('paths')}
     if not spec.get('splits'):
-        raise ValueError(f"dataset spec needs 'splits' ({{split: paths}}) or 'paths': {spec}")
+        raise DataSpecError(f"dataset spec needs 'splits' ({{split: paths}}) or 'paths': {spec}")
     base = spec.get('base_dir')
     spec['splits'] = {split: [os.path.abspath(p) for p in _expand(paths, base)]
                       for split, paths in spec['splits'].items()}
@@ -201,18 +275,21 @@ def normalize_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
              'image_root', 'description'}
     unknown = set(spec) - known
     if unknown:
-        raise ValueError(f'dataset spec has unknown keys {sorted(unknown)}; known: {sorted(known)}')
+        raise DataSpecError(f'dataset spec has unknown keys {sorted(unknown)}; known: {sorted(known)}')
     return spec
 
 
-def _iter_source(spec: Mapping[str, Any], path: str):
+def _open_source(spec: Mapping[str, Any], path: str) -> tuple[int | None, Iterator]:
+    """(the file's number of samples when it can be known cheaply, else None; its reader)."""
     fmt = spec['format']
     if fmt == 'webdataset':
-        return iter_webdataset_shard(path)
+        return _count_tar_samples(path), iter_webdataset_shard(path)
     if fmt == 'csv':
-        return iter_csv(path, spec.get('image_column', 'filepath'), spec.get('caption_column', 'caption'),
-                        spec.get('delimiter'), spec.get('image_root'))
-    return iter_coco(path, spec.get('image_root'))
+        return _count_csv_rows(path, spec.get('delimiter')), iter_csv(
+            path, spec.get('image_column', 'filepath'), spec.get('caption_column', 'caption'), spec.get('delimiter'),
+            spec.get('image_root'))
+    data = _read_coco(path)
+    return len(data[0]), iter_coco(path, spec.get('image_root'), data)
 
 
 # --------------------------------------------------------------------------------------------------- builder
@@ -261,14 +338,15 @@ class _CaptionsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         for file_number, path in enumerate(bar):
             stats = DecodeStats()
             where = f"{self.SPEC['format']} file {path}"
-            for key, image, captions in _iter_source(self.SPEC, path):
+            length, samples = _open_source(self.SPEC, path)
+            for key, image, captions in samples:
                 try:
                     if isinstance(image, BadSample):
                         raise image
                     clean = check_sample(image, captions, limits)
                 except BadSample as bad:
                     stats.bad(bad.kind)
-                    stats.check(where, limits)
+                    stats.check(where, limits, total=length)  # early only once the file cannot recover
                     continue
                 stats.ok()
                 yield f'{file_number}/{key}', {'image': image, 'captions': clean, 'key': key, 'index': index}
@@ -300,8 +378,8 @@ def prepare_dataset(spec: Mapping[str, Any], data_dir: str, progress: bool = Tru
     """Builds `spec` into `data_dir/<name>/1.0.0/` (array_record) unless already prepared; returns the decode
     stats per split (loaded from `decode_stats.json` when reused).
 
-    Reuse is by name: a prepared dataset of the same name built from a different spec raises ValueError
-    (delete the folder or choose another name). Safe against concurrent callers (file lock).
+    Reuse is by name: a prepared dataset of the same name built from a different spec raises DataSpecError (a
+    ValueError: delete the folder or choose another name). Safe against concurrent callers (file lock).
     Raises BadDataError (naming the file) for unreadable shards or too many bad samples.
     """
     spec = normalize_spec(spec)
@@ -322,7 +400,7 @@ def prepare_dataset(spec: Mapping[str, Any], data_dir: str, progress: bool = Tru
                 json.dump(payload, handle, indent=1)
     stored = _read_stats_file(name, data_dir)
     if stored.get('fingerprint') != fingerprint:
-        raise ValueError(f'{dataset_dir(name, data_dir)} was prepared from a different spec; delete it or use '
+        raise DataSpecError(f'{dataset_dir(name, data_dir)} was prepared from a different spec; delete it or use '
                          f'another name (stored spec: {stored.get("spec")})')
     return load_stats(name, data_dir)
 
@@ -346,11 +424,11 @@ def load_source(name: str, data_dir: str, split: str = 'train'):
     'index': int64}."""
     folder = dataset_dir(name, data_dir)
     if not is_prepared(name, data_dir):
-        raise FileNotFoundError(f'no prepared dataset {name!r} under {data_dir} (expected {folder}); run '
+        raise DataFileNotFoundError(f'no prepared dataset {name!r} under {data_dir} (expected {folder}); run '
                                 f'prepare_dataset(spec, data_dir) first')
     builder = tfds.builder_from_directory(folder)
     if split not in builder.info.splits:
-        raise ValueError(f'dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}')
+        raise DataSpecError(f'dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}')
     return builder.as_data_source(split=split, decoders={'image': tfds.decode.SkipDecoding()})
 
 

@@ -13,11 +13,12 @@ Bad kinds (`BAD_KINDS`):
                    boilerplate or scraped page dumps, not a caption)
 
 `DecodeStats` counts samples seen / kept / skipped per kind; `metrics()` gives flat scalars for the metric
-writer and `check(where)` raises `BadDataError` naming the shard / file when the bad fraction exceeds
-`DecodeLimits.max_bad_fraction`. The builders in `mmjax/data/builders.py` run `check_sample` at prepare time
-(bad samples never reach the array_record files); `decode_image` is the read-time decoder (RGB uint8) and
-`random_resized_crop` the training crop (Inception-style scale/ratio, one fused PIL crop+resize, optional
-flip), and `DecodeCropTokenize` the grain transform that turns a prepared record into model inputs.
+writer and `check(where)` raises `BadDataError` naming the shard / file when its bad fraction exceeds
+`DecodeLimits.max_bad_fraction`: judged per file at its end, and before the end only once the file's bad samples
+alone exceed the limit of its whole length (the rest of the file can no longer bring it back under). The builders
+in `mmjax/data/builders.py` run `check_sample` at prepare time (bad samples never reach the array_record files);
+`decode_image` is the read-time decoder (RGB uint8) and `random_resized_crop` the training crop (Inception-style
+scale/ratio, one fused PIL crop+resize, optional flip), and `DecodeCropTokenize` the grain transform that turns a prepared record into model inputs.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import grain.python as grain
 import numpy as np
 from PIL import Image
 
-from mmjax.errors import RuntimeFault
+from mmjax.errors import MmjaxError, RuntimeFault
 
 BAD_KINDS = ('missing_file', 'empty_image', 'too_many_pixels', 'bad_image', 'tiny_image', 'empty_caption',
              'bad_caption', 'long_caption')
@@ -54,6 +55,14 @@ class BadDataError(RuntimeFault, RuntimeError):
     """Too many bad samples in a shard / file, or a whole shard unreadable; the message names it."""
 
 
+class DataSpecError(MmjaxError, ValueError):
+    """A dataset spec (or a prepared dataset) that cannot be used as given; the message names what to change."""
+
+
+class DataFileNotFoundError(DataSpecError, FileNotFoundError):
+    """A dataset spec names files that do not exist."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeLimits:
     """Thresholds of the decode stage.
@@ -61,8 +70,10 @@ class DecodeLimits:
     max_pixels: largest width * height accepted (default 8,192 x 8,192 = 67 M); compared with the header.
     min_side: smallest accepted height / width.
     max_caption_chars: longest caption (characters, after stripping) accepted.
-    max_bad_fraction: `DecodeStats.check` raises when skipped / seen exceeds this ...
-    min_samples_for_fraction: ... once at least this many samples were seen (and at the end of every shard).
+    max_bad_fraction: the most bad samples a shard / file may hold, as a fraction of its samples
+        (`DecodeStats.check`).
+    min_samples_for_fraction: for a stream without file ends (`mmjax.data.stream`): its running fraction is
+        judged once this many samples were read. Prepared datasets judge each file at its end instead.
     """
 
     max_pixels: int = 8192 * 8192
@@ -73,9 +84,9 @@ class DecodeLimits:
 
     def __post_init__(self):
         if self.max_pixels <= 0 or self.min_side < 1 or self.max_caption_chars <= 0:
-            raise ValueError(f'DecodeLimits needs positive max_pixels, min_side and max_caption_chars: {self}')
+            raise DataSpecError(f'DecodeLimits needs positive max_pixels, min_side and max_caption_chars: {self}')
         if not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise ValueError(f'DecodeLimits.max_bad_fraction={self.max_bad_fraction} must be in [0, 1]')
+            raise DataSpecError(f'DecodeLimits.max_bad_fraction={self.max_bad_fraction} must be in [0, 1]')
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> DecodeLimits:
@@ -83,7 +94,7 @@ class DecodeLimits:
         values = dict(values or {})
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f'unknown decode limits {sorted(unknown)}; known: '
+            raise DataSpecError(f'unknown decode limits {sorted(unknown)}; known: '
                              f'{[f.name for f in dataclasses.fields(cls)]}')
         return cls(**values)
 
@@ -123,16 +134,26 @@ class DecodeStats:
     def __add__(self, other: DecodeStats) -> DecodeStats:
         return DecodeStats().update(self).update(other)
 
-    def check(self, where: str, limits: DecodeLimits, final: bool = False) -> None:
-        """Raises BadDataError naming `where` if the bad fraction is over the limit (judged once enough samples
-        were seen, or always when `final`); a `final` check with nothing kept out of something seen also raises."""
+    def check(self, where: str, limits: DecodeLimits, final: bool = False, total: int | None = None) -> None:
+        """Raises BadDataError naming `where` (one shard / file) when its bad fraction is over the limit.
+
+        `final` (the file was read to its end): judged on everything seen; nothing kept out of something seen
+        also raises. Before the end, it raises only when the file's length `total` is known and the bad samples
+        seen so far already exceed `max_bad_fraction` of it, so that no rest of the file could bring it back
+        under the limit; a file whose bad samples come first but that ends under the limit passes."""
         if not self.seen:
             return
+        limit = limits.max_bad_fraction
         if final and not self.kept:
-            raise BadDataError(f'{where}: all {self.seen} samples are bad ({self.summary()})')
-        if (final or self.seen >= limits.min_samples_for_fraction) and self.bad_fraction > limits.max_bad_fraction:
+            raise BadDataError(f'{where}: all {self.seen} samples are bad ({self.summary()}); fix or drop the file')
+        if final and self.bad_fraction > limit:
             raise BadDataError(f'{where}: {self.num_bad}/{self.seen} samples bad ({self.bad_fraction:.1%} > '
-                               f'max_bad_fraction={limits.max_bad_fraction:.1%}): {self.summary()}')
+                               f'max_bad_fraction={limit:.1%}): {self.summary()}; fix or drop the file, or raise '
+                               f"the spec's limits.max_bad_fraction")
+        if not final and total and self.num_bad / total > limit:
+            raise BadDataError(f'{where}: {self.num_bad} bad samples in the first {self.seen} of its {total}, over '
+                               f'max_bad_fraction={limit:.1%} of the file whatever the rest holds (stopped early): '
+                               f"{self.summary()}; fix or drop the file, or raise the spec's limits.max_bad_fraction")
 
     def summary(self) -> str:
         kinds = ', '.join(f'{k}={v}' for k, v in sorted(self.skipped.items()) if v)

@@ -17,9 +17,12 @@ COCO builder spec, prepared on first use), 'tfds' (an already-prepared TFDS data
 interleave of several; sources.MixtureDataset keeps it a function of the global position) - whose records
 {'image': encoded bytes, 'captions': [bytes]} go through decode.DecodeCropTokenize (decode, random-resized
 crop + flip when config.data.augment else resize + center crop, normalise, one caption drawn per example).
+'wds_stream' (tar shards streamed in place, no preparation) is not a global stream: `stream_loader` hands it to
+mmjax/data/stream.py, whose batches depend on the process count.
 
 Config keys read: config.seed, config.train.batch_size, config.data.{name, data_dir, num_workers, augment,
-image_mean, image_std, spec, tfds_name, tfds_image_key, tfds_caption_key, mixture, crop_scale, train_split},
+image_mean, image_std, spec, tfds_name, tfds_image_key, tfds_caption_key, mixture, crop_scale, train_split,
+shuffle_buffer, open_shards},
 config.model.image.{image_size, channels}, config.model.text.{tokenizer, tokenizer_path, vocab_size, max_len}.
 """
 
@@ -37,10 +40,11 @@ from absl import flags
 from PIL import Image
 
 from mmjax import config as config_lib
-from mmjax.data import digits, sources, speech_triples
+from mmjax.data import digits, sources, speech_triples, stream, wds
 from mmjax.data.decode import BAD_KINDS, DecodeCropTokenize, DecodeStats
 from mmjax.data.image import preprocess_images, random_affine
 from mmjax.data.tokenizers import Tokenizer, get_tokenizer
+from mmjax.errors import ConfigError
 
 # Elements of the iterator are whole host batches: one reader thread (per worker process) computes the next
 # few in the background; the per-record transforms hold the GIL, so more threads only contend.
@@ -263,15 +267,19 @@ def captioned_records(config, opened: list[sources.Opened]) -> grain.MapDataset:
 def captioned_stream(config, records: grain.MapDataset, examples: str = 'captions') -> grain.MapDataset:
     """Captioned records -> endless model-ready stream {'image': float32 [H,W,C], 'text': int32 [L],
     'label': int32 -1}; the per-position RNG draws the caption and the crop."""
+    _, map_seed = stream_seeds(config.seed)
+    return records.random_map(decode_transform(config, examples), seed=map_seed)
+
+
+def decode_transform(config, examples: str = 'captions') -> DecodeCropTokenize:
+    """The transform from captioned records to model-ready examples (decode, crop, tokenize)."""
     if examples == 'pairs':
         raise ValueError(f"matching pairs need labelled data (config.data.name='digits'), not "
                          f"config.data.name={config.data.name!r}")
     size, channels, mean, std = _image_fields(config)
     scale = tuple(float(v) for v in config.data.get('crop_scale', (0.08, 1.0)))
-    transform = DecodeCropTokenize(tokenizer=get_tokenizer(config.model.text), size=size, mean=mean, std=std,
-                                   train=bool(config.data.augment), scale=scale, channels=channels)
-    _, map_seed = stream_seeds(config.seed)
-    return records.random_map(transform, seed=map_seed)
+    return DecodeCropTokenize(tokenizer=get_tokenizer(config.model.text), size=size, mean=mean, std=std,
+                              train=bool(config.data.augment), scale=scale, channels=channels)
 
 
 @dataclasses.dataclass
@@ -408,16 +416,31 @@ class TrainIterator(grain.DatasetIterator):
 
 
 def make_train_loader(config, process_index: int = 0, process_count: int = 1,
-                      examples: str = 'captions') -> TrainIterator:
+                      examples: str = 'captions') -> TrainIterator | stream.StreamIterator:
     """Endless iterator of this process's batches (supports `get_state()` / `set_state(state)`).
 
     Yields {'image': float32 [b,H,W,C], 'text': int32 [b,L], 'label': int32 [b]} with
     b = config.train.batch_size // process_count, H = W = config.model.image.image_size,
     C = config.model.image.channels, L = config.model.text.max_len. Batch g of process p holds global
     stream positions [g*B + p*b, g*B + (p+1)*b), B = config.train.batch_size. examples='pairs': image-caption
-    matching pairs of labelled data (see `global_stream`).
+    matching pairs of labelled data (see `global_stream`). data.name='wds_stream': batches streamed from tar
+    shards, which depend on the process count (`stream_loader`).
     """
+    if config.data.name == stream.KIND:
+        return stream_loader(config, process_index, process_count, examples)
     return TrainIterator(config, process_index, process_count, examples)
+
+
+def stream_loader(config, process_index: int = 0, process_count: int = 1,
+                  examples: str = 'captions') -> stream.StreamIterator:
+    """data.name='wds_stream': this process's batches read from the tar shards of `data.spec` in place
+    (mmjax/data/stream.py), same keys, dtypes and shapes as the prepared path."""
+    spec = wds.stream_spec(config.data.spec, config.data.get('train_split', 'train') or 'train')
+    transform = dataclasses.replace(decode_transform(config, examples), limits=spec.limits)
+    shuffle_seed, map_seed = stream_seeds(config.seed)
+    plan = stream.Plan(spec, transform, process_index, process_count, shuffle_seed, map_seed,
+                       int(config.data.shuffle_buffer), int(config.data.open_shards))
+    return stream.StreamIterator(plan, _host_batch_size(config, process_count), int(config.data.num_workers))
 
 
 def load_eval_split(config, split: str = 'test') -> dict[str, np.ndarray]:
@@ -426,7 +449,8 @@ def load_eval_split(config, split: str = 'test') -> dict[str, np.ndarray]:
     Returns {'image': float32 [N,H,W,C], 'label': int32 [N]}.
     """
     if is_captioned(config):
-        raise ValueError(f'load_eval_split: {zeroshot_unavailable(config)}; it has no labelled eval split')
+        raise ConfigError([f'data.name: {zeroshot_unavailable(config)}, so it has no labelled eval split; evaluate '
+                           f"on a labelled dataset (--config.data.name=digits)"])
     source = make_source(config, split)
     decode = DecodeExample()
     records = sorted((decode.map(source[i]) for i in range(len(source))), key=lambda r: int(r['index']))

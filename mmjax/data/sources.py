@@ -9,6 +9,8 @@
   'tfds'     an already-prepared TFDS dataset: `config.data.tfds_name` ('name', 'name/config' or
              'name:version') under `data_dir`, image feature `data.tfds_image_key`, caption feature
              `data.tfds_caption_key` (a Text, or a Sequence of Text; 'a/b' reaches into nested features).
+  'wds_stream' webdataset / img2dataset tar shards named by the webdataset spec `config.data.spec`, read in
+             place (local paths or object-store URLs) without preparing them: mmjax/data/stream.py.
   'mixture'  `config.data.mixture = (("a.json", 0.7), ("tfds:coco_captions", 0.3), ...)`: (source, weight)
              pairs; a source is a spec file path, an inline JSON spec, or 'tfds:<name>' (read with the
              tfds_* keys). Weights are relative (normalised to sum to 1) and must be > 0.
@@ -39,8 +41,10 @@ import numpy as np
 from mmjax import config as config_lib
 from mmjax.data import builders
 from mmjax.data.decode import DecodeStats
+from mmjax.errors import ConfigError
 
-DATA_KINDS = ('digits', 'digits_speech', 'spec', 'tfds', 'mixture')  # digits_speech: mmjax/data/speech_triples.py
+# digits_speech: mmjax/data/speech_triples.py; wds_stream: tar shards streamed in place (mmjax/data/stream.py)
+DATA_KINDS = ('digits', 'digits_speech', 'spec', 'tfds', 'mixture', 'wds_stream')
 MIXTURE_BLOCK = 1000
 TFDS_PREFIX = 'tfds:'
 
@@ -214,9 +218,9 @@ def open_member(member: Member, config, split: str, progress: bool = True) -> Op
         source = tfds.data_source(member.tfds_name, split=split, data_dir=data_dir, download=False,
                                   decoders={image_key: tfds.decode.SkipDecoding()})
     except Exception as error:  # tfds raises AssertionError / DatasetNotFoundError / ValueError ...
-        raise ValueError(f'cannot open the TFDS dataset {member.tfds_name!r} (split {split!r}) under {data_dir} '
-                         f'(config.data.tfds_name / data.mixture, data.data_dir): {type(error).__name__}: '
-                         f'{error}') from None
+        raise ConfigError([f'cannot open the TFDS dataset {member.tfds_name!r} (split {split!r}) under {data_dir} '
+                           f'(config.data.tfds_name / data.mixture, data.data_dir): {type(error).__name__}: '
+                           f'{error}']) from None
     return Opened(member, source, TfdsCaptioned(image_key, caption_key), DecodeStats())
 
 

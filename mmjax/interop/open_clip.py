@@ -49,7 +49,7 @@ from mmjax.models.layers import strip_boxes
 from mmjax.runtime import sharding as shd
 from mmjax.tasks import dummy_batch
 from mmjax.training.checkpoint import Checkpointer
-from mmjax.training.loop import config_to_json
+from mmjax.training.loop import config_to_json, write_config_json
 from mmjax.training.state import StateFactory, TrainState
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -368,8 +368,7 @@ def write_workdir(config, params: dict, workdir: str) -> int:
     ckpt = Checkpointer(ckpt_dir, keep=1, async_save=False)
     ckpt.save(0, state, config_json=config_json, force=True)
     ckpt.close()
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-        json.dump(config_json, f, indent=2)
+    write_config_json(workdir, config_json)
     return factory.param_count()
 
 
@@ -396,8 +395,11 @@ def read_model_config(arg: str) -> tuple[dict, dict]:
                      'open_clip built-in configs (open_clip is not installed: pip install -e ".[openclip]")')
             raise ConversionError(f'--model-config {arg!r}: no such file, nor a name among {where}')
         path = candidate
-    with open(path) as f:
-        data = json.load(f)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except ValueError as error:
+        raise ConversionError(f'--model-config {path}: not a JSON model config ({error})') from None
     if 'model_cfg' in data:
         return data['model_cfg'], data.get('preprocess_cfg') or {}
     return data, data.get('preprocess_cfg') or {}

@@ -39,6 +39,14 @@ class UnsafeCheckpointError(MmjaxError, ValueError):
     """The file needs code execution (a global outside the state-dict allowlist) to be loaded."""
 
 
+class CheckpointFileError(MmjaxError, ValueError):
+    """A weight file that is damaged or not a flat state dict; the message names the file."""
+
+
+class CheckpointFileNotFoundError(CheckpointFileError, FileNotFoundError):
+    """The weight file does not exist."""
+
+
 RESAVE_HINT = ("If this file holds a whole pickled model (torch.save(model, ...)), re-save its weights as a "
                "state dict: torch.save(model.state_dict(), 'weights.pt') or "
                "safetensors.torch.save_file(model.state_dict(), 'weights.safetensors').")
@@ -47,7 +55,7 @@ RESAVE_HINT = ("If this file holds a whole pickled model (torch.save(model, ...)
 def _np_dtype(name: str) -> np.dtype:
     if name in ('bfloat16', 'float8_e4m3fn', 'float8_e5m2'):
         if ml_dtypes is None:
-            raise ValueError(f'reading {name} tensors needs the ml_dtypes package')
+            raise CheckpointFileError(f'reading {name} tensors needs the ml_dtypes package')
         return np.dtype(getattr(ml_dtypes, name))
     return np.dtype(name)
 
@@ -76,16 +84,17 @@ def load_safetensors(path: str) -> dict[str, np.ndarray]:
     with open(path, 'rb') as f:
         head = f.read(8)
         if len(head) != 8:
-            raise ValueError(f'{path}: not a safetensors file (shorter than its 8-byte header length)')
+            raise CheckpointFileError(f'{path}: not a safetensors file (shorter than its 8-byte header length)')
         (n,) = struct.unpack('<Q', head)
         if n > size - 8:
-            raise ValueError(f'{path}: not a safetensors file (header length {n} exceeds the file size {size})')
+            raise CheckpointFileError(f'{path}: not a safetensors file (header length {n} exceeds the file size '
+                                      f'{size})')
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f'{path}: not a safetensors file (header is not JSON: {e})') from e
+            raise CheckpointFileError(f'{path}: not a safetensors file (header is not JSON: {e})') from e
     if not isinstance(header, dict):
-        raise ValueError(f'{path}: safetensors header is not a JSON object')
+        raise CheckpointFileError(f'{path}: safetensors header is not a JSON object')
     data = np.memmap(path, dtype=np.uint8, mode='r', offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
     out = {}
     for name, info in header.items():
@@ -96,11 +105,11 @@ def load_safetensors(path: str) -> dict[str, np.ndarray]:
             shape = tuple(int(d) for d in info['shape'])
             begin, end = (int(o) for o in info['data_offsets'])
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f'{path}: tensor {name!r} has a bad header entry {info!r}') from e
+            raise CheckpointFileError(f'{path}: tensor {name!r} has a bad header entry {info!r}') from e
         nbytes = math.prod(shape) * dtype.itemsize
         if not 0 <= begin <= end <= data.size or end - begin != nbytes:
-            raise ValueError(f'{path}: tensor {name!r} offsets [{begin}, {end}) do not hold {shape} {dtype.name} '
-                             f'in a data section of {data.size} bytes')
+            raise CheckpointFileError(f'{path}: tensor {name!r} offsets [{begin}, {end}) do not hold {shape} '
+                                      f'{dtype.name} in a data section of {data.size} bytes')
         out[name] = np.frombuffer(data[begin:end], dtype=dtype).reshape(shape).astype(dtype.newbyteorder('='))
     return out
 
@@ -123,15 +132,15 @@ def _rebuild_tensor(storage: np.ndarray, offset: int, size, stride, *_unused) ->
     """`torch._utils._rebuild_tensor_v2`: a (contiguous copy of a) strided view into a flat storage."""
     size, stride, offset = tuple(int(s) for s in size), tuple(int(s) for s in stride), int(offset)
     if not isinstance(storage, np.ndarray) or storage.ndim != 1:
-        raise ValueError('malformed checkpoint: a tensor is built from something that is not a storage')
+        raise CheckpointFileError('malformed checkpoint: a tensor is built from something that is not a storage')
     if len(size) != len(stride) or any(s < 0 for s in size) or any(s < 0 for s in stride) or offset < 0:
-        raise ValueError(f'malformed checkpoint: tensor size {size} / stride {stride} / offset {offset}')
+        raise CheckpointFileError(f'malformed checkpoint: tensor size {size} / stride {stride} / offset {offset}')
     if math.prod(size) == 0:
         return np.zeros(size, storage.dtype)
     last = offset + sum((n - 1) * s for n, s in zip(size, stride))
     if last >= storage.size:
-        raise ValueError(f'malformed checkpoint: tensor {size} (stride {stride}, offset {offset}) reads past its '
-                         f'storage of {storage.size} elements')
+        raise CheckpointFileError(f'malformed checkpoint: tensor {size} (stride {stride}, offset {offset}) reads past '
+                                  f'its storage of {storage.size} elements')
     view = np.lib.stride_tricks.as_strided(storage[offset:], size, tuple(s * storage.itemsize for s in stride),
                                            writeable=False)
     return np.array(view)
@@ -193,20 +202,20 @@ def load_torch_zip(path: str) -> Any:
         names = zf.namelist()
         pkls = [n for n in names if n.endswith('data.pkl') and n.count('/') == 1]
         if len(pkls) != 1:
-            raise ValueError(f'{path}: not a torch checkpoint (expected one <name>/data.pkl, found {pkls})')
+            raise CheckpointFileError(f'{path}: not a torch checkpoint (expected one <name>/data.pkl, found {pkls})')
         root = pkls[0][: -len('data.pkl')]
         order = zf.read(root + 'byteorder').decode().strip() if root + 'byteorder' in names else 'little'
         if order not in ('little', 'big'):
-            raise ValueError(f'{path}: unknown byteorder {order!r}')
+            raise CheckpointFileError(f'{path}: unknown byteorder {order!r}')
 
         def read_storage(key: str, dtype: np.dtype, numel: int) -> np.ndarray:
             member = f'{root}data/{key}'
             if member not in names:
-                raise ValueError(f'{path}: storage {key!r} is missing from the archive')
+                raise CheckpointFileError(f'{path}: storage {key!r} is missing from the archive')
             raw = zf.read(member)
             want = numel * dtype.itemsize
             if len(raw) < want:
-                raise ValueError(f'{path}: storage {key!r} has {len(raw)} bytes, expected {want}')
+                raise CheckpointFileError(f'{path}: storage {key!r} has {len(raw)} bytes, expected {want}')
             arr = np.frombuffer(raw[:want], dtype.newbyteorder('<' if order == 'little' else '>'))
             return arr.astype(dtype.newbyteorder('='))
 
@@ -220,10 +229,11 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
     if isinstance(obj, dict) and isinstance(obj.get('state_dict'), dict):
         obj = obj['state_dict']
     if not isinstance(obj, dict):
-        raise ValueError(f'{path}: holds a {type(obj).__name__}, not a state dict. {RESAVE_HINT}')
+        raise CheckpointFileError(f'{path}: holds a {type(obj).__name__}, not a state dict. {RESAVE_HINT}')
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, np.ndarray)]
     if bad:
-        raise ValueError(f'{path}: entries {bad[:5]} (of {len(bad)}) are not tensors; expected a flat state dict')
+        raise CheckpointFileError(f'{path}: entries {bad[:5]} (of {len(bad)}) are not tensors; expected a flat state '
+                                  f'dict')
     if obj and all(k.startswith('module.') for k in obj):
         obj = {k[len('module.'):]: v for k, v in obj.items()}
     return dict(obj)
@@ -232,7 +242,8 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
     """`.safetensors` or a torch zip checkpoint (`.pt`, `.pth`, `.bin`) -> {name: np.ndarray}, no torch needed."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint {path!r} does not exist')
+        raise CheckpointFileNotFoundError(f'checkpoint {path!r} does not exist; pass a .safetensors or a torch '
+                                          f'.pt/.bin file to --checkpoint')
     if path.endswith('.safetensors'):
         return load_safetensors(path)
     return load_torch_state_dict(path)

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from mmjax.errors import ConfigError
+
 _ENV = ("MMJAX_COORDINATOR", "MMJAX_NUM_PROCESSES", "MMJAX_PROCESS_ID")
 
 
@@ -37,10 +39,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     explicit = [coordinator, num_processes, process_id]
     if any(v is not None for v in explicit):
         if any(v is None for v in explicit):
-            raise ValueError("a multi-process run needs all of --coordinator, --num-processes and "
-                             f"--process-id (or the variables {', '.join(_ENV)}); got "
-                             f"coordinator={coordinator}, num_processes={num_processes}, "
-                             f"process_id={process_id}")
+            raise ConfigError([f"a multi-process run needs all of --coordinator, --num-processes and "
+                               f"--process-id (or the variables {', '.join(_ENV)}); got "
+                               f"coordinator={coordinator}, num_processes={num_processes}, "
+                               f"process_id={process_id}"])
         if num_processes == 1:
             return False
         if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
@@ -59,3 +61,15 @@ def any_process(flag: bool) -> bool:
         return flag
 
     return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
+
+
+def broadcast_text(text: str, max_bytes: int = 4096) -> str:
+    """Process 0's `text` (up to `max_bytes` of UTF-8) on every process (a collective: all processes must call
+    it; what the others pass is ignored)."""
+    if jax.process_count() == 1:
+        return text
+    buffer = np.zeros(max_bytes, np.uint8)
+    data = text.encode()[:max_bytes]
+    buffer[:len(data)] = np.frombuffer(data, np.uint8)
+    received = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
+    return bytes(received).rstrip(b"\0").decode(errors="replace")

@@ -1,13 +1,23 @@
-"""The one checkpoint manager: Orbax, async, keep-N, holding train state + data iterator + config.
+"""The one checkpoint manager: Orbax, async, keep-N, holding train state + data iterator + config, verified.
 
 Layout of `W/checkpoints/<step>/`:
-  state/   the TrainState (step, params, opt_state), sharded arrays, restorable onto any mesh
-  data/    the grain iterator state, one JSON file per process
-  config/  the run's config as JSON
+  state/      the TrainState (step, params, opt_state), sharded arrays, restorable onto any mesh
+  data/       the grain iterator state, one JSON file per process
+  config/     the run's config as JSON
+  integrity/  the checksums of all of the above (`mmjax.training.integrity`); the SHA-256 of this record is in
+              the checkpoint's own `_CHECKPOINT_METADATA`, so a damaged record is told from damaged arrays
+
+A save refuses a state holding NaN or Inf. A restore checks the metadata, recomputes every leaf's checksums and
+compares; a checkpoint that fails (wrong values, unreadable or missing files, damaged metadata) is never loaded:
+`restore` raises CheckpointDamagedError naming the step and the leaves, and `restore_latest` sets it aside
+(`<directory>.damaged/`) and falls back to the previous one. Checkpoints written before checksums existed load
+unverified, with a note. Old checkpoints are deleted (keep-N) only once the newest save is durable and its
+metadata checks out, never the newest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -19,8 +29,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from mmjax.errors import MmjaxError, RuntimeFault
+from mmjax.runtime import distributed
+from mmjax.training import integrity, orbax_quiet
+from mmjax.training.integrity import CheckpointDamagedError
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
 
@@ -41,6 +55,14 @@ class CheckpointWriteError(RuntimeFault, RuntimeError):
     """Writing a checkpoint failed (disk full, permission denied, ...)."""
 
 
+class NonFiniteStateError(RuntimeFault, ValueError):
+    """A save was asked for a state holding NaN or Inf: nothing was written."""
+
+
+class NoVerifiedCheckpointError(RuntimeFault, FileNotFoundError):
+    """A checkpoints folder holds checkpoints, but none of them passed verification."""
+
+
 def set_aside_incomplete(directory: str, log=print) -> list[str]:
     """Moves checkpoint folders that a crash left half-written out of the way.
 
@@ -53,37 +75,69 @@ def set_aside_incomplete(directory: str, log=print) -> list[str]:
     moved = []
     for name in sorted(os.listdir(directory)):
         if TMP_MARKER in name:
-            moved.append(_move_aside(directory, name))
+            _move_aside(directory, name)
+            moved.append(name)
     if moved:
         log(f"mmjax: set aside {len(moved)} incomplete checkpoint(s) left by an interrupted save: "
             f"{', '.join(moved)} -> {directory}.incomplete/")
     return moved
 
 
-def _move_aside(directory: str, name: str) -> str:
-    aside = directory + ".incomplete"
+def _move_aside(directory: str, name: str, suffix: str = ".incomplete") -> str:
+    """Moves `directory/name` into `directory<suffix>/` (never over an earlier one); returns where it went."""
+    aside = directory + suffix
     os.makedirs(aside, exist_ok=True)
     target = os.path.join(aside, name)
-    suffix = 0
+    n = 0
     while os.path.exists(target):
-        suffix += 1
-        target = os.path.join(aside, f"{name}.{suffix}")
+        n += 1
+        target = os.path.join(aside, f"{name}.{n}")
     shutil.move(os.path.join(directory, name), target)
-    return name
+    return target
 
 
-def _paths(tree) -> dict[str, Any]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {jax.tree_util.keystr(p, simple=True, separator="/"): leaf for p, leaf in flat}
+def _iterator_text(item) -> str:
+    """The data-iterator state as the JSON text written to `data/process_<i>-of-<n>.json`."""
+    if isinstance(item, str):
+        return item
+    if isinstance(item, grain.DatasetIterator):
+        return json.dumps(item.get_state(), indent=4)
+    return item.get_state().decode()
+
+
+def _data_hashes(text: str | None) -> dict[str, str] | None:
+    """{'process_<i>-of-<n>.json': SHA-256 of the text process i writes} (a collective on several processes: each
+    process's data-iterator state may differ, and process 0 writes the record)."""
+    if text is None:
+        return None
+    digest = integrity.sha256(text)
+    count = jax.process_count()
+    if count == 1:
+        return {"process_0-of-1.json": digest}
+    everyone = multihost_utils.process_allgather(np.frombuffer(bytes.fromhex(digest), np.uint8))
+    return {f"process_{i}-of-{count}.json": bytes(np.asarray(row, np.uint8)).hex() for i, row in
+            enumerate(np.asarray(everyone).reshape(count, -1))}
+
+
+def _set_iterator_state(item, text: str):
+    item.set_state(json.loads(text) if isinstance(item, grain.DatasetIterator) else text.encode())
+    item.start_prefetch()
+    return item
 
 
 class DataIteratorHandler(grain.PyGrainCheckpointHandler):
-    """grain's iterator handler, restorable on another process count.
+    """grain's iterator handler, restorable on another process count, saving a text prepared in advance.
 
     mmjax's data-iterator state is the position in the global example stream, the same on every
     process, so when `process_<i>-of-<n>.json` for the current topology is absent, any saved
-    process's file is used.
+    process's file is used. `save` takes the iterator or its state's text (`_iterator_text`), so the text
+    checksummed is the text written.
     """
+
+    def save(self, directory, item=None, args=None):
+        item = item if item is not None else args.item
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        (epath.Path(directory) / name).write_text(_iterator_text(item))
 
     def restore(self, directory, item=None, args=None):
         item = item or args.item
@@ -94,10 +148,7 @@ class DataIteratorHandler(grain.PyGrainCheckpointHandler):
             if not saved:
                 raise ValueError(f"no data-iterator state in {directory}")
             path = saved[0]
-        text = path.read_text()
-        item.set_state(json.loads(text) if isinstance(item, grain.DatasetIterator) else text.encode())
-        item.start_prefetch()
-        return item
+        return _set_iterator_state(item, path.read_text())
 
 
 @ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
@@ -134,17 +185,22 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
 
 
 class Checkpointer:
-    """Saves and restores train state, data-iterator state and config under `directory`."""
+    """Saves and restores train state, data-iterator state and config under `directory`, with checksums."""
 
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, log=print,
                  read_only: bool = False):
-        """read_only: for evaluation/inference; leaves folders of interrupted saves where they are
-        (they are never listed as steps)."""
+        """keep: how many checkpoints to keep (the newest; deleted only after a newer save is durable).
+        read_only: for evaluation/inference; leaves folders of interrupted saves and checkpoints that fail
+        verification where they are (they are never loaded)."""
         self.directory = os.path.abspath(directory)
+        self.keep, self.log, self.read_only, self._async = keep, log, read_only, async_save
+        self._pending: int | None = None  # the step of the save in flight
+        self._failed = False  # a save failed (and was reported): later waits do not report it again
+        orbax_quiet.install()
         if jax.process_index() == 0 and not read_only:
             set_aside_incomplete(self.directory, log)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
+            max_to_keep=None,  # `_prune` deletes, once the newest save is durable (Orbax would delete at once)
             create=True,
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=False,  # `set_aside_incomplete` reports and keeps them
@@ -156,6 +212,7 @@ class Checkpointer:
                 "state": _state_handler(),
                 "data": DataIteratorHandler(),
                 "config": ocp.JsonCheckpointHandler(),
+                "integrity": ocp.JsonCheckpointHandler(),
             },
         )
 
@@ -179,46 +236,126 @@ class Checkpointer:
             raise MissingStepError(f"{prefix}no checkpoint at step {step} in {self.directory}; available: {steps}")
         return step
 
+    # ------------------------------------------------------------------------------------------------ saving
+
     def save(self, step: int, state, data_iterator=None, config_json: dict | None = None,
              force: bool = False) -> bool:
-        """Starts an (async) save of `state` at `step`; returns whether a save was started.
+        """Starts an (async) save of `state` at `step` with its checksums; returns whether a save was started.
 
-        Raises CheckpointWriteError if this save, or the previous async one, failed.
+        Raises NonFiniteStateError (nothing written) if `state` holds NaN or Inf, CheckpointWriteError (naming
+        the step whose save failed) if this save, or the previous async one, failed.
         """
-        items = {"state": ocp.args.PyTreeSave(state)}
-        if data_iterator is not None:
-            items["data"] = DataIteratorSave(data_iterator)
+        self._finish_pending()
+        if not force and not self.manager.should_save(step):
+            return False
+        summary = integrity.summarize(state)
+        bad = integrity.nonfinite(summary)
+        if bad:
+            kept = sorted(self.all_steps())
+            raise NonFiniteStateError(
+                f"not saving checkpoint {step}: the state holds NaN or Inf in {len(bad)} array(s) "
+                f"({integrity.short_list(bad)}); nothing was written and the earlier checkpoints are kept "
+                f"({kept or 'none'}). Run the same command to resume from the last one; if it diverges again, "
+                f"lower optim.lr or check the data before step {step}.")
+        data_text = None if data_iterator is None else _iterator_text(data_iterator)
+        record = integrity.make_record(step, summary, _data_hashes(data_text), config_json)
+        items = {"state": ocp.args.PyTreeSave(state), "integrity": ocp.args.JsonSave(record)}
+        if data_text is not None:
+            items["data"] = DataIteratorSave(data_text)
         if config_json is not None:
             items["config"] = ocp.args.JsonSave(config_json)
+        marker = {integrity.MARKER_KEY: {"format": integrity.FORMAT, "sha256": integrity.digest(record)}}
         try:
-            return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+            started = self.manager.save(step, args=ocp.args.Composite(**items), force=force,
+                                        custom_metadata=marker)
         except Exception as e:  # noqa: BLE001 -- any storage failure is reported the same way
+            self._failed = True
             raise self._write_error(step, e) from e
+        if started:
+            self._pending = step
+            if not self._async:
+                self._finish_pending()
+        return started
 
-    def _write_error(self, step: int, e: Exception) -> CheckpointWriteError:
-        kept = [s for s in self.all_steps() if s != step]
-        return CheckpointWriteError(
-            f"writing checkpoint {step} to {self.directory} failed: {type(e).__name__}: {e}. "
-            f"Earlier checkpoints are untouched: {kept or 'none'}. Free space or fix permissions, "
-            f"then run the same command again to resume.")
-
-    def check_compatible(self, step: int, abstract_state) -> None:
-        """Raises CheckpointMismatchError naming every missing, unexpected or mis-shaped array."""
-        meta = self.manager.item_metadata(step)["state"]
-        if meta is None:
+    def _finish_pending(self) -> None:
+        """Waits for the save in flight; then (it is durable) deletes checkpoints beyond `keep`."""
+        step, self._pending = self._pending, None
+        if self._failed:
             return
-        saved = {k: v for k, v in _paths(meta).items()}
-        wanted = _paths(abstract_state)
-        problems = []
-        for k in sorted(set(wanted) - set(saved)):
-            problems.append(f"missing in checkpoint: {k} {tuple(wanted[k].shape)}")
-        for k in sorted(set(saved) - set(wanted)):
-            problems.append(f"unexpected in checkpoint: {k} {tuple(getattr(saved[k], 'shape', ()))}")
-        for k in sorted(set(saved) & set(wanted)):
-            s_shape = tuple(getattr(saved[k], "shape", ()) or ())
-            w_shape = tuple(wanted[k].shape)
-            if s_shape != w_shape:
-                problems.append(f"shape mismatch: {k} checkpoint {s_shape} vs model {w_shape}")
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 -- a failure of the background save, reported for its step
+            self._failed = True
+            raise self._write_error(step, e) from e
+        if step is not None:
+            self._prune(step)
+
+    def _prune(self, newest: int) -> None:
+        """Deletes the oldest checkpoints beyond `keep`, once checkpoint `newest` is durable and its metadata
+        checks out (never `newest` itself, nor anything newer)."""
+        steps = sorted(self.all_steps())
+        if not os.path.isdir(os.path.join(self.directory, str(newest))):  # Orbax logs some failures and goes on
+            self._failed = True
+            kept = [s for s in steps if s != newest]
+            raise CheckpointWriteError(
+                f"writing checkpoint {newest} to {self.directory} did not complete (no {newest}/ after the save); "
+                f"earlier checkpoints are untouched: {kept or 'none'}. Check the storage, then run the same command "
+                f"again to resume.")
+        problems = self._metadata_problems(newest)
+        if distributed.any_process(bool(problems)):
+            self.log(f"mmjax: checkpoint {newest} does not check out after its save ({'; '.join(problems)}); "
+                     f"keeping every older checkpoint")
+            return
+        if self.read_only or not self.keep or self.keep < 1:
+            return
+        for step in [s for s in steps if s < newest][:max(0, len(steps) - self.keep)]:
+            self.manager.delete(step)
+
+    def _write_error(self, step: int | None, e: Exception) -> CheckpointWriteError:
+        kept = [s for s in self.all_steps() if s != step]
+        reported = orbax_quiet.take_errors()
+        more = f" ({len(reported)} Orbax error log(s) of it hidden; MMJAX_DEBUG=1 shows them)" if reported else ""
+        which = f"checkpoint {step}" if step is not None else "a checkpoint"
+        return CheckpointWriteError(
+            f"writing {which} to {self.directory} failed: {orbax_quiet.describe(e)}{more}. Earlier checkpoints are "
+            f"untouched: {kept or 'none'}. Free space or fix permissions, then run the same command again to resume.")
+
+    # ----------------------------------------------------------------------------------------- verification
+
+    def _damaged(self, step: int, problems: list[str]) -> CheckpointDamagedError:
+        return CheckpointDamagedError(self.directory, step, problems)
+
+    def _metadata_problems(self, step: int) -> list[str]:
+        try:
+            integrity.read_record(self.directory, step)
+        except CheckpointDamagedError as e:
+            return e.problems
+        return []
+
+    def check_compatible(self, step: int, abstract_state, record: dict | None = None) -> None:
+        """Raises CheckpointMismatchError naming every missing, unexpected or mis-shaped array, or
+        CheckpointDamagedError when the checkpoint's array metadata disagrees with its checksum record."""
+        try:
+            meta = self.manager.item_metadata(step)["state"]
+        except Exception as e:  # noqa: BLE001 -- unreadable metadata is damage, not a config problem
+            raise self._damaged(step, [f"state metadata unreadable ({orbax_quiet.describe(e)})"]) from e
+        saved_meta = {k: tuple(getattr(v, "shape", ()) or ()) for k, v in integrity.leaf_paths(meta).items()}
+        if record is not None:
+            saved = integrity.shapes(record)
+            if meta is not None and saved_meta != saved:
+                raise self._damaged(step, ["state/_METADATA does not match the checksum record"])
+        elif meta is None:
+            return
+        else:
+            saved = saved_meta
+        wanted = {k: tuple(v.shape) for k, v in integrity.leaf_paths(abstract_state).items()}
+        self._compare_shapes(step, saved, wanted)
+
+    def _compare_shapes(self, step: int, saved: dict, wanted: dict) -> None:
+        problems = [f"missing in checkpoint: {k} {wanted[k]}" for k in sorted(set(wanted) - set(saved))]
+        problems += [f"unexpected in checkpoint: {k} {saved[k]}" for k in sorted(set(saved) - set(wanted))]
+        problems += [f"shape mismatch: {k} checkpoint {saved[k]} vs model {wanted[k]}"
+                     for k in sorted(set(saved) & set(wanted)) if saved[k] != wanted[k]]
         if problems:
             shown = "\n  ".join(problems[:20])
             more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
@@ -227,54 +364,101 @@ class Checkpointer:
                 f"({len(problems)} problem(s)); use a fresh --workdir or the config it was trained "
                 f"with:\n  {shown}{more}")
 
+    # ------------------------------------------------------------------------------------------- restoring
+
     def restore(self, step: int, abstract_state, data_iterator=None):
-        """Restores the state onto the shardings in `abstract_state` (any mesh) and the iterator.
+        """Restores the state onto the shardings in `abstract_state` (any mesh) and the iterator, verified.
 
         abstract_state: pytree of jax.ShapeDtypeStruct with `.sharding` set.
-        Returns the restored state; `data_iterator` is restored in place.
+        Returns the restored state; `data_iterator` is restored in place (only once the state verified).
+        Raises CheckpointDamagedError (naming the step and what failed) when the checkpoint fails verification,
+        CheckpointMismatchError when it holds another model's arrays.
         """
-        self.check_compatible(step, abstract_state)
-        items = {"state": ocp.args.PyTreeRestore(
-            abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
-        if data_iterator is not None and self._has_item(step, "data"):
-            items["data"] = DataIteratorRestore(data_iterator)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return restored["state"]
+        record = integrity.read_record(self.directory, step)
+        self.check_compatible(step, abstract_state, record)
+        integrity.read_config(self.directory, step, record)
+        data_text = integrity.read_data_text(self.directory, step, record)  # checked even if unused: all or nothing
+        args = ocp.args.PyTreeRestore(
+            abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
+        try:
+            state = self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+        except Exception as e:  # noqa: BLE001 -- whatever fails to read is damage
+            raise self._damaged(step, [f"unreadable ({orbax_quiet.describe(e)})"]) from e
+        finally:
+            orbax_quiet.take_errors()
+        problems = integrity.state_problems(record, integrity.summarize(state))  # on the state's devices
+        if problems:
+            raise self._damaged(step, problems)
+        if record is None:
+            self.log(f"mmjax: note: checkpoint {self.directory}/{step} was written before checkpoints carried "
+                     f"checksums; loaded unverified (checked for NaN/Inf only)")
+        if data_iterator is not None and data_text is not None:
+            _set_iterator_state(data_iterator, data_text)
+        return state
 
-    def restore_latest(self, abstract_state, data_iterator=None, log=print):
-        """Restores the newest readable checkpoint: (step, state), or (None, None) if there is none.
+    def restore_latest(self, abstract_state, data_iterator=None, log=None):
+        """Restores the newest checkpoint that verifies: (step, state), or (None, None) if there is none.
 
-        A checkpoint that fails to read (truncated files, say) is reported, moved to
-        `<directory>.incomplete/` and the one before it is tried. A checkpoint of another model raises
+        A checkpoint that fails verification (damaged arrays or metadata, unreadable files) is reported, set
+        aside in `<directory>.damaged/` (left in place when read-only) and the one before it is tried;
+        NoVerifiedCheckpointError if none verifies. A checkpoint of another model raises
         CheckpointMismatchError: that is a config problem, not a damaged file.
         """
+        log = log or self.log
+        failed = []
         for step in sorted(self.all_steps(), reverse=True):
-            self.check_compatible(step, abstract_state)
+            state, error = None, None
             try:
-                return step, self.restore(step, abstract_state, data_iterator)
+                state = self.restore(step, abstract_state, data_iterator)
             except CheckpointMismatchError:
                 raise
-            except Exception as e:  # noqa: BLE001 -- any unreadable checkpoint is set aside
-                log(f"mmjax: checkpoint {step} is unreadable ({type(e).__name__}: {e}); "
-                    f"setting it aside and trying the previous one")
-                if jax.process_index() == 0:
-                    _move_aside(self.directory, str(step))
-                self.manager.reload()
+            except Exception as e:  # noqa: BLE001 -- any checkpoint that fails is set aside
+                error = e
+            if not distributed.any_process(error is not None):  # all processes agree on the outcome
+                if failed:
+                    log(f"mmjax: falling back to checkpoint {step}, the newest that verified")
+                return step, state
+            why = "; ".join(error.problems if isinstance(error, CheckpointDamagedError) else
+                            [orbax_quiet.describe(error) if error else "it failed on another process"])
+            failed.append(f"{step} ({why})")
+            log(f"mmjax: checkpoint {step} failed verification: {why}; {self._set_aside(step)}; "
+                f"trying the previous one")
+        if failed:
+            aside = "" if self.read_only else (f"; they were set aside in {self.directory}.damaged/ and a new run "
+                                               f"starts from step 0")
+            raise NoVerifiedCheckpointError(f"no checkpoint in {self.directory} passed verification: "
+                                            f"{', '.join(failed)}{aside}")
         return None, None
 
-    def restore_config(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    def _set_aside(self, step: int) -> str:
+        """Moves checkpoint `step`, which failed verification, to `<directory>.damaged/` (kept for inspection,
+        never loaded; not when read-only). Returns where it is, for the message."""
+        if self.read_only:
+            return "left in place (read-only)"
+        where = f"set aside in {self.directory}.damaged/"
+        if jax.process_index() == 0:
+            where = f"set aside as {_move_aside(self.directory, str(step), '.damaged')}"
+        self.manager.reload()
+        return where
 
-    def _has_item(self, step: int, name: str) -> bool:
-        return os.path.isdir(os.path.join(self.directory, str(step), name))
+    def restore_config(self, step: int) -> dict:
+        """The config saved with checkpoint `step`, verified against its checksum."""
+        config_json = integrity.read_config(self.directory, step, integrity.read_record(self.directory, step))
+        if config_json is None:
+            raise self._damaged(step, ["it holds no config item"])
+        return config_json
 
     def wait(self) -> None:
-        """Blocks until any in-flight async save is durable; raises CheckpointWriteError if it failed."""
-        try:
-            self.manager.wait_until_finished()
-        except Exception as e:  # noqa: BLE001
-            raise self._write_error(self.latest_step() or -1, e) from e
+        """Blocks until any in-flight async save is durable (then applies keep-N); raises CheckpointWriteError,
+        naming the step, if it failed."""
+        self._finish_pending()
 
     def close(self) -> None:
-        self.wait()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            if self._failed:  # Orbax would raise the reported failure again
+                with contextlib.suppress(Exception):
+                    self.manager.close()
+            else:
+                self.manager.close()

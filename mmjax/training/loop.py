@@ -9,6 +9,7 @@ A workdir with checkpoints is resumed from its latest one, data order included.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -19,10 +20,11 @@ import flax.linen as nn
 import jax
 
 from mmjax.data import pipeline
+from mmjax.errors import StorageError
 from mmjax.runtime import distributed
 from mmjax.runtime import sharding as shd
 from mmjax.runtime.flops import SpeedMeter
-from mmjax.training import init_from, preflight
+from mmjax.training import init_from, lock, preflight
 from mmjax.training.checkpoint import Checkpointer
 from mmjax.training.health import HealthMonitor, PreemptionGuard
 from mmjax.training.metrics import MetricsWriter, Progress
@@ -35,12 +37,18 @@ def config_to_json(config) -> dict:
 
 
 def write_config_json(workdir: str, config_json: dict) -> None:
-    """`W/config.json`, written whole or not at all (a temporary file, then a rename)."""
+    """`W/config.json`, written whole or not at all (a temporary file, then a rename). A failed write (a full disk,
+    a read-only workdir) removes the temporary file and raises StorageError naming config.json."""
     path = os.path.join(workdir, "config.json")
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(config_json, f, indent=2)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(config_json, f, indent=2)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise StorageError.from_os_error(e, "cannot write the run's config", path) from e
 
 
 def evaluate(config, factory: StateFactory, params, mesh, cache: dict | None = None) -> dict[str, float]:
@@ -68,12 +76,15 @@ class _Timing:
 
 
 class TrainingRun:
-    """One `mmjax train` in one workdir: set up (validate, mesh, state restored or initialised, loader at its
-    position, config.json) in the constructor; `run(end)` trains to step `end` and returns the last metrics."""
+    """One `mmjax train` in one workdir: set up (mesh, state restored or initialised, loader at its position,
+    config.json) in the constructor, once `train` has validated the config and holds the workdir's lock (`run_lock`,
+    so only the lock holder sets incomplete checkpoints aside or writes); `run(end)` trains to step `end` and
+    returns the last metrics."""
 
-    def __init__(self, config, workdir: str, devices: Sequence[jax.Device], verbose: bool):
-        preflight.check(config, len(devices), jax.process_count())
-        self.config, self.workdir, self.devices = config, workdir, list(devices)
+    def __init__(self, config, workdir: str, devices: Sequence[jax.Device], verbose: bool,
+                 run_lock: lock.RunLock, guard: PreemptionGuard):
+        self.config, self.workdir, self.devices, self.run_lock = config, workdir, list(devices), run_lock
+        self.guard = guard  # installed by `train` first: a stop requested while starting ends `run` at once
         self.is_main = jax.process_index() == 0
         self.log: Callable = print if (verbose and self.is_main) else _quiet
         self.warn: Callable = print if self.is_main else _quiet  # problems are shown even when quiet
@@ -134,15 +145,28 @@ class TrainingRun:
             return guard.requested
         return distributed.any_process(guard.requested) if synced else False
 
+    def _stopped_while_starting(self) -> bool:
+        """A stop requested while the run started (restoring, preparing data): it ends before compiling."""
+        if not self._stop_requested(self.guard, synced=True):
+            self.guard.training = True
+            return False
+        resume = (f"the workdir resumes from checkpoint {self.ckpt.directory}/{self.start}" if self.start else
+                  "nothing was trained yet")
+        self.warn(f"mmjax: {self.guard.reason}: stopped before step {self.start + 1}/{self.config.train.steps}, "
+                  f"while starting: nothing to save; {resume}. Run the same command to resume.")
+        return True
+
     def run(self, end: int) -> dict[str, Any]:
         config, total = self.config, self.config.train.steps
+        if self._stopped_while_starting():
+            return self.last
         step_fn = jit_train_step(config, self.factory, self.mesh)
         inputs = self.factory.task.inputs(config)  # absent ones unpaired ('audio': {'waveform', 'length'})
         eval_every = int(config.eval.every_steps)
         pending: list[tuple[int, Any]] = []  # (step, device metrics) not yet read on the host
         timing = _Timing()
-        with PreemptionGuard(log=self.warn) as guard, jax.set_mesh(self.mesh), \
-                nn.logical_axis_rules(self.factory.rules):
+        guard = self.guard
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.factory.rules):
             for step in range(self.start + 1, end + 1):
                 t0 = time.perf_counter()
                 host_batch = next(self.loader)
@@ -176,10 +200,11 @@ class TrainingRun:
                     if results:
                         self.log(f"mmjax: eval at step {step}: " + _format(results))
                 if is_save or stop:
+                    self.run_lock.check()  # another run took the workdir over: write nothing more
                     self.ckpt.save(step, self.state, self.loader, self.config_json, force=stop)
                 if stop:
                     self.ckpt.wait()
-                    self.warn(f"mmjax: preempted: stopped after step {step}/{total}; checkpoint "
+                    self.warn(f"mmjax: {guard.reason}: stopped after step {step}/{total}; checkpoint "
                               f"{self.ckpt.directory}/{step} is durable. Run the same command to resume.")
                     return self.last
             self.ckpt.wait()
@@ -196,16 +221,25 @@ class TrainingRun:
 
 
 def train(config, workdir: str, devices: Sequence[jax.Device] | None = None,
-          stop_at_step: int | None = None, verbose: bool = True) -> dict[str, Any]:
-    """Trains `config` in `workdir` (resuming if it holds checkpoints). Returns the last metrics.
+          stop_at_step: int | None = None, verbose: bool = True, force_unlock: bool = False) -> dict[str, Any]:
+    """Trains `config` in `workdir` (resuming if it holds checkpoints), holding the workdir's lock
+    (`mmjax.training.lock`) from before anything is read or written there to the end. Returns the last metrics.
 
     stop_at_step: end early after this step, with a checkpoint written (for tests and time-boxed jobs).
-    Raises ConfigError / CheckpointMismatchError before compiling, CheckpointWriteError when storage
-    fails, NonFiniteError after `train.max_nonfinite_steps` non-finite steps in a row.
+    force_unlock: take over the workdir's lock even if another run seems to hold it.
+    Raises ConfigError / CheckpointMismatchError before compiling, WorkdirLockedError (before compiling) when
+    another run holds the workdir, CheckpointWriteError when storage fails, NonFiniteError after
+    `train.max_nonfinite_steps` non-finite steps in a row.
     """
-    run = TrainingRun(config, workdir, jax.devices() if devices is None else devices, verbose)
+    devices = jax.devices() if devices is None else devices
     total = config.train.steps
-    try:
-        return run.run(total if stop_at_step is None else min(stop_at_step, total))
-    finally:
-        run.close()
+    warn = print if jax.process_index() == 0 else _quiet
+    # From here on SIGTERM and Ctrl-C stop the run cleanly (health.PreemptionGuard), also while it starts.
+    with PreemptionGuard(log=warn, checkpoint_dir=os.path.join(workdir, "checkpoints")) as guard:
+        preflight.check(config, len(devices), jax.process_count())
+        with lock.hold(workdir, force=force_unlock, log=warn) as run_lock:
+            run = TrainingRun(config, workdir, devices, verbose, run_lock, guard)
+            try:
+                return run.run(total if stop_at_step is None else min(stop_at_step, total))
+            finally:
+                run.close()

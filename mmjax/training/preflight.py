@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from mmjax import config as config_lib
 from mmjax import tasks
-from mmjax.data import builders, sources, speech_triples
+from mmjax.data import builders, sources, speech_triples, stream
 from mmjax.data.tokenizers import TOKENIZERS, get_tokenizer
 from mmjax.errors import ConfigError
 from mmjax.models.layers import strip_boxes
@@ -115,7 +115,7 @@ def _data_problems(config) -> list[str]:
         return [f"data.name: {kind!r} is not a kind of data; choose one of {sources.DATA_KINDS} "
                 f"(a corpus of yours: 'spec' with data.spec, a prepared TFDS dataset: 'tfds' with data.tfds_name)"]
     for key, owner in (("spec", "spec"), ("tfds_name", "tfds"), ("mixture", "mixture")):
-        if d[key] and kind != owner:
+        if d[key] and kind != owner and not (key == "spec" and kind == stream.KIND):
             problems.append(f"data.{key} is set but data.name={kind!r}; set data.name={owner!r} to use it "
                             f"(or clear data.{key})")
     if kind == "spec" and not d.spec:
@@ -123,6 +123,8 @@ def _data_problems(config) -> list[str]:
                         "data.name='spec'")
     if kind == "tfds" and not d.tfds_name:
         problems.append("data.tfds_name: give the name of a TFDS dataset prepared under data.data_dir")
+    if kind == stream.KIND:  # tar shards streamed in place: the spec and its shards are checked now
+        problems += stream.config_problems(d)
     entries: list[tuple[str, str, float]] = []  # (key, source, weight)
     if kind == "spec" and d.spec:
         entries.append(("data.spec", d.spec, 1.0))
