@@ -78,22 +78,28 @@ def _split_member(name: str) -> tuple[str, str]:
     return os.path.join(folder, stem), ext.lower()
 
 
+def webdataset_sample(path: str, key: str, parts: dict[str, bytes]) -> tuple[str, bytes | BadSample, list[Any]]:
+    """One webdataset sample from its tar members {extension: bytes}: (key, image bytes or BadSample('missing_file'),
+    captions from `.txt`, else the `caption` of `.json`)."""
+    image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
+    captions: list[Any] = [parts['txt']] if 'txt' in parts else []
+    if not captions and 'json' in parts:
+        try:
+            meta = json.loads(parts['json'])
+            if isinstance(meta, dict) and meta.get('caption') is not None:
+                captions = [meta['caption']]
+        except ValueError:
+            pass
+    if image is None:
+        image = BadSample('missing_file', f'{path}: no image member for key {key!r}')
+    return key, image, captions
+
+
 def iter_webdataset_shard(path: str) -> Iterator[tuple[str, bytes | BadSample, list[Any]]]:
     """(key, image bytes | BadSample, captions) per sample of one tar shard. Raises BadDataError naming the
     shard if it cannot be opened or read through."""
     def emit(key, parts):
-        image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
-        captions = [parts['txt']] if 'txt' in parts else []
-        if not captions and 'json' in parts:
-            try:
-                meta = json.loads(parts['json'])
-                if isinstance(meta, dict) and meta.get('caption') is not None:
-                    captions = [meta['caption']]
-            except ValueError:
-                pass
-        if image is None:
-            image = BadSample('missing_file', f'{path}: no image member for key {key!r}')
-        return key, image, captions
+        return webdataset_sample(path, key, parts)
 
     try:
         with tarfile.open(path, 'r:*') as tar:

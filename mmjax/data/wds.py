@@ -25,12 +25,12 @@ import os
 import posixpath
 import re
 import tarfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 from etils import epath
 
-from mmjax.data.builders import IMAGE_EXTENSIONS
+from mmjax.data.builders import webdataset_sample
 from mmjax.data.decode import BadSample, DataFileNotFoundError, DataSpecError, DecodeLimits
 
 SPEC_KEYS = {'name', 'format', 'paths', 'splits', 'base_dir', 'limits', 'description', 'image_column',
@@ -147,21 +147,6 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0][:300] if text else ''
 
 
-def _sample(path: str, key: str, parts: Mapping[str, bytes]) -> tuple[str, bytes | BadSample, list[Any]]:
-    image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
-    captions: list[Any] = [parts['txt']] if 'txt' in parts else []
-    if not captions and 'json' in parts:
-        try:
-            meta = json.loads(parts['json'])
-            if isinstance(meta, dict) and meta.get('caption') is not None:
-                captions = [meta['caption']]
-        except ValueError:
-            pass
-    if image is None:
-        image = BadSample('missing_file', f'{path}: no image member for key {key!r}')
-    return key, image, captions
-
-
 def iter_shard(path: str) -> Iterator[tuple[str, bytes | BadSample, list[Any]]]:
     """(key, image bytes | BadSample('missing_file'), raw captions) per sample of one tar shard (plain or
     compressed), in order, read front to back. A shard that is gone or breaks off raises one of SHARD_ERRORS."""
@@ -175,12 +160,12 @@ def iter_shard(path: str) -> Iterator[tuple[str, bytes | BadSample, list[Any]]]:
             member_key = posixpath.join(folder, stem)
             if member_key != key:
                 if key is not None and parts:
-                    yield _sample(path, key, parts)
+                    yield webdataset_sample(path, key, parts)
                 key, parts = member_key, {}
             data = tar.extractfile(member)
             parts[ext.lower()] = data.read() if data is not None else b''
         if key is not None and parts:
-            yield _sample(path, key, parts)
+            yield webdataset_sample(path, key, parts)
 
 
 __all__ = ['SHARD_ERRORS', 'StreamSpec', 'expand_braces', 'expand_shards', 'iter_shard', 'read_spec', 'stream_spec']
