@@ -2,7 +2,7 @@
 
 A failed async save makes Orbax log the same exception with its traceback from each of its background threads
 (hundreds of lines for the tiny test model, about 1,540 for a larger one, through absl's logger, and once more per
-array through asyncio's "Task exception was never retrieved"), and a read
+array through asyncio's "Task/Future exception was never retrieved"), and a read
 that fails makes tensorstore report every callback that arrives after Orbax closed its event loop
 (`RuntimeError: Event loop is closed`) and every read coroutine that fails after the first (`Exception ignored
 in: <coroutine ...>`), both through `sys.unraisablehook`. The `Checkpointer` raises one error naming
@@ -25,6 +25,23 @@ def debug() -> bool:
     return os.environ.get("MMJAX_DEBUG") == "1" or "--debug" in sys.argv[1:]
 
 
+def _from_orbax(path: str | None) -> bool:
+    return f"{os.sep}orbax{os.sep}" in (path or "")
+
+
+def _orbax_task(record: logging.LogRecord, message: str) -> bool:
+    """An asyncio "Task/Future exception was never retrieved" of one of Orbax's reads or writes: the task's code,
+    the exception's frames or the checkpoint's path say so."""
+    if "exception was never retrieved" not in message:
+        return False
+    tb = record.exc_info[2] if record.exc_info else None
+    while tb is not None:
+        if _from_orbax(tb.tb_frame.f_code.co_filename):
+            return True
+        tb = tb.tb_next
+    return _from_orbax(message) or ".orbax-checkpoint-tmp" in message
+
+
 class _OrbaxErrors(logging.Filter):
     """Drops the error records of Orbax and of its asyncio tasks (kept, first line only, for `take_errors`)."""
 
@@ -34,9 +51,7 @@ class _OrbaxErrors(logging.Filter):
         if record.levelno < logging.ERROR or debug():
             return True
         message = record.getMessage()
-        # absl's records name Orbax's file; asyncio's ("Task exception was never retrieved") name Orbax's task.
-        where = record.pathname if record.name != "asyncio" else message
-        if f"{os.sep}orbax{os.sep}" not in (where or ""):
+        if not (_from_orbax(record.pathname) if record.name != "asyncio" else _orbax_task(record, message)):
             return True
         _hidden.append(message.strip().splitlines()[0][:500] if message.strip() else "")
         return False
