@@ -43,6 +43,7 @@ from mmjax import config as config_lib
 from mmjax.data import digits, sources, speech_triples, stream, wds
 from mmjax.data.decode import BAD_KINDS, DecodeCropTokenize, DecodeStats
 from mmjax.data.image import preprocess_images, random_affine
+from mmjax.data.iterators import InnerIteratorOwner
 from mmjax.data.tokenizers import Tokenizer, get_tokenizer
 from mmjax.errors import ConfigError
 
@@ -327,7 +328,7 @@ def host_batches(stream: grain.MapDataset, start: int, global_batch: int, proces
     return stream[start:].batch(host_batch, drop_remainder=True)[process_index::process_count]
 
 
-class TrainIterator(grain.DatasetIterator):
+class TrainIterator(InnerIteratorOwner):
     """Endless iterator of one process's host batches, resumable on any process / worker count.
 
     State: {'examples_seen': global examples consumed (all processes together), 'epoch': examples_seen // N}.
@@ -396,19 +397,6 @@ class TrainIterator(grain.DatasetIterator):
         self._stop_inner()
         self._examples_seen = examples_seen
 
-    def start_prefetch(self) -> None:
-        self._assert_not_closed()
-        self._start().start_prefetch()
-
-    def close(self) -> None:
-        if not self._closed:
-            self._stop_inner()
-        super().close()
-
-    def _stop_inner(self) -> None:
-        if self._inner is not None:
-            inner, self._inner = self._inner, None
-            inner.close()
 
     def __str__(self) -> str:
         return (f'TrainIterator(process {self._process_index}/{self._process_count}, '

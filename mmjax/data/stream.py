@@ -45,6 +45,7 @@ from mmjax.data.decode import (
     clean_caption,
     decode_image,
 )
+from mmjax.data.iterators import InnerIteratorOwner
 
 KIND = 'wds_stream'
 MARK = 'wds_stream_reader'  # key that marks a reader's state inside grain's nested iterator states
@@ -325,7 +326,7 @@ def summed_stats(readers: list[dict[str, Any]]) -> tuple[DecodeStats, int]:
     return stats, sum(len(r['failed']) for r in readers)
 
 
-class StreamIterator(grain.DatasetIterator):
+class StreamIterator(InnerIteratorOwner):
     """Endless iterator of one process's host batches of a `wds_stream` corpus, resumable on the same process and
     worker counts (approximately on others; see the module docstring).
 
@@ -410,19 +411,6 @@ class StreamIterator(grain.DatasetIterator):
         self._plan = dataclasses.replace(plan, start=(int(done), done - int(done)))
         self._inner_state = None
 
-    def start_prefetch(self) -> None:
-        self._assert_not_closed()
-        self._start().start_prefetch()
-
-    def close(self) -> None:
-        if not self._closed:
-            self._stop_inner()
-        super().close()
-
-    def _stop_inner(self) -> None:
-        if self._inner is not None:
-            inner, self._inner = self._inner, None
-            inner.close()
 
     def __str__(self) -> str:
         plan = self._plan
