@@ -1,16 +1,9 @@
 """CLIP ViT-L/14: an alias of `configs/clip.py:L/14` (see that file for shapes, meshes and commands)."""
 
-import importlib.util
 import os
 
-
-def _clip():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip.py")
-    spec = importlib.util.spec_from_file_location("mmjax_configs_clip", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from mmjax.config import load_config_file
 
 
 def get_config(arg=None):
-    return _clip().get_config("L/14")
+    return load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip.py"), "L/14")
