@@ -42,7 +42,11 @@ setup(
                  "import-linter>=2.1", "ruff>=0.6",
                  # object-store servers the tests start on 127.0.0.1 (tests/storage_servers.py): the emulator is
                  # pinned exactly because the tests' wrapper adds behaviours Orbax needs to its request handlers
-                 "gcp-storage-emulator==2026.7.19", "moto[server]>=5.2.1,<6", "boto3", "google-cloud-storage>=3.14"],
+                 "gcp-storage-emulator==2026.7.19", "moto[server]>=5.2.1,<6", "boto3", "google-cloud-storage>=3.14",
+                 # `mmjax prepare --runner DirectRunner` and the img2dataset end-to-end test (tests/test_img2dataset.py)
+                 "apache-beam>=2.77", "img2dataset>=1.47"],
+        # `mmjax prepare` on Apache Beam; for Dataflow install "apache-beam[gcp]" instead
+        "beam": ["apache-beam>=2.77"],
         "text": ["sentencepiece>=0.2", "tokenizers>=0.19"],
         "tpu": ["libtpu==0.0.42.*"],  # for `mmjax compile` (AOT for TPU topologies); pinned by jax 0.10.2
         # `mmjax convert open_clip` reads weights without torch; this extra is its test reference. Install with

@@ -1,0 +1,233 @@
+"""The one path layer: every file mmjax reads or writes may be a local path or an object-store URL.
+
+A path is a `str` everywhere in mmjax: a local path (`runs/demo`, `/data/x.tar`) or a URL (`gs://bucket/run1`,
+`s3://bucket/shards/00001.tar`). Every read, write, listing and glob goes through this module, which uses
+`etils.epath` (the path layer Orbax itself uses; fsspec's gcsfs / s3fs behind URLs) and `fsspec` for globs and
+listings. So a workdir, its checkpoints, metrics, events and figures, data specs, shard globs, `data_dir` and
+tokenizer files all work on a bucket, and no local folder named `gs:` or `s3:` is ever created.
+
+Object stores cannot append or rename atomically. What that changes:
+  * `write_text_atomic` writes a local file through a temporary file and a rename; on a bucket one PUT is
+    already atomic (a reader sees the old object or the new one, never half of one);
+  * `makedirs` does nothing on a bucket (folders are key prefixes);
+  * appending logs (metrics.jsonl) is designed in `mmjax/training/metrics.py` (part files).
+
+Errors: a storage fault (no such bucket, no credentials, a full disk, no permission) becomes a `StorageError`
+naming the path; `reachable` checks a URL before a run compiles anything. Unknown schemes are refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob as _glob
+import os
+from collections.abc import Iterator
+from typing import IO, Any
+
+from etils import epath
+
+from mmjax.errors import StorageError
+
+SCHEMES = ("gs", "s3")
+
+
+def is_url(path: Any) -> bool:
+    """Whether `path` is an object-store URL (`gs://...`, `s3://...`)."""
+    return "://" in os.fspath(path)
+
+
+def scheme(path: Any) -> str:
+    """'gs', 's3', or '' for a local path."""
+    text = os.fspath(path)
+    return text.split("://", 1)[0] if "://" in text else ""
+
+
+def check(path: Any) -> str:
+    """`path` as a str, after refusing what would silently go to the wrong place: an unknown URL scheme, and a
+    local path that starts with `gs:` / `s3:` (a URL typed with one slash, which a local file API would turn
+    into a local folder named `gs:`)."""
+    text = os.fspath(path)
+    if "://" in text:
+        if scheme(text) not in SCHEMES:
+            raise StorageError(f"unsupported storage URL {text!r}: mmjax reads and writes local paths, gs:// and "
+                               "s3:// URLs")
+        return text
+    first = text.split("/", 1)[0]
+    if first.rstrip(":") in SCHEMES and first.endswith(":"):
+        raise StorageError(f"path {text!r} looks like a mistyped URL (one slash after '{first}'); write "
+                           f"{first}//bucket/... for an object store, or ./{text} for a local folder")
+    return text
+
+
+def path(p: Any) -> epath.Path:
+    """An `etils.epath.Path` for a local path or a URL (checked by `check`)."""
+    return epath.Path(check(p))
+
+
+def join(base: Any, *parts: str) -> str:
+    """`base/part/...` as a str, for local paths and URLs alike."""
+    text = check(base)
+    if not parts:
+        return text
+    if is_url(text):
+        return "/".join([text.rstrip("/"), *(str(p).strip("/") for p in parts if str(p))])
+    return os.path.join(text, *parts)
+
+
+def parent(p: Any) -> str:
+    """The folder holding `p`."""
+    text = check(p).rstrip("/")
+    if is_url(text):
+        head, _, _ = text.rpartition("/")
+        return head if "://" in head and len(head) > len(scheme(text)) + 3 else text
+    return os.path.dirname(text)
+
+
+def name(p: Any) -> str:
+    """The last component of `p`."""
+    return check(p).rstrip("/").rpartition("/")[2]
+
+
+def absolute(p: Any) -> str:
+    """A local path made absolute (`~` expanded); a URL as it is."""
+    text = check(p)
+    return text if is_url(text) else os.path.abspath(os.path.expanduser(text))
+
+
+@contextlib.contextmanager
+def storage_errors(what: str, p: Any) -> Iterator[None]:
+    """Turns an OSError (and the object-store clients' errors, which are OSErrors or carry HTTP codes) met
+    inside into a `StorageError` saying `what` failed on `p`. FileNotFoundError passes through unchanged where
+    the caller expects it."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except StorageError:
+        raise
+    except OSError as error:
+        raise StorageError.from_os_error(error, what, os.fspath(p)) from error
+
+
+def exists(p: Any) -> bool:
+    return path(p).exists()
+
+
+def isdir(p: Any) -> bool:
+    """Whether `p` is a folder (on a bucket: a prefix with at least one object under it)."""
+    return path(p).is_dir()
+
+
+def isfile(p: Any) -> bool:
+    return path(p).is_file()
+
+
+def makedirs(p: Any) -> None:
+    """Creates a local folder and its parents; nothing on a bucket, where folders are key prefixes."""
+    if not is_url(check(p)):
+        os.makedirs(p, exist_ok=True)
+
+
+def read_bytes(p: Any) -> bytes:
+    return path(p).read_bytes()
+
+
+def read_text(p: Any) -> str:
+    return path(p).read_text()
+
+
+def open_file(p: Any, mode: str = "rb") -> IO:
+    """A file object for reading (`rb`, `r`) or writing (`wb`, `w`; on a bucket the object appears on close)."""
+    return path(p).open(mode)
+
+
+def write_bytes_atomic(p: Any, data: bytes) -> None:
+    """Writes `data` so that a reader never sees a partial file: a local temporary file renamed over `p`; on a
+    bucket one upload (objects appear whole)."""
+    text = check(p)
+    if is_url(text):
+        path(text).write_bytes(data)
+        return
+    tmp = f"{text}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, text)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text_atomic(p: Any, text: str) -> None:
+    write_bytes_atomic(p, text.encode())
+
+
+def remove(p: Any) -> None:
+    """Deletes one file; a missing file is not an error."""
+    with contextlib.suppress(FileNotFoundError):
+        path(p).unlink()
+
+
+def rmtree(p: Any) -> None:
+    """Deletes a folder and everything under it; a missing folder is not an error."""
+    target = path(p)
+    if target.exists():
+        target.rmtree()
+
+
+def rename(src: Any, dst: Any) -> None:
+    """Moves `src` to `dst` (a rename on a local disk; a copy and delete of every object on a bucket)."""
+    path(src).rename(path(dst))
+
+
+def listdir(p: Any) -> list[str]:
+    """The names directly under folder `p`, sorted; [] if it does not exist."""
+    target = path(p)
+    if not target.exists():
+        return []
+    return sorted(child.name for child in target.iterdir())
+
+
+def _filesystem(url: str):
+    import fsspec  # etils.epath's own backend for URLs; imported with it
+
+    fs, _ = fsspec.core.url_to_fs(url)
+    return fs
+
+
+def glob(pattern: Any) -> list[str]:
+    """The files matching `pattern` (`*`, `?`, `[...]`, `**`), sorted; URLs keep their scheme."""
+    text = check(pattern)
+    if not is_url(text):
+        return sorted(_glob.glob(os.path.expanduser(text), recursive=True))
+    prefix = f"{scheme(text)}://"
+    return sorted(m if m.startswith(prefix) else prefix + m for m in _filesystem(text).glob(text))
+
+
+def size(p: Any) -> int:
+    """The size of file `p` in bytes."""
+    return path(p).stat().length
+
+
+def reachable(p: Any, what: str = "path") -> None:
+    """Raises a one-line `StorageError` if the bucket of URL `p` cannot be reached (no such bucket, no
+    credentials, no network); nothing for local paths. Run before anything compiles."""
+    text = check(p)
+    if not is_url(text):
+        return
+    bucket = text.split("://", 1)[1].split("/", 1)[0]
+    root = f"{scheme(text)}://{bucket}"
+    try:
+        fs = _filesystem(root)
+        fs.invalidate_cache()
+        fs.ls(root, detail=False)
+    except Exception as error:  # noqa: BLE001 - the clients raise many kinds (OSError, HTTP, credentials)
+        reason = ("no such bucket" if isinstance(error, FileNotFoundError) else
+                  str(error).splitlines()[0] if str(error) else type(error).__name__)
+        advice = ("check the bucket name and your credentials (`gcloud auth application-default login`)"
+                  if scheme(text) == "gs" else
+                  "check the bucket name and your credentials (AWS_* variables or ~/.aws), and AWS_ENDPOINT_URL")
+        raise StorageError(f"cannot reach the {what} {text}: bucket {root} is not reachable ({reason}); "
+                           f"{advice}") from error
