@@ -33,6 +33,9 @@ setup(
         "etils[epath]>=1.15",
         "gcsfs>=2026.9",
         "s3fs>=2026.9",
+        # the workdir lock on buckets: conditional writes (GCS ifGenerationMatch, S3 If-None-Match / If-Match)
+        "google-cloud-storage>=3.14",
+        "boto3>=1.35",
     ],
     extras_require={
         # librosa: reference for the JAX log-mel; sentencepiece/tokenizers: the file tokenizers; pytest-xdist: the

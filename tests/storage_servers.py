@@ -26,15 +26,17 @@ The clients are pointed at the servers the documented way:
          developer's ~/.aws cannot redirect the tests. tensorstore's s3 driver ignores AWS_ENDPOINT_URL: its spec
          needs "endpoint" (see `StorageServer.tensorstore_kvstore`).
 
-The gs:// server is gcp-storage-emulator with three GCS behaviours the stock emulator lacks (added here, in the
-tests, by wrapping its request handlers); Orbax/tensorstore rely on the first two:
+The gs:// server is gcp-storage-emulator with four GCS behaviours the stock emulator lacks (added here, in the
+tests, by wrapping its request handlers); Orbax/tensorstore rely on the first two, the workdir lock on the last:
   * downloads carry the object's `x-goog-generation` (and `x-goog-metageneration`) header: without it
     tensorstore fails every read with "Malformed StorageGeneration";
   * object listings honour `startOffset` / `endOffset`: tensorstore lists key ranges that way (OCDBT, Orbax's
     directory listings), and a listing that ignores them returns keys outside the range, which can abort the
     process;
   * `objects.move` (POST .../o/SRC/moveTo/o/DST), which gcsfs (so `epath.Path.rename`) tries first: the stock
-    answer, 501, is retried by gcsfs for ~30 s before it falls back to copy + delete.
+    answer, 501, is retried by gcsfs for ~30 s before it falls back to copy + delete;
+  * the `ifGenerationMatch` precondition of uploads (simple and multipart) and deletes, answered 412 when it does
+    not hold: the workdir lock (mmjax/training/lock_stores.py) is a compare-and-swap on the object's generation.
 The wrapper touches the emulator's handler functions and its `Response` internals, so gcp-storage-emulator is
 pinned to one version (setup.py's test extra); `test_storage_servers.py` checks both behaviours directly.
 """
@@ -266,7 +268,37 @@ def _patch_gcs_emulator():
         objects._delete(storage, bucket, src)
         response.json(obj)
 
-    wrapped = {stock_download: download, stock_ls: ls}
+    def precondition_failed(request, response, storage, object_id) -> bool:
+        """GCS's `ifGenerationMatch`: 0 means "only if no such object", N "only if its generation is N"; on a
+        mismatch, answer 412 and return True."""
+        wanted = (request.query.get("ifGenerationMatch") or [None])[0]
+        if wanted is None or object_id is None:
+            return False
+        try:
+            current = str(storage.get_file_obj(request.params["bucket_name"], object_id)["generation"])
+        except NotFound:
+            current = "0"
+        if current == str(wanted):
+            return False
+        response.status = HTTPStatus.PRECONDITION_FAILED
+        response.json({"error": {"code": 412, "message": "conditionNotMet: At least one of the pre-conditions "
+                                                         "you specified did not hold."}})
+        return True
+
+    def insert(request, response, storage, *args, **kwargs):
+        kind = (request.query.get("uploadType") or [""])[0]
+        name = (request.query.get("name") or [None])[0]
+        if name is None and kind == "multipart" and isinstance(request.data, dict):
+            name = (request.data.get("meta") or {}).get("name")
+        if not precondition_failed(request, response, storage, name):
+            stock_insert(request, response, storage, *args, **kwargs)
+
+    def delete(request, response, storage, *args, **kwargs):
+        if not precondition_failed(request, response, storage, request.params["object_id"]):
+            stock_delete(request, response, storage, *args, **kwargs)
+
+    stock_insert, stock_delete = objects.insert, objects.delete
+    wrapped = {stock_download: download, stock_ls: ls, stock_insert: insert, stock_delete: delete}
     objects.download, objects.ls = download, ls  # objects.get (alt=media) calls download by its global name
     move_route = (r"^/storage/v1/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/"
                   r"(?P<dest_object_id>.*[^/]+)$", {"POST": move})

@@ -27,24 +27,18 @@ also over NFS, and readers never see a half-written lock; on file systems withou
 with O_CREAT|O_EXCL under the guard); `replace` and `delete` compare and write under a short `flock` on
 `W/lock.json.guard`, which the kernel releases if the process dies.
 
-Object stores (gs://, s3://; issue 21) carry the same design with the store's own preconditions, no guard file:
-- gs://: `create` uploads `lock.json` with `ifGenerationMatch=0` (fails with 412 if the object exists);
-  `replace` uploads with `ifGenerationMatch=<the generation we hold>` (a refresh returns the new generation; a
-  412 means another run took the lock: lost); `delete` deletes with `ifGenerationMatch=<held generation>`; the
-  generation read with the object is what a takeover passes, so of several runs taking over one stale lock
-  exactly one wins. The heartbeat age is better taken from the object's server-side `updated` time against the
-  server's clock (the response's Date header) than from the holder's clock, so skew between hosts cannot matter.
-- s3://: the same with conditional writes: `If-None-Match: *` to create and `If-Match: <ETag>` to refresh,
-  take over and delete, where the S3 server supports them.
+Object stores (gs://, s3://) carry the same design with the store's own preconditions, no guard file
+(mmjax/training/lock_stores.py): on gs:// `ifGenerationMatch` (0 to create, the held generation to refresh, take
+over or delete), on s3:// conditional writes (`If-None-Match: *` to create, `If-Match: <ETag>` otherwise). The
+generation read with the object is what a takeover passes, so of several runs taking over one stale lock exactly
+one wins. The heartbeat age compares the holder's clock with ours: hosts of one pod keep their clocks in sync
+(NTP); a lock is stale only after STALE_AFTER_SECONDS (six heartbeats), far above normal skew.
 """
 
 from __future__ import annotations
 
-import abc
 import contextlib
 import dataclasses
-import errno
-import fcntl
 import json
 import os
 import socket
@@ -55,10 +49,12 @@ from collections.abc import Callable, Iterator
 
 import jax
 
+from mmjax import storage
 from mmjax.errors import MmjaxError, RuntimeFault, StorageError
 from mmjax.runtime import distributed
+from mmjax.training import lock_stores
+from mmjax.training.lock_stores import LOCK_NAME, LocalLockStore, LockStore
 
-LOCK_NAME = "lock.json"
 UNREADABLE = "(unreadable)"  # the host of a lock whose content cannot be read
 HEARTBEAT_SECONDS = 10.0
 STALE_AFTER_SECONDS = 60.0  # six missed heartbeats: only for a holder on another machine
@@ -76,12 +72,7 @@ class WorkdirLockLostError(RuntimeFault, RuntimeError):
     """Another run took over the workdir's lock while this run was going."""
 
 
-class UnsupportedWorkdirError(MmjaxError, ValueError):
-    """A workdir this lock cannot protect yet (an object-store URL)."""
-
-
-_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK}
-_ERRORS = {cls.__name__: cls for cls in (WorkdirLockedError, WorkdirLockError, UnsupportedWorkdirError)}
+_ERRORS = {cls.__name__: cls for cls in (WorkdirLockedError, WorkdirLockError)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,114 +152,10 @@ def pid_alive(pid: int, started: str = "") -> bool:
     return not (started and stat and _pid_start(pid) != started)
 
 
-class LockStore(abc.ABC):
-    """Where a lock lives; every write is conditional on a generation (see the module's docstring)."""
-
-    location: str
-
-    @abc.abstractmethod
-    def create(self, data: bytes) -> object | None: ...
-
-    @abc.abstractmethod
-    def read(self) -> tuple[bytes, object, float] | None:
-        """(content, generation, last-modified time) of the lock, or None when there is none."""
-
-    @abc.abstractmethod
-    def replace(self, data: bytes, generation: object) -> object | None: ...
-
-    @abc.abstractmethod
-    def delete(self, generation: object) -> bool: ...
-
-
-class LocalLockStore(LockStore):
-    """A lock file on a local or network file system; the generation is the file's content."""
-
-    def __init__(self, path: str):
-        self.location = path
-        self._guard = path + ".guard"
-
-    @contextlib.contextmanager
-    def _guarded(self) -> Iterator[None]:
-        with open(self._guard, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-    def _temporary(self, data: bytes) -> str:
-        tmp = f"{self.location}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return tmp
-
-    def create(self, data: bytes) -> bytes | None:
-        tmp = self._temporary(data)
-        try:
-            os.link(tmp, self.location)
-            return data
-        except FileExistsError:
-            return None
-        except OSError as e:
-            if e.errno not in _NO_HARD_LINKS:
-                raise
-        finally:
-            os.unlink(tmp)
-        return self._create_exclusive(data)
-
-    def _create_exclusive(self, data: bytes) -> bytes | None:
-        """`create` where hard links are not supported: O_CREAT|O_EXCL, written under the guard (a reader that
-        looks in between sees an unreadable lock, which only ever refuses)."""
-        with self._guarded():
-            try:
-                fd = os.open(self.location, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return None
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            return data
-
-    def read(self) -> tuple[bytes, bytes, float] | None:
-        try:
-            with open(self.location, "rb") as f:
-                data = f.read()
-                modified = os.fstat(f.fileno()).st_mtime
-        except FileNotFoundError:
-            return None
-        return data, data, modified
-
-    def replace(self, data: bytes, generation: object) -> bytes | None:
-        with self._guarded():
-            current = self.read()
-            if current is None or current[1] != generation:
-                return None
-            os.replace(self._temporary(data), self.location)
-            return data
-
-    def delete(self, generation: object) -> bool:
-        with self._guarded():
-            current = self.read()
-            if current is None or current[1] != generation:
-                return False
-            os.unlink(self.location)
-            return True
-
-
 def open_store(workdir: str) -> LockStore:
-    """The lock store of a workdir: a file `W/lock.json` on a local or network disk."""
-    if "://" in workdir:
-        raise UnsupportedWorkdirError(
-            f"workdir {workdir}: object-store workdirs are not supported yet (their lock, a {LOCK_NAME} object "
-            f"written with a generation precondition, comes with them); use a local or network-disk workdir")
+    """The lock store of a workdir: `W/lock.json` as a file on a local or network disk, or as an object on a bucket."""
+    if storage.is_url(workdir):
+        return lock_stores.object_store(workdir)
     return LocalLockStore(os.path.join(workdir, LOCK_NAME))
 
 
@@ -436,7 +323,7 @@ def _acquire_on_process_0(workdir: str, force: bool, log: Callable) -> tuple[Wor
         return None, ""
     try:
         lock = WorkdirLock(open_store(workdir), workdir, log=log)
-        os.makedirs(workdir, exist_ok=True)
+        storage.makedirs(workdir)
         lock.acquire(force)
     except tuple(_ERRORS.values()) as e:
         return None, json.dumps({"error": type(e).__name__, "message": str(e)})
