@@ -9,13 +9,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 
 from mmjax import config as config_lib
+from mmjax import storage
 from mmjax.data.image import preprocess_images
 from mmjax.data.tokenizers import get_tokenizer
 from mmjax.eval.encoder import TowerEncoder
@@ -28,8 +28,7 @@ class LoadedModel:
     """A restored model with its own preprocessing and tokenizer. Outputs are numpy float32."""
 
     def __init__(self, config, factory: StateFactory, params, step: int, batch_size: int = 256):
-        self.config = config
-        self.step = step
+        self.config, self.step, self.params = config, step, params  # params: the restored pytree (on device)
         self.tokenizer = get_tokenizer(config.model.text)
         self.encoder = TowerEncoder(factory.model, params, factory.mesh, factory.rules, batch_size)
         scale = np.exp(np.asarray(jax.device_get(params["logit_scale"]), np.float32))
@@ -64,7 +63,7 @@ def load(workdir: str, step: int | None = None, devices=None) -> LoadedModel:
     devices = list(jax.devices()[:1] if devices is None else devices)
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = len(devices), 1, 1
     config.lock()
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False, read_only=True)
+    ckpt = Checkpointer(storage.join(workdir, "checkpoints"), async_save=False, read_only=True)
     try:
         chosen = ckpt.choose_step(step)
         factory = StateFactory(config, shd.make_mesh(config.mesh, devices))

@@ -24,11 +24,16 @@ import os
 from collections.abc import Iterator
 from typing import IO, Any
 
+import fsspec
 from etils import epath
 
-from mmjax.errors import StorageError
+from mmjax.errors import MmjaxError, StorageError
 
 SCHEMES = ("gs", "s3")
+
+
+class PathError(MmjaxError, ValueError):
+    """A path mmjax refuses to use: an unknown URL scheme, or a URL typed with one slash (exit code 2)."""
 
 
 def is_url(path: Any) -> bool:
@@ -49,12 +54,12 @@ def check(path: Any) -> str:
     text = os.fspath(path)
     if "://" in text:
         if scheme(text) not in SCHEMES:
-            raise StorageError(f"unsupported storage URL {text!r}: mmjax reads and writes local paths, gs:// and "
+            raise PathError(f"unsupported storage URL {text!r}: mmjax reads and writes local paths, gs:// and "
                                "s3:// URLs")
         return text
     first = text.split("/", 1)[0]
     if first.rstrip(":") in SCHEMES and first.endswith(":"):
-        raise StorageError(f"path {text!r} looks like a mistyped URL (one slash after '{first}'); write "
+        raise PathError(f"path {text!r} looks like a mistyped URL (one slash after '{first}'); write "
                            f"{first}//bucket/... for an object store, or ./{text} for a local folder")
     return text
 
@@ -175,11 +180,20 @@ def rmtree(p: Any) -> None:
     target = path(p)
     if target.exists():
         target.rmtree()
+        if is_url(p):
+            _filesystem(check(p)).invalidate_cache()
 
 
 def rename(src: Any, dst: Any) -> None:
-    """Moves `src` to `dst` (a rename on a local disk; a copy and delete of every object on a bucket)."""
-    path(src).rename(path(dst))
+    """Moves `src` (a file or a folder) to `dst` (a rename on a local disk; on a bucket a copy and delete of every
+    object under it, where folders need not exist first)."""
+    source, target = check(src), check(dst)
+    if is_url(source):
+        fs = _filesystem(source)
+        fs.mv(source, target, recursive=True)
+        fs.invalidate_cache()  # fsspec caches listings; Orbax and mmjax must see the move at once
+    else:
+        path(source).rename(path(target))
 
 
 def listdir(p: Any) -> list[str]:
@@ -191,8 +205,6 @@ def listdir(p: Any) -> list[str]:
 
 
 def _filesystem(url: str):
-    import fsspec  # etils.epath's own backend for URLs; imported with it
-
     fs, _ = fsspec.core.url_to_fs(url)
     return fs
 

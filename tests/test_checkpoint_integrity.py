@@ -115,6 +115,11 @@ def test_eval_and_load_refuse_a_damaged_step(workdir, capsys):
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("mmjax: error: checkpoint ") and "6 failed verification" in err
     assert not os.path.exists(workdir / "eval" / "6.json")
+    # Without --step, mmjax eval evaluates the newest checkpoint that verifies, saying which one failed.
+    code = main(["eval", "--config", fi.TINY, "--workdir", str(workdir), "--no-plots"])
+    out = capsys.readouterr().out
+    assert code == 0 and "checkpoint 6 failed verification" in out and "evaluating checkpoint 4" in out
+    assert sorted(os.listdir(workdir / "eval")) == ["4.json"]
 
 
 def test_training_resumes_from_the_last_verified_checkpoint(workdir, pristine, capsys):

@@ -16,7 +16,7 @@ MAX_FUNCTION_LINES = 80
 # Optional or heavy third-party packages that may be imported inside a function (with a comment saying why).
 LAZY_OK = ("matplotlib", "tensorboardX", "sentencepiece", "tokenizers", "torch", "open_clip", "librosa",
            "sklearn", "tensorflow_datasets", "scipy", "ml_dtypes", "orbax.checkpoint._src", "tqdm", "safetensors",
-           "libtpu")
+           "libtpu", "google.cloud", "boto3")
 
 
 # The one import of mmjax's own placed inside a function: `mmjax.load` imports the inference stack on first use, so

@@ -16,15 +16,12 @@ The evaluators and the data they need live in `mmjax.eval.suite`.
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import json
-import os
 
 import ml_collections
 
-from mmjax import inference
-from mmjax.errors import NotAWorkdirError, StorageError
+from mmjax import inference, storage
+from mmjax.errors import NotAWorkdirError
 from mmjax.eval import plots as plots_lib
 from mmjax.eval.suite import evaluate_model, format_table, load_eval_data
 from mmjax.training.checkpoint import Checkpointer, NoCheckpointError
@@ -42,12 +39,11 @@ def read_eval_results(workdir: str, log=print) -> dict[int, dict]:
     """{step: metrics} from W/eval/<step>.json. A file that is not a JSON object (damaged) is skipped and reported
     through `log`, naming it."""
     out = {}
-    for path in glob.glob(os.path.join(workdir, "eval", "*.json")):
-        name = os.path.splitext(os.path.basename(path))[0]
+    for path in storage.glob(storage.join(workdir, "eval", "*.json")):
+        name = storage.name(path)[:-len(".json")]
         if name.isdigit():
             try:
-                with open(path) as f:
-                    results = json.load(f)
+                results = json.loads(storage.read_bytes(path))
             except ValueError as e:  # not JSON, or not UTF-8
                 results = f"not JSON ({e})"
             if not isinstance(results, dict):
@@ -59,37 +55,46 @@ def read_eval_results(workdir: str, log=print) -> dict[int, dict]:
 
 
 def _write_json(path: str, obj: dict) -> None:
-    """Writes `path` whole or not at all (a temporary file, then a rename); a failure raises StorageError."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    """Writes `path` whole or not at all; a failure raises StorageError naming it."""
+    with storage.storage_errors("cannot write the evaluation results", path):
+        storage.write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
+
+
+def _steps(workdir: str, step: int | None, all_steps: bool) -> list[int | None]:
+    """The checkpoints to evaluate: every one (`all_steps`), `step`, or [None]: the newest that passes
+    verification (`mmjax.load` falls back past damaged ones, saying so)."""
+    if not storage.exists(storage.join(workdir, "config.json")):
+        raise NotAWorkdirError(f"{workdir!r} is not an mmjax workdir: no config.json in it; pass the --workdir of "
+                               f"a training run (or of `mmjax convert`)")
+    ckpt_dir = storage.join(workdir, "checkpoints")
+    ckpt = Checkpointer(ckpt_dir, async_save=False, read_only=True)
     try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise StorageError.from_os_error(e, "cannot write the evaluation results", path) from e
+        steps = sorted(ckpt.all_steps())
+        if not steps:
+            raise NoCheckpointError(f"no checkpoints in {ckpt_dir}")
+        if all_steps:
+            return steps
+        return [None] if step is None else [ckpt.choose_step(step)]
+    finally:
+        ckpt.close()
+
+
+def _write_plots(eval_dir: str, s: int, data: dict, extras: dict) -> None:
+    plots_lib.confusion_matrix(data["test"]["label"], extras["zeroshot_preds"], data["class_names"],
+                               storage.join(eval_dir, f"confusion_{s}.png"), title=f"zero-shot confusion, step {s}")
+    plots_lib.contact_sheet(extras["queries"], data["test"]["image"], extras["top_idx"],
+                            storage.join(eval_dir, f"retrieval_{s}.png"), extras["top_correct"])
+
 
 def run(config, workdir: str, step: int | None = None, all_steps: bool = False, progress: bool = True,
         plots: bool = True, out=print) -> dict[int, dict]:
-    """Evaluates the latest checkpoint of `workdir` (or `step`, or every one); returns {step: metrics}."""
-    workdir = os.path.abspath(workdir)
-    if not os.path.exists(os.path.join(workdir, "config.json")):
-        raise NotAWorkdirError(f"{workdir!r} is not an mmjax workdir: no config.json in it; pass the --workdir of "
-                               f"a training run (or of `mmjax convert`)")
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-        raise NoCheckpointError(f"no checkpoints in {ckpt_dir}")
-    ckpt = Checkpointer(ckpt_dir, async_save=False, read_only=True)
-    try:
-        steps = sorted(ckpt.all_steps()) if all_steps else [ckpt.choose_step(step)]
-    finally:
-        ckpt.close()
-    if not steps:
-        raise NoCheckpointError(f"no checkpoints in {ckpt_dir}")
-
-    eval_dir = os.path.join(workdir, "eval")
-    os.makedirs(eval_dir, exist_ok=True)
+    """Evaluates the newest verified checkpoint of `workdir` (or `step`, or every one); returns {step: metrics}.
+    The workdir may be a local folder or a gs:// URL; results and figures go to `W/eval/`."""
+    workdir = storage.absolute(workdir)
+    storage.reachable(workdir, "workdir")
+    steps = _steps(workdir, step, all_steps)
+    eval_dir = storage.join(workdir, "eval")
+    storage.makedirs(eval_dir)
     data, results = None, {}
     for s in steps:
         try:
@@ -99,6 +104,7 @@ def run(config, workdir: str, step: int | None = None, all_steps: bool = False, 
                 raise
             out(f"mmjax: skipping checkpoint {s}: {e}")
             continue
+        s = model.step
         model.encoder.batch_size = max(1, int(config.eval.batch_size))  # 1 device: no shard rounding
         if data is None:
             data = load_eval_data(_data_config(model.config, config))
@@ -106,16 +112,12 @@ def run(config, workdir: str, step: int | None = None, all_steps: bool = False, 
             out(f"mmjax: evaluating checkpoint {s} of {workdir}")
         metrics, extras = evaluate_model(model, data, progress)
         results[s] = metrics
-        _write_json(os.path.join(eval_dir, f"{s}.json"), {"step": s, **metrics})
+        _write_json(storage.join(eval_dir, f"{s}.json"), {"step": s, **metrics})
         if plots and extras["zeroshot_preds"] is not None:  # the image plots
-            plots_lib.confusion_matrix(data["test"]["label"], extras["zeroshot_preds"], data["class_names"],
-                                       os.path.join(eval_dir, f"confusion_{s}.png"),
-                                       title=f"zero-shot confusion, step {s}")
-            plots_lib.contact_sheet(extras["queries"], data["test"]["image"], extras["top_idx"],
-                                    os.path.join(eval_dir, f"retrieval_{s}.png"), extras["top_correct"])
+            _write_plots(eval_dir, s, data, extras)
     if plots and results:
         plots_lib.training_curves(read_metrics(workdir, log=out), read_eval_results(workdir, log=out),
-                                  os.path.join(eval_dir, "curves.png"))
+                                  storage.join(eval_dir, "curves.png"))
     if results:
         out(format_table(results))
         out(f"mmjax: results in {eval_dir}/")

@@ -11,6 +11,8 @@ import os
 
 import ml_collections
 
+from mmjax import storage
+
 FUSION_MODES = ("concat", "weighted", "gated", "xattn")  # models.fusion builds one module per mode
 PAD_ID, BOS_ID, EOT_ID = 0, 1, 2  # every tokenizer's pad, BOS (= CLS) and EOT ids; models mask PAD_ID
 SPECIAL_TOKEN_IDS = (PAD_ID, BOS_ID, EOT_ID)
@@ -132,6 +134,14 @@ def _model_defaults(c: ml_collections.ConfigDict) -> None:
              contrastive_weight=0.0))  # > 0: + weight * CLIP loss on the towers' embeddings of matching pairs
     # task 'itm_mlm': ContrastiveModel + image-conditioned text layers with ITM and MLM heads.
     m.itm_mlm = ml_collections.ConfigDict(dict(num_layers=1, num_heads=4, mlp_dim=256, pool="eot"))
+    # task 'vq' (mmjax/models/vq.py): conv VQ autoencoder, one level per width, a stride-2 conv between levels
+    # (codes on a grid of image_size / 2^(len(widths)-1)); cosine codebook of codebook_size x code_dim whose rows
+    # start at norm codebook_init_norm (the lookup normalises them: a smaller norm turns them faster under AdamW).
+    # loss = recon_loss ('l2' | 'l1') + codebook_weight * |sg(z)-e|^2 + commitment_weight * |z-sg(e)|^2
+    #        + restart_weight * (codes unused in the batch pulled to their nearest latent; 0 disables).
+    m.vq = ml_collections.ConfigDict(
+        dict(widths=(32, 64), res_blocks=1, code_dim=8, codebook_size=128, codebook_init_norm=0.1, recon_loss="l2",
+             codebook_weight=1.0, commitment_weight=0.25, restart_weight=1.0))
 
     # task 'itm_mlm': loss = contrastive + itm_weight * ITM + mlm_weight * MLM (BERT masking).
     c.objectives = ml_collections.ConfigDict(
@@ -237,5 +247,5 @@ def default_data_dir() -> str:
 def data_dir(config) -> str:
     """Where TFDS datasets are prepared and read: data.data_dir (made absolute), else `default_data_dir()`."""
     if config.data.get("data_dir"):
-        return os.path.abspath(os.path.expanduser(config.data.data_dir))
+        return storage.absolute(config.data.data_dir)
     return default_data_dir()

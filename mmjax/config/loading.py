@@ -17,6 +17,7 @@ from typing import Any
 
 import ml_collections
 
+from mmjax import storage
 from mmjax.config.defaults import base_config
 from mmjax.errors import ConfigError, NotAWorkdirError
 
@@ -83,21 +84,22 @@ def load_workdir_config(workdir: str, saved: dict | None = None) -> ml_collectio
     Raises FileNotFoundError naming the workdir when it has no config.json and `saved` is None.
     """
     if saved is None:
-        path = os.path.join(workdir, "config.json")
-        if not os.path.exists(path):
+        path = storage.join(workdir, "config.json")
+        try:
+            text = storage.read_text(path)
+        except FileNotFoundError:
             raise NotAWorkdirError(f"{workdir!r} is not an mmjax workdir: no config.json in it; pass the "
-                                   f"--workdir of a training run (or of `mmjax convert`)")
-        with open(path) as f:
-            try:
-                saved = json.load(f)
-            except ValueError as error:  # truncated or damaged
-                raise ConfigError([f"{path} is damaged (not valid JSON: {error}); restore it: `mmjax train` with "
-                                   f"the run's --config writes it again"]) from error
+                                   f"--workdir of a training run (or of `mmjax convert`)") from None
+        try:
+            saved = json.loads(text)
+        except ValueError as error:  # truncated or damaged
+            raise ConfigError([f"{path} is damaged (not valid JSON: {error}); restore it: `mmjax train` with "
+                               f"the run's --config writes it again"]) from error
     config = conform(ml_collections.ConfigDict(saved))
     config.unlock()
     path = config.model.text.tokenizer_path
-    inside = os.path.join(os.path.abspath(workdir), path)
-    if path and not os.path.isabs(os.path.expanduser(path)) and os.path.isfile(inside):
+    inside = storage.join(storage.absolute(workdir), path) if path else ""
+    if path and not storage.is_url(path) and not os.path.isabs(os.path.expanduser(path)) and storage.isfile(inside):
         config.model.text.tokenizer_path = inside
     return config
 

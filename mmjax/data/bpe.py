@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 
 import regex
 
+from mmjax import storage
 from mmjax.data.tokenizer_base import Tokenizer
 
 START_OF_TEXT = '<|startoftext|>'
@@ -62,9 +63,8 @@ def pre_tokenize(text: str) -> list[str]:
 
 def load_merges(path: str, max_merges: int | None = None) -> list[tuple[str, str]]:
     """Merge pairs of a merges file (first `max_merges` of them when given)."""
-    opener = gzip.open if path.endswith('.gz') else open
-    with opener(path, 'rt', encoding='utf-8') as handle:
-        lines = handle.read().split('\n')
+    data = storage.read_bytes(path)  # a local file or a gs:// / s3:// URL
+    lines = (gzip.decompress(data) if path.endswith('.gz') else data).decode('utf-8').split('\n')
     if lines and '#version' in lines[0]:  # CLIP's file starts with '"bpe_simple_vocab_16e6.txt#version: 0.2'
         lines = lines[1:]
     merges = []
@@ -116,8 +116,7 @@ def _merge(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
 
 
 def write_merges(path: str, merges: Sequence[tuple[str, str]]) -> None:
-    with open(path, 'w', encoding='utf-8') as handle:
-        handle.write('#version: 0.2\n' + ''.join(f'{a} {b}\n' for a, b in merges))
+    storage.write_text_atomic(path, '#version: 0.2\n' + ''.join(f'{a} {b}\n' for a, b in merges))
 
 
 class ClipBpeTokenizer(Tokenizer):

@@ -16,6 +16,7 @@ from typing import Any
 import flax
 import numpy as np
 
+from mmjax import storage
 from mmjax.data.tokenizer_base import Tokenizer
 
 
@@ -27,7 +28,7 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, model_file: str, max_len: int):
         super().__init__(max_len)
         import sentencepiece  # optional package (the `text` extra)
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+        self._sp = sentencepiece.SentencePieceProcessor(model_proto=storage.read_bytes(model_file))  # local or URL
 
     @property
     def vocab_size(self) -> int:
@@ -49,7 +50,7 @@ class HFTokenizer(Tokenizer):
     def __init__(self, tokenizer_file: str, max_len: int):
         super().__init__(max_len)
         import tokenizers  # optional package (the `text` extra)
-        self._tok = tokenizers.Tokenizer.from_file(tokenizer_file)
+        self._tok = tokenizers.Tokenizer.from_str(storage.read_text(tokenizer_file))  # local or URL
         self._tok.no_truncation()
         self._tok.no_padding()
 

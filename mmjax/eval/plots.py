@@ -7,9 +7,12 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 
 import numpy as np
+
+from mmjax import storage
 
 
 def _plt():
@@ -19,6 +22,13 @@ def _plt():
     import matplotlib.pyplot as plt  # after the backend is chosen
 
     return plt
+
+
+def _save(fig, out: str) -> None:
+    """Writes the figure as a PNG to `out`, a local path or a bucket URL (rendered in memory, written whole)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    storage.write_bytes_atomic(out, buffer.getvalue())
 
 
 def training_curves(records: list[dict], eval_results: dict[int, dict], out: str) -> str:
@@ -50,7 +60,7 @@ def training_curves(records: list[dict], eval_results: dict[int, dict], out: str
     if evals:
         ax2.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    fig.savefig(out, dpi=110, bbox_inches="tight")
+    _save(fig, out)
     plt.close(fig)
     return out
 
@@ -77,7 +87,7 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, class_names: Sequenc
     ax.set(xlabel="predicted", ylabel="true", title=f"{title} (top-1 {np.trace(cm) / max(cm.sum(), 1):.3f})")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(out, dpi=110, bbox_inches="tight")
+    _save(fig, out)
     plt.close(fig)
     return out
 
@@ -119,6 +129,6 @@ def contact_sheet(queries: Sequence[str], images: np.ndarray, top_idx: np.ndarra
                 ax.set_title(f"#{j + 1}", fontsize=9)
     fig.suptitle("top retrieved images per text query", fontsize=11)
     fig.tight_layout()
-    fig.savefig(out, dpi=110, bbox_inches="tight")
+    _save(fig, out)
     plt.close(fig)
     return out

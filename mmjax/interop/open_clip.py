@@ -41,6 +41,7 @@ import numpy as np
 from flax import linen as nn
 
 from mmjax import config as config_lib
+from mmjax import storage
 from mmjax.errors import MmjaxError
 from mmjax.interop.torch_files import load_state_dict
 from mmjax.models import build_model
@@ -349,9 +350,9 @@ def _check_against_model(params: dict, config) -> None:
 def write_workdir(config, params: dict, workdir: str) -> int:
     """Writes W/checkpoints/0 (a TrainState: these params, a fresh optimizer state) and W/config.json as
     `mmjax train` does. Returns the parameter count."""
-    os.makedirs(workdir, exist_ok=True)
-    ckpt_dir = os.path.join(workdir, 'checkpoints')
-    if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+    storage.makedirs(workdir)
+    ckpt_dir = storage.join(workdir, 'checkpoints')
+    if storage.listdir(ckpt_dir):
         raise ConversionError(f'{ckpt_dir} already holds checkpoints; use a fresh --workdir')
     devices = jax.devices()[:1]
     run_config = config.copy_and_resolve_references()
@@ -387,7 +388,7 @@ def read_model_config(arg: str) -> tuple[dict, dict]:
     'model_cfg' / 'preprocess_cfg') or the name of one of open_clip's built-in configs.
     Returns (model config, preprocess config: maybe 'mean' / 'std')."""
     path = arg
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         base = open_clip_dir()
         candidate = os.path.join(base, 'model_configs', f'{arg}.json') if base else ''
         if not (base and os.path.isfile(candidate)):
@@ -396,8 +397,7 @@ def read_model_config(arg: str) -> tuple[dict, dict]:
             raise ConversionError(f'--model-config {arg!r}: no such file, nor a name among {where}')
         path = candidate
     try:
-        with open(path) as f:
-            data = json.load(f)
+        data = json.loads(storage.read_bytes(path))
     except ValueError as error:
         raise ConversionError(f'--model-config {path}: not a JSON model config ({error})') from None
     if 'model_cfg' in data:
@@ -409,17 +409,15 @@ def write_bpe_merges(source: str, vocab_size: int, dest: str) -> str:
     """Writes the first `vocab_size - 514` merges of `source` (CLIP BPE: 512 byte symbols, merges, SOT, EOT)
     to `dest` (plain text), so mmjax's 'clip_bpe' tokenizer has exactly open_clip's vocabulary."""
     need = vocab_size - BYTE_SYMBOLS - 2
-    opener = gzip.open if source.endswith('.gz') else open
-    with opener(source, 'rt', encoding='utf-8') as f:
-        lines = f.read().split('\n')
+    data = storage.read_bytes(source)
+    lines = (gzip.decompress(data) if source.endswith('.gz') else data).decode('utf-8').split('\n')
     if lines and '#version' in lines[0]:  # CLIP's file starts '"bpe_simple_vocab_16e6.txt#version: 0.2'
         lines = lines[1:]
     merges = [tuple(line.split()) for line in lines if line.strip()]
     if len(merges) < need:
         raise ConversionError(f'{source} has {len(merges)} merges; text_cfg.vocab_size={vocab_size} needs {need}')
-    with open(dest, 'w', encoding='utf-8') as f:
-        f.write(f'#version: mmjax convert (first {need} merges of {os.path.basename(source)})\n')
-        f.writelines(' '.join(pair) + '\n' for pair in merges[:need])
+    storage.write_text_atomic(dest, f'#version: mmjax convert (first {need} merges of {storage.name(source)})\n'
+                              + ''.join(' '.join(pair) + '\n' for pair in merges[:need]))
     return dest
 
 
@@ -430,14 +428,14 @@ def convert_open_clip(model_config: str, checkpoint: str, workdir: str, *, text_
     oc, pre = read_model_config(model_config)
     if text_ids is None:
         text_ids = 'raw' if (oc.get('text_cfg') or {}).get('hf_tokenizer_name') else 'clip_bpe'
-    workdir = os.path.abspath(workdir)
+    workdir = storage.absolute(workdir)
     tokenizer_path = ''
     if text_ids == 'clip_bpe':
         source = bpe_path or (os.path.join(open_clip_dir(), BPE_FILE) if open_clip_dir() else '')
-        if not source or not os.path.isfile(source):
+        if not source or not storage.isfile(source):
             raise ConversionError(f"text ids 'clip_bpe' need CLIP's merges file ({BPE_FILE}): pass --bpe-path, "
                                   f"install open_clip, or use --text-ids raw")
-        tokenizer_path = os.path.join(workdir, 'bpe_merges.txt')
+        tokenizer_path = storage.join(workdir, 'bpe_merges.txt')
     config = config_from_open_clip(oc, text_ids=text_ids, tokenizer_path='',
                                    image_mean=pre.get('mean', OPENAI_MEAN), image_std=pre.get('std', OPENAI_STD),
                                    scan_layers=scan_layers)
@@ -448,12 +446,12 @@ def convert_open_clip(model_config: str, checkpoint: str, workdir: str, *, text_
     # trained without that clamp (SigLIP ports) keep their own temperature.
     config.model.logit_scale_max = max(float(config.model.logit_scale_max), float(params['logit_scale']))
     config.lock()
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     if text_ids == 'clip_bpe':
         write_bpe_merges(source, int((oc.get('text_cfg') or {}).get('vocab_size', 49408)), tokenizer_path)
         config.unlock()
         # Relative to the workdir (`config.load_workdir_config` resolves it), so the workdir can be moved.
-        config.model.text.tokenizer_path = os.path.basename(tokenizer_path)
+        config.model.text.tokenizer_path = storage.name(tokenizer_path)
         config.lock()
     count = write_workdir(config, params, workdir)
     report = {'params': count, 'tensors': len(sd), 'text_ids': text_ids, 'workdir': workdir}

@@ -20,8 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
-import shutil
 from typing import Any
 
 import grain.python as grain
@@ -31,12 +29,14 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from mmjax import storage
 from mmjax.errors import MmjaxError, RuntimeFault
 from mmjax.runtime import distributed
 from mmjax.training import integrity, orbax_quiet
 from mmjax.training.integrity import CheckpointDamagedError
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
+COMMIT_SUCCESS = "commit_success.txt"  # the last file of a checkpoint Orbax writes in place (gs://)
 
 
 class CheckpointMismatchError(MmjaxError, ValueError):
@@ -63,18 +63,39 @@ class NoVerifiedCheckpointError(RuntimeFault, FileNotFoundError):
     """A checkpoints folder holds checkpoints, but none of them passed verification."""
 
 
-def set_aside_incomplete(directory: str, log=print) -> list[str]:
-    """Moves checkpoint folders that a crash left half-written out of the way.
+class UnsupportedCheckpointLocationError(MmjaxError, ValueError):
+    """Checkpoints cannot be written where asked (an s3:// folder: Orbax has no S3 storage)."""
 
-    An Orbax save writes into `<step>.orbax-checkpoint-tmp*` and renames it to `<step>` only once
-    complete, so a process killed mid-save leaves such a folder. It is moved to
-    `<directory>.incomplete/` (kept for inspection, never loaded) and reported. Returns the moved names.
-    """
-    if not os.path.isdir(directory):
-        return []
+
+def check_location(directory: str) -> None:
+    """Refuses a checkpoint folder Orbax cannot use, before anything is written: an s3:// URL (Orbax 0.12.8
+    would write the arrays to a local folder named 's3:'). Data, tokenizer files and specs may stay on s3://."""
+    if storage.scheme(directory) == "s3":
+        raise UnsupportedCheckpointLocationError(
+            f"checkpoints cannot go to {directory}: Orbax (the checkpoint library) has no S3 storage and would "
+            f"write them to a local folder named 's3:'; use a gs:// or a local / network-disk (NFS, Lustre) "
+            f"--workdir (data, specs and tokenizer files can stay on s3://)")
+    storage.check(directory)
+
+
+def is_incomplete(directory: str, name: str) -> bool:
+    """Whether `directory/name` is a checkpoint folder a crash left half-written.
+
+    On a disk Orbax writes into `<step>.orbax-checkpoint-tmp*` and renames it to `<step>` once complete. On
+    gs:// (no atomic folder rename) it writes `<step>` in place and adds `commit_success.txt` last, so a step
+    folder without that file is unfinished."""
+    if TMP_MARKER in name:
+        return True
+    return (storage.scheme(directory) == "gs" and name.isdigit()
+            and not storage.exists(storage.join(directory, name, COMMIT_SUCCESS)))
+
+
+def set_aside_incomplete(directory: str, log=print) -> list[str]:
+    """Moves checkpoint folders that a crash left half-written (`is_incomplete`) out of the way, to
+    `<directory>.incomplete/` (kept for inspection, never loaded), and reports them. Returns the moved names."""
     moved = []
-    for name in sorted(os.listdir(directory)):
-        if TMP_MARKER in name:
+    for name in storage.listdir(directory):
+        if is_incomplete(directory, name):
             _move_aside(directory, name)
             moved.append(name)
     if moved:
@@ -85,14 +106,14 @@ def set_aside_incomplete(directory: str, log=print) -> list[str]:
 
 def _move_aside(directory: str, name: str, suffix: str = ".incomplete") -> str:
     """Moves `directory/name` into `directory<suffix>/` (never over an earlier one); returns where it went."""
-    aside = directory + suffix
-    os.makedirs(aside, exist_ok=True)
-    target = os.path.join(aside, name)
+    aside = directory.rstrip("/") + suffix
+    storage.makedirs(aside)
+    target = storage.join(aside, name)
     n = 0
-    while os.path.exists(target):
+    while storage.exists(target):
         n += 1
-        target = os.path.join(aside, f"{name}.{n}")
-    shutil.move(os.path.join(directory, name), target)
+        target = storage.join(aside, f"{name}.{n}")
+    storage.rename(storage.join(directory, name), target)
     return target
 
 
@@ -192,7 +213,8 @@ class Checkpointer:
         """keep: how many checkpoints to keep (the newest; deleted only after a newer save is durable).
         read_only: for evaluation/inference; leaves folders of interrupted saves and checkpoints that fail
         verification where they are (they are never loaded)."""
-        self.directory = os.path.abspath(directory)
+        check_location(directory)
+        self.directory = storage.absolute(directory)
         self.keep, self.log, self.read_only, self._async = keep, log, read_only, async_save
         self._pending: int | None = None  # the step of the save in flight
         self._failed = False  # a save failed (and was reported): later waits do not report it again
@@ -294,7 +316,7 @@ class Checkpointer:
         """Deletes the oldest checkpoints beyond `keep`, once checkpoint `newest` is durable and its metadata
         checks out (never `newest` itself, nor anything newer)."""
         steps = sorted(self.all_steps())
-        if not os.path.isdir(os.path.join(self.directory, str(newest))):  # Orbax logs some failures and goes on
+        if not storage.isdir(storage.join(self.directory, str(newest))):  # Orbax logs some failures and goes on
             self._failed = True
             kept = [s for s in steps if s != newest]
             raise CheckpointWriteError(

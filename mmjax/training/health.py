@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 
+from mmjax import storage
 from mmjax.errors import RuntimeFault
 
 # The exit status of a run aborted by a second Ctrl-C: 128 + SIGINT, as a shell reports a process killed by it.
@@ -85,8 +86,8 @@ class PreemptionGuard:
         try:
             newest = newest_complete_checkpoint(folder)
             where = ("no checkpoint is complete yet" if newest is None else
-                     f"checkpoint {newest} ({os.path.join(folder, str(newest))}) is the newest complete one")
-        except OSError:  # not a local folder (or unreadable): say where to look
+                     f"checkpoint {newest} ({storage.join(folder, str(newest))}) is the newest complete one")
+        except Exception:  # noqa: BLE001 - unreadable (a disk or bucket fault): say where to look
             where = f"the newest complete checkpoint is the newest step folder in {folder}"
         message = (f"mmjax: second interrupt: aborting now, without waiting for a checkpoint save in progress; "
                    f"{where}. Run the same command to resume (an unfinished save is set aside then).")
@@ -120,9 +121,7 @@ def newest_complete_checkpoint(directory: str) -> int | None:
     """The newest step folder in an Orbax checkpoint directory (None: there is none yet; OSError: it cannot be
     listed). Orbax writes a checkpoint into a temporary folder and renames it to its step when complete, so a
     folder named by a number is a whole checkpoint."""
-    if "://" not in directory and not os.path.isdir(directory):
-        return None
-    return max((int(name) for name in os.listdir(directory) if name.isdigit()), default=None)
+    return max((int(name) for name in storage.listdir(directory) if name.isdigit()), default=None)
 
 
 class HealthMonitor:

@@ -7,7 +7,6 @@ under a fine-tuning mode or freeze rules.
 
 from __future__ import annotations
 
-import os
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -18,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax import config as config_lib
+from mmjax import storage
+from mmjax.errors import ConfigError
 from mmjax.training.checkpoint import Checkpointer
 from mmjax.training.finetune import count_trainable, mode_of
 from mmjax.training.optim import param_path
@@ -33,7 +34,7 @@ def merge_params(target: Any, source: Any, include: str = '.*') -> tuple[Any, di
 
     Returns (params like `target`, report) with report = {'loaded': paths copied, 'initialised': target paths
     kept as they were (absent from the source or not included), 'ignored': source paths not used}. Copied
-    arrays take the target's dtype and sharding. Raises ValueError naming a parameter whose shapes differ.
+    arrays take the target's dtype and sharding. Raises ConfigError naming a parameter whose shapes differ.
     """
     pattern = re.compile(include)
     src = _flat(source)
@@ -46,9 +47,9 @@ def merge_params(target: Any, source: Any, include: str = '.*') -> tuple[Any, di
             return leaf
         value = src[name]
         if tuple(value.shape) != tuple(leaf.shape):
-            raise ValueError(f'init_from: parameter {name!r} has shape {tuple(value.shape)} in the checkpoint '
-                             f'but {tuple(leaf.shape)} in the model; exclude it with init_from.include or use a '
-                             f'matching model config')
+            raise ConfigError([f'init_from: parameter {name!r} has shape {tuple(value.shape)} in the checkpoint '
+                               f'but {tuple(leaf.shape)} in the model; exclude it with init_from.include or use a '
+                               f'matching model config'])
         report['loaded'].append(name)
         value = jnp.asarray(value, leaf.dtype)
         sharding = getattr(leaf, 'sharding', None)
@@ -98,21 +99,23 @@ def format_report(report: dict[str, list[str]], where: str, sizes: dict[str, int
 
 
 def resolve_source(path: str, step: int | None) -> tuple[str, str, int]:
-    """init_from.path (a workdir, its checkpoints/ folder or one step folder in it) -> (workdir, checkpoints
-    folder, step). Raises FileNotFoundError / ValueError naming `init_from.path` / `init_from.step`."""
-    path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f'init_from.path: {path!r} is not a folder')
-    if os.path.isdir(os.path.join(path, 'checkpoints')):
-        workdir, directory = path, os.path.join(path, 'checkpoints')
-    elif os.path.basename(path).isdigit():
-        directory = os.path.dirname(path)
-        workdir = os.path.dirname(directory)
-        if step is not None and step != int(os.path.basename(path)):
-            raise ValueError(f'init_from.path names step {os.path.basename(path)} but init_from.step={step}')
-        step = int(os.path.basename(path))
+    """init_from.path (a workdir, its checkpoints/ folder or one step folder in it; local or a gs:// / s3:// URL)
+    -> (workdir, checkpoints folder, step). Raises ConfigError naming `init_from.path` / `init_from.step`."""
+    path = storage.absolute(path).rstrip("/")
+    if not storage.isdir(path):
+        raise ConfigError([f"init_from.path: {path!r} is not a folder (give a workdir, its checkpoints/ folder "
+                           f"or one step folder in it)"])
+    if storage.isdir(storage.join(path, 'checkpoints')):
+        workdir, directory = path, storage.join(path, 'checkpoints')
+    elif storage.name(path).isdigit():
+        directory = storage.parent(path)
+        workdir = storage.parent(directory)
+        if step is not None and step != int(storage.name(path)):
+            raise ConfigError([f'init_from.path names step {storage.name(path)} but init_from.step={step}: '
+                               f'leave one of them out'])
+        step = int(storage.name(path))
     else:
-        workdir, directory = os.path.dirname(path), path
+        workdir, directory = storage.parent(path), path
     ckpt = Checkpointer(directory, async_save=False, read_only=True)
     try:
         return workdir, directory, ckpt.choose_step(step, key='init_from.step')
@@ -125,7 +128,7 @@ def load_source_params(config, mesh) -> tuple[Any, str]:
     workdir, directory, step = resolve_source(config.init_from.path, config.init_from.step)
     ckpt = Checkpointer(directory, async_save=False, read_only=True)
     try:
-        saved = None if os.path.exists(os.path.join(workdir, 'config.json')) else ckpt.restore_config(step)
+        saved = None if storage.exists(storage.join(workdir, 'config.json')) else ckpt.restore_config(step)
         source_config = config_lib.load_workdir_config(workdir, saved)  # unlocked
         source_config.mesh.update({axis: int(size) for axis, size in mesh.shape.items()})
         source_config.init_from.path = ''

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from typing import Any
 
@@ -28,6 +27,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mmjax import storage
 from mmjax.errors import RuntimeFault
 from mmjax.training.orbax_quiet import describe
 
@@ -269,28 +269,27 @@ def state_problems(record: dict[str, Any] | None, summary: dict[str, dict[str, A
 
 
 def _read_json(path: str) -> Any:
-    with open(path, "rb") as f:
-        return json.loads(f.read())
+    return json.loads(storage.read_bytes(path))
 
 
 def read_record(directory: str, step: int) -> dict | None:
     """The checksum record of checkpoint `directory/step`; None for a checkpoint written before checkpoints
     carried checksums. Raises CheckpointDamagedError when its metadata is missing, unreadable or inconsistent."""
-    root = os.path.join(directory, str(step))
+    root = storage.join(directory, str(step))
 
     def damaged(problem: str) -> CheckpointDamagedError:
         return CheckpointDamagedError(directory, step, [problem])
 
-    missing = [name for name in REQUIRED_FILES if not os.path.isfile(os.path.join(root, name))]
+    missing = [name for name in REQUIRED_FILES if not storage.isfile(storage.join(root, name))]
     if missing:
         raise damaged(f"{', '.join(missing)} missing")
     try:
-        marker = (_read_json(os.path.join(root, "_CHECKPOINT_METADATA")).get("custom_metadata") or {}).get(MARKER_KEY)
+        marker = (_read_json(storage.join(root, "_CHECKPOINT_METADATA")).get("custom_metadata") or {}).get(MARKER_KEY)
     except (OSError, ValueError, AttributeError) as e:
         raise damaged(f"_CHECKPOINT_METADATA unreadable ({describe(e)})") from e
-    record_path = os.path.join(root, "integrity", "metadata")
+    record_path = storage.join(root, "integrity", "metadata")
     if marker is None:
-        if os.path.exists(record_path):
+        if storage.exists(record_path):
             raise damaged("_CHECKPOINT_METADATA lost the checksum record's digest")
         return None  # written before checkpoints carried checksums
     try:
@@ -309,7 +308,7 @@ def read_data_text(directory: str, step: int, record: dict | None) -> str | None
     its own `process_<i>-of-<n>.json`, or, saved with another process count, the first one saved (as
     `DataIteratorHandler` does), checked against the record's SHA-256 of that file. With a record, a missing or
     unexpected file of any process is damage too."""
-    folder = os.path.join(directory, str(step), "data")
+    folder = storage.join(directory, str(step), "data")
     expected = None if record is None else record.get("data_sha256")
 
     def damaged(problem: str) -> CheckpointDamagedError:
@@ -317,11 +316,11 @@ def read_data_text(directory: str, step: int, record: dict | None) -> str | None
 
     if expected is not None and not isinstance(expected, dict):
         raise damaged("the checksum record's data-iterator entry is malformed")
-    if not os.path.isdir(folder):
+    if not storage.isdir(folder):
         if expected:
             raise damaged("data-iterator state (data/) missing")
         return None
-    names = sorted(n for n in os.listdir(folder) if re.fullmatch(r"process_\d+-of-\d+\.json", n))
+    names = sorted(n for n in storage.listdir(folder) if re.fullmatch(r"process_\d+-of-\d+\.json", n))
     if expected and sorted(expected) != names:
         raise damaged(f"data-iterator state files {names} where the checkpoint wrote {sorted(expected)}")
     if not names:
@@ -329,8 +328,7 @@ def read_data_text(directory: str, step: int, record: dict | None) -> str | None
     own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
     name = own if own in names else names[0]
     try:
-        with open(os.path.join(folder, name), "rb") as f:
-            raw = f.read()
+        raw = storage.read_bytes(storage.join(folder, name))
         text = raw.decode()
     except (OSError, UnicodeDecodeError) as e:
         raise damaged(f"data-iterator state data/{name} unreadable ({describe(e)})") from e
@@ -341,9 +339,9 @@ def read_data_text(directory: str, step: int, record: dict | None) -> str | None
 
 def read_config(directory: str, step: int, record: dict | None) -> dict | None:
     """The config item of checkpoint `directory/step` (None when it has none), checked against the record."""
-    path = os.path.join(directory, str(step), "config", "metadata")
+    path = storage.join(directory, str(step), "config", "metadata")
     expected = None if record is None else record.get("config_sha256")
-    if not os.path.exists(path):
+    if not storage.exists(path):
         if expected:
             raise CheckpointDamagedError(directory, step, ["config item (config/metadata) missing"])
         return None

@@ -9,9 +9,7 @@ A workdir with checkpoints is resumed from its latest one, data order included.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,13 +17,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from mmjax import storage
 from mmjax.data import pipeline
-from mmjax.errors import StorageError
 from mmjax.runtime import distributed
 from mmjax.runtime import sharding as shd
 from mmjax.runtime.flops import SpeedMeter
 from mmjax.training import init_from, lock, preflight
-from mmjax.training.checkpoint import Checkpointer
+from mmjax.training.checkpoint import Checkpointer, check_location
 from mmjax.training.health import HealthMonitor, PreemptionGuard
 from mmjax.training.metrics import MetricsWriter, Progress
 from mmjax.training.state import StateFactory
@@ -37,18 +35,11 @@ def config_to_json(config) -> dict:
 
 
 def write_config_json(workdir: str, config_json: dict) -> None:
-    """`W/config.json`, written whole or not at all (a temporary file, then a rename). A failed write (a full disk,
-    a read-only workdir) removes the temporary file and raises StorageError naming config.json."""
-    path = os.path.join(workdir, "config.json")
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(config_json, f, indent=2)
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise StorageError.from_os_error(e, "cannot write the run's config", path) from e
+    """`W/config.json`, written whole or not at all (locally a temporary file and a rename; on a bucket one
+    upload). A failed write (a full disk, a read-only workdir) raises StorageError naming config.json."""
+    path = storage.join(workdir, "config.json")
+    with storage.storage_errors("cannot write the run's config", path):
+        storage.write_text_atomic(path, json.dumps(config_json, indent=2))
 
 
 def evaluate(config, factory: StateFactory, params, mesh, cache: dict | None = None) -> dict[str, float]:
@@ -88,12 +79,12 @@ class TrainingRun:
         self.is_main = jax.process_index() == 0
         self.log: Callable = print if (verbose and self.is_main) else _quiet
         self.warn: Callable = print if self.is_main else _quiet  # problems are shown even when quiet
-        os.makedirs(workdir, exist_ok=True)
+        storage.makedirs(workdir)
         self.mesh = shd.make_mesh(config.mesh, self.devices)
         self.factory = StateFactory(config, self.mesh)
         self.log(f"mmjax: mesh {dict(self.mesh.shape)} over {len(self.devices)} device(s), "
                  f"{jax.process_count()} process(es); {self.factory.param_count() / 1e6:.2f}M parameters")
-        self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+        self.ckpt = Checkpointer(storage.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                  async_save=config.checkpoint.async_save, log=self.warn)
         self.loader = iter(pipeline.make_train_loader(config, jax.process_index(), jax.process_count(),
                                                       examples=self.factory.task.examples))
@@ -235,7 +226,10 @@ def train(config, workdir: str, devices: Sequence[jax.Device] | None = None,
     total = config.train.steps
     warn = print if jax.process_index() == 0 else _quiet
     # From here on SIGTERM and Ctrl-C stop the run cleanly (health.PreemptionGuard), also while it starts.
-    with PreemptionGuard(log=warn, checkpoint_dir=os.path.join(workdir, "checkpoints")) as guard:
+    checkpoint_dir = storage.join(workdir, "checkpoints")
+    with PreemptionGuard(log=warn, checkpoint_dir=checkpoint_dir) as guard:
+        check_location(checkpoint_dir)
+        storage.reachable(workdir, "workdir")
         preflight.check(config, len(devices), jax.process_count())
         with lock.hold(workdir, force=force_unlock, log=warn) as run_lock:
             run = TrainingRun(config, workdir, devices, verbose, run_lock, guard)

@@ -8,17 +8,16 @@ dataset, `init_from.path`, and whether a fine-tuning mode leaves anything to tra
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from mmjax import config as config_lib
-from mmjax import tasks
+from mmjax import storage, tasks
 from mmjax.data import builders, sources, speech_triples, stream
 from mmjax.data.tokenizers import TOKENIZERS, get_tokenizer
-from mmjax.errors import ConfigError
+from mmjax.errors import ConfigError, StorageError
 from mmjax.models.layers import strip_boxes
 from mmjax.training import finetune
 from mmjax.training.state import build_task_model
@@ -28,6 +27,9 @@ def check(config, num_devices: int, process_count: int = 1) -> tuple[int, ...]:
     """`mmjax.tasks.validate` (the config's and the task's own checks), then the checks that need files. Raises
     one ConfigError listing every problem, each naming its key. Returns the resolved mesh shape."""
     problems, mesh_shape = [], None
+    unreachable = storage_problems(config)
+    if unreachable:  # the file checks below would only repeat these
+        raise StorageError("; ".join(unreachable))
     try:
         mesh_shape = tasks.validate(config, num_devices, process_count)
     except ConfigError as e:
@@ -44,6 +46,23 @@ def check(config, num_devices: int, process_count: int = 1) -> tuple[int, ...]:
     return mesh_shape
 
 
+def storage_problems(config, workdir: str = "") -> list[str]:
+    """One line for each bucket the run would read or write that cannot be reached (no such bucket, no
+    credentials, no network): the workdir, data.data_dir, the tokenizer file and init_from.path."""
+    paths = {"workdir": workdir, "data.data_dir": config.data.data_dir,
+             "model.text.tokenizer_path": config.model.text.get("tokenizer_path", ""),
+             "init_from.path": config.init_from.path}
+    problems = []
+    for key, path in paths.items():
+        try:
+            storage.check(path) if path else None
+            if path and storage.is_url(path):
+                storage.reachable(path, key)
+        except (StorageError, storage.PathError) as e:
+            problems.append(str(e))
+    return problems
+
+
 def _audio_rate_problems(config) -> list[str]:
     a = config.model.audio
     if "audio" not in tuple(config.model.towers) or config.data.name not in config_lib.AUDIO_DATASETS:
@@ -57,7 +76,7 @@ def _audio_rate_problems(config) -> list[str]:
 
 def _init_from_problems(config) -> list[str]:
     path = config.init_from.path
-    if path and not os.path.exists(os.path.expanduser(path)):
+    if path and not storage.exists(storage.absolute(path)):
         return [f"init_from.path: {path!r} does not exist"]
     return []
 
@@ -93,7 +112,7 @@ def _tokenizer_problems(text_cfg) -> list[str]:
     if name not in TOKENIZERS:
         return [f"model.text.tokenizer: {name!r} is unknown; choose one of {sorted(TOKENIZERS)}"]
     path = text_cfg.get("tokenizer_path", "")
-    if name not in ("bytes", "byte") and path and not os.path.isfile(os.path.expanduser(path)):
+    if name not in ("bytes", "byte") and path and not storage.isfile(storage.absolute(path)):
         return [f"model.text.tokenizer_path: file {path!r} (for tokenizer {name!r}) does not exist"]
     try:
         tokenizer = get_tokenizer(text_cfg)
@@ -153,7 +172,7 @@ def _data_problems(config) -> list[str]:
             member = sources.parse_source(source, weight)
             if member.kind == "spec":
                 builders.normalize_spec(member.spec)
-            elif not os.path.isdir(os.path.join(data_dir, member.tfds_name.split(":")[0])):
+            elif not storage.isdir(storage.join(data_dir, member.tfds_name.split(":")[0])):
                 problems.append(f"{key}: no prepared TFDS dataset {member.tfds_name!r} under {data_dir} "
                                 f"(data.data_dir); prepare it there first (tfds build --data_dir ...)")
             names.append(member.label)
@@ -162,13 +181,13 @@ def _data_problems(config) -> list[str]:
     if len(set(names)) != len(names):
         problems.append(f"data.mixture: a dataset appears twice ({names}); give each spec its own 'name'")
     if d.data_dir:
-        if os.path.exists(d.data_dir) and not os.path.isdir(d.data_dir):
+        if storage.isfile(data_dir):
             problems.append(f"data.data_dir: {d.data_dir!r} is a file, not a folder")
-        elif not os.path.isdir(data_dir) and (kind == "tfds" or any(s.startswith(sources.TFDS_PREFIX)
+        elif not storage.isdir(data_dir) and (kind == "tfds" or any(s.startswith(sources.TFDS_PREFIX)
                                                                    for _, s, _ in entries)):
             problems.append(f"data.data_dir: folder {d.data_dir!r} does not exist (a prepared TFDS dataset is "
                             f"read from it)")
-        elif not os.path.isdir(os.path.dirname(data_dir)):
+        elif not storage.is_url(data_dir) and not storage.isdir(storage.parent(data_dir)):
             problems.append(f"data.data_dir: folder {d.data_dir!r} does not exist, nor does its parent; create "
                             f"it (mmjax creates only the last level, as it does for the default cache)")
     if d.num_workers < 0:
