@@ -1,5 +1,5 @@
 """`mmjax train --config C --workdir W [--config.KEY=VALUE ...]` (also `python -m mmjax`); also eval, bench,
-compile and convert (`mmjax --help`).
+compile, convert and prepare (`mmjax --help`).
 
 Errors of mmjax's own (`mmjax.errors.MmjaxError`) end as one `mmjax: error: ...` line and the error's exit code
 (2 for usage and config, 1 for faults while running), and so does an OSError of the storage (a full disk, a
@@ -19,6 +19,7 @@ from mmjax.commands import bench as bench_cmd
 from mmjax.commands import compile as compile_cmd
 from mmjax.commands import convert as convert_cmd
 from mmjax.commands import eval as eval_cmd
+from mmjax.commands import prepare as prepare_cmd
 from mmjax.commands import train as train_cmd
 from mmjax.errors import MmjaxError, StorageError, is_storage_fault
 from mmjax.runtime import cpu
@@ -83,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     for command in (t, c, b, e, oc):
         command.add_argument("--debug", action="store_true",
                              help="show the full traceback of an error (also MMJAX_DEBUG=1)")
+    prepare_cmd.add_arguments(sub.add_parser(
+        "prepare", help="prepare a builder spec (webdataset, CSV, COCO) into data_dir as TFDS array_record, bad "
+                        "samples left out; in this process or on Apache Beam (DirectRunner, DataflowRunner)"))
     return p
 
 
@@ -108,7 +112,8 @@ def _announce_cpu_defaults(args) -> None:
         print(f"mmjax: CPU speed defaults (MMJAX_XLA_CPU_DEFAULTS=1 turns them off): {' '.join(defaults)}")
 
 
-COMMANDS = {"train": train_cmd.main, "eval": eval_cmd.main, "bench": bench_cmd.main, "compile": compile_cmd.main}
+COMMANDS = {"train": train_cmd.main, "eval": eval_cmd.main, "bench": bench_cmd.main, "compile": compile_cmd.main,
+            "prepare": prepare_cmd.main}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -131,6 +136,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             e = StorageError.from_os_error(e)
         print(f"mmjax: error: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (there, PreemptionGuard stops cleanly)
+        if "--debug" in argv or os.environ.get("MMJAX_DEBUG") == "1":
+            raise
+        print(f"mmjax: interrupted (Ctrl-C) during `mmjax {argv[0] if argv else ''}`; checkpoints and results are "
+              f"only ever written whole, so nothing already written is damaged", file=sys.stderr)
+        return 130
 
 
 def run() -> int:

@@ -94,7 +94,9 @@ class StorageServer:
 
 def client_env(scheme: str, endpoint: str) -> dict:
     if scheme == "gs":
-        return {"STORAGE_EMULATOR_HOST": endpoint, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+        # CLOUD_STORAGE_EMULATOR_ENDPOINT: array_record's own GCS client (prepared datasets read from gs://)
+        return {"STORAGE_EMULATOR_HOST": endpoint, "CLOUD_STORAGE_EMULATOR_ENDPOINT": endpoint,
+                "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
                 "NO_GCE_CHECK": "true", "TENSORSTORE_GCS_HTTP_URL": endpoint,
                 "GOOGLE_AUTH_TOKEN_FOR_TESTING": "dummy", "GOOGLE_CLOUD_PROJECT": "mmjax-test",
                 "EPATH_USE_TF": "false"}

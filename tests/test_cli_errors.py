@@ -311,3 +311,17 @@ def test_storage_error_met_anywhere_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(eval_cmd, "run", bug)
     with pytest.raises(FileNotFoundError):
         cli.main(["eval", "--config", TINY, "--workdir", str(tmp_path / "w")])
+
+
+def test_ctrl_c_outside_training_is_one_line_exit_130(monkeypatch, capsys):
+    """Ctrl-C while a command other than the training loop runs (evaluating, loading a config, preparing data):
+    one line, exit code 130, no traceback (the training loop has its own clean stop: tests/test_signals.py)."""
+    from mmjax import cli
+
+    def interrupted(config, args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "eval", interrupted)
+    assert cli.main(["eval", "--config", TINY, "--workdir", "/nonexistent"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mmjax: interrupted (Ctrl-C) during `mmjax eval`")

@@ -1,75 +1,67 @@
 """TFDS array_record builders for image-text data at scale, built from a small dict spec.
 
 Formats (`spec['format']`):
-  'webdataset'  img2dataset / webdataset tar shards: members `{key}.jpg|jpeg|png|webp` + `{key}.txt`
-                (+ optional `{key}.json`, whose 'caption' is used when the .txt is absent). Read shard by
-                shard, members of one key consecutive (the webdataset convention).
+  'webdataset'  img2dataset / webdataset tar shards: members `{key}.jpg|jpeg|png|webp` + `{key}.txt` (+ optional
+                `{key}.json`, whose 'caption' is used when the .txt is absent), members of one key consecutive.
   'csv'         CSV / TSV (delimiter from the extension, or `spec['delimiter']`) with an image-path column
-                (`image_column`, default 'filepath') and one or more caption columns (`caption_column`,
-                default 'caption'; a list keeps several captions). Relative paths are resolved against the
-                CSV file's folder (or `spec['image_root']`).
+                (`image_column`, default 'filepath') and caption columns (`caption_column`, default 'caption'; a
+                list keeps several); relative paths from the CSV's folder (or `spec['image_root']`).
   'coco'        COCO-captions JSON ({'images': [{id, file_name}], 'annotations': [{image_id, caption}]}); all
-                captions of an image are kept as a list. Image paths relative to `spec['image_root']`
-                (default: the JSON's folder).
-
+                captions of an image kept; paths relative to `spec['image_root']` (default: the JSON's folder).
 Spec: {'name': 'my_pairs', 'format': 'webdataset', 'splits': {'train': ['a/*.tar'], 'test': 'b.tar'},
        ... format keys ..., 'limits': {DecodeLimits fields}}. `'paths': ...` is short for {'train': ...}.
 
-Records (read with `load_source(name, data_dir, split)`): {'image': encoded bytes (JPEG/PNG/WebP as found),
-'captions': list of bytes (UTF-8, cleaned), 'key': bytes, 'index': int64 position in the split order}.
+Every path (spec files, shard globs, CSV / COCO files, image files, `data_dir`) goes through `mmjax.storage`: local
+or gs:// / s3:// URLs, except `data_dir`, local or gs:// (array_record's own file layer). Records (read with
+`load_source(name, data_dir, split)`), stored in split order (files in order, then samples; TFDS's shuffle off):
+{'image': encoded bytes (JPEG/PNG/WebP as found), 'captions': list of bytes (UTF-8, cleaned), 'key': bytes, 'index':
+int64 position in the split}. `prepare_dataset(..., beam=...)` prepares the same records on Apache Beam.
 
-Bad samples are filtered at PREPARE time with `mmjax.data.decode.check_sample` (a full decode): the grain
-pipeline maps global stream positions to records by index arithmetic, so it cannot skip records at read time
-without changing batches across process counts; and a bad sample then costs its decode once, not every epoch.
-Counts by kind are saved as `decode_stats.json` beside the dataset (`load_stats`). A shard / file with more
-than `max_bad_fraction` bad samples, or unreadable as a whole, raises `BadDataError` naming it. The fraction is
-judged per file at its end; a file whose length is known (CSV rows, COCO images, the members of an uncompressed
-tar) stops early once its bad samples alone exceed the limit of its whole length. A CSV field longer than the csv
-module's limit is read whole (up to `CSV_FIELD_LIMIT`) and counted as `long_caption`.
+Bad samples are filtered at PREPARE time with `mmjax.data.decode.check_sample` (a full decode): the grain pipeline
+maps stream positions to records by index arithmetic, so it cannot skip records at read time without changing
+batches across process counts. Counts by kind are saved as `decode_stats.json` beside the dataset (`load_stats`).
+A file with more than `max_bad_fraction` bad samples, or unreadable, raises `BadDataError` naming it: judged at its
+end, or early once its bad samples alone exceed the limit of its known length (CSV rows, COCO images, an
+uncompressed local tar's members). A CSV field over the csv module's limit is read whole (to `CSV_FIELD_LIMIT`) and
+counted as `long_caption`.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import glob
 import hashlib
+import io
 import json
 import os
+import shutil
 import sys
 import tarfile
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import writer as tfds_writer
 from tqdm.auto import tqdm
 
-from mmjax.data.decode import (
-    BadDataError,
-    BadSample,
-    DataFileNotFoundError,
-    DataSpecError,
-    DecodeLimits,
-    DecodeStats,
-    check_sample,
-    read_file,
-)
+from mmjax import storage
+from mmjax.data import decode
+from mmjax.data.decode import BadDataError, BadSample, DataSpecError, DecodeLimits, DecodeStats, check_sample
 from mmjax.data.locking import file_lock
 
 FORMATS = ('webdataset', 'csv', 'coco')
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
 VERSION = '1.0.0'
 STATS_FILE = 'decode_stats.json'
-# Python's csv module refuses fields over 131,072 characters. A longer caption (a scraped page dump) is read whole
-# and counted as `long_caption` by the caption rule; a field over this limit (an unbalanced quote swallowing the
-# rest of the file, say) is counted as `long_caption` too, and the reader goes on at the next line.
+# The csv module refuses fields over 131,072 characters. A longer caption (a page dump) is read whole and counted as
+# `long_caption`; so is a field over this limit (an unbalanced quote, say), and the reader goes on at the next line.
 CSV_FIELD_LIMIT = 1 << 24
 
 
 # --------------------------------------------------------------------------------------------------- readers
-# Each reader yields (where, key, image_bytes | BadSample, captions) for one source file / shard, where a
-# BadSample stands for a sample whose image is missing.
+# Each reader yields (key, image bytes | BadSample (its image missing), captions) per sample of one file / shard.
 
 def _split_member(name: str) -> tuple[str, str]:
     """'dir/000123.jpg' -> ('dir/000123', 'jpg'): key = path up to the first dot of the basename."""
@@ -98,11 +90,9 @@ def webdataset_sample(path: str, key: str, parts: dict[str, bytes]) -> tuple[str
 def iter_webdataset_shard(path: str) -> Iterator[tuple[str, bytes | BadSample, list[Any]]]:
     """(key, image bytes | BadSample, captions) per sample of one tar shard. Raises BadDataError naming the
     shard if it cannot be opened or read through."""
-    def emit(key, parts):
-        return webdataset_sample(path, key, parts)
-
     try:
-        with tarfile.open(path, 'r:*') as tar:
+        # Stream mode: one sequential read of the shard, also on an object store.
+        with storage.open_file(path, 'rb') as handle, tarfile.open(fileobj=handle, mode='r|*') as tar:
             key, parts = None, {}
             for member in tar:
                 if not member.isfile():
@@ -110,26 +100,39 @@ def iter_webdataset_shard(path: str) -> Iterator[tuple[str, bytes | BadSample, l
                 member_key, ext = _split_member(member.name)
                 if member_key != key:
                     if key is not None and parts:
-                        yield emit(key, parts)
+                        yield webdataset_sample(path, key, parts)
                     key, parts = member_key, {}
-                handle = tar.extractfile(member)
-                parts[ext] = handle.read() if handle is not None else b''
+                member_file = tar.extractfile(member)
+                parts[ext] = member_file.read() if member_file is not None else b''
             if key is not None and parts:
-                yield emit(key, parts)
+                yield webdataset_sample(path, key, parts)
     except (tarfile.TarError, EOFError, OSError, ValueError) as error:
         raise BadDataError(f'webdataset shard {path} is unreadable: {type(error).__name__}: {error}') from None
+
+
+def _read_image(root: str, name: str) -> bytes | BadSample:
+    """Image `name` of a CSV / COCO file (relative to `root` unless absolute or a URL), or BadSample('missing_file')."""
+    path = name if storage.is_url(name) or os.path.isabs(name) else storage.join(root, name)
+    try:
+        return storage.read_bytes(path)
+    except OSError as error:  # FileNotFoundError, PermissionError, IsADirectoryError, StorageError (a bad URL)
+        return BadSample('missing_file', f'{path}: {getattr(error, "strerror", None) or error}')
+
+
+def _open_text(path: str) -> io.TextIOWrapper:
+    """A CSV file opened for the csv module (undecodable bytes kept as surrogates); raises OSError."""
+    return io.TextIOWrapper(storage.open_file(path, 'rb'), encoding='utf-8', errors='surrogateescape', newline='')
 
 
 def iter_csv(path: str, image_column: str = 'filepath', caption_column: str | Sequence[str] = 'caption',
              delimiter: str | None = None, image_root: str | None = None
              ) -> Iterator[tuple[str, bytes | BadSample, list[Any]]]:
     """(row key, image bytes | BadSample('missing_file'), captions) per row of a CSV / TSV file."""
-    if delimiter is None:
-        delimiter = '\t' if path.lower().endswith(('.tsv', '.tab')) else ','
+    delimiter = delimiter or ('\t' if path.lower().endswith(('.tsv', '.tab')) else ',')
     columns = [caption_column] if isinstance(caption_column, str) else list(caption_column)
-    root = image_root or os.path.dirname(os.path.abspath(path))
+    root = image_root or storage.parent(storage.absolute(path))
     try:
-        handle = open(path, newline='', encoding='utf-8', errors='surrogateescape')
+        handle = _open_text(path)
     except OSError as error:
         raise BadDataError(f'CSV file {path} is unreadable: {error}') from None
     _raise_csv_field_limit()
@@ -147,12 +150,7 @@ def iter_csv(path: str, image_column: str = 'filepath', caption_column: str | Se
             if not image_path:
                 yield str(row_number), BadSample('missing_file', f'{path} row {row_number}: empty path'), captions
                 continue
-            full = image_path if os.path.isabs(image_path) else os.path.join(root, image_path)
-            try:
-                image = read_file(full)
-            except BadSample as bad:
-                image = bad
-            yield str(row_number), image, captions
+            yield str(row_number), _read_image(root, image_path), captions
 
 
 def _raise_csv_field_limit() -> None:
@@ -177,25 +175,23 @@ def _csv_rows(reader: csv.DictReader, path: str) -> Iterator[dict[str, Any] | Ba
 
 def _count_csv_rows(path: str, delimiter: str | None) -> int | None:
     """The number of rows of a CSV / TSV file (a fast pass without reading images), or None if it is unreadable."""
-    if delimiter is None:
-        delimiter = '\t' if path.lower().endswith(('.tsv', '.tab')) else ','
+    delimiter = delimiter or ('\t' if path.lower().endswith(('.tsv', '.tab')) else ',')
     _raise_csv_field_limit()
     try:
-        with open(path, newline='', encoding='utf-8', errors='surrogateescape') as handle:
-            reader = csv.DictReader(handle, delimiter=delimiter)
-            count = 0
-            for _ in _csv_rows(reader, path):
-                count += 1
-            return count
+        with _open_text(path) as handle:
+            return sum(1 for _ in _csv_rows(csv.DictReader(handle, delimiter=delimiter), path))
     except (OSError, BadDataError):
         return None
 
 
 def _count_tar_samples(path: str) -> int | None:
-    """The number of samples (keys) of an uncompressed tar shard from its member headers alone, or None (a
-    compressed or unreadable shard: then it is judged at its end only)."""
+    """The number of samples (keys) of an uncompressed local tar shard from its member headers alone, or None (a
+    compressed or unreadable shard, or one on an object store, where reading the headers spread over the shard would
+    cost a second download of it: then it is judged at its end only)."""
+    if storage.is_url(path):
+        return None
     try:
-        with tarfile.open(path, 'r:') as tar:
+        with storage.open_file(path, 'rb') as handle, tarfile.open(fileobj=handle, mode='r:') as tar:
             keys = [_split_member(m.name)[0] for m in tar if m.isfile()]
     except (tarfile.TarError, EOFError, OSError, ValueError):
         return None
@@ -213,8 +209,7 @@ def _undo_surrogates(text: str) -> str | bytes:
 
 def _read_coco(path: str) -> tuple[list[dict], list[dict]]:
     try:
-        with open(path, 'rb') as handle:
-            data = json.load(handle)
+        data = json.loads(storage.read_bytes(path))
         return data['images'], data['annotations']
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise BadDataError(f'COCO captions file {path} is unreadable: {type(error).__name__}: {error}') from None
@@ -225,17 +220,12 @@ def iter_coco(path: str, image_root: str | None = None, data: tuple[list[dict], 
     """(image id, image bytes | BadSample, all captions of the image) per image of a COCO-captions JSON
     (`data`: its (images, annotations) when already read)."""
     images, annotations = data if data is not None else _read_coco(path)
-    root = image_root or os.path.dirname(os.path.abspath(path))
+    root = image_root or storage.parent(storage.absolute(path))
     captions: dict[Any, list[Any]] = {}
     for annotation in annotations:
         captions.setdefault(annotation['image_id'], []).append(annotation.get('caption'))
     for image in sorted(images, key=lambda im: str(im['id'])):
-        full = os.path.join(root, image['file_name'])
-        try:
-            content = read_file(full)
-        except BadSample as bad:
-            content = bad
-        yield str(image['id']), content, captions.get(image['id'], [])
+        yield str(image['id']), _read_image(root, image['file_name']), captions.get(image['id'], [])
 
 
 # --------------------------------------------------------------------------------------------------- spec
@@ -244,13 +234,14 @@ def _expand(paths: str | Sequence[str], base: str | None) -> list[str]:
     """Glob patterns / paths -> sorted existing files; a pattern matching nothing raises FileNotFoundError."""
     out = []
     for pattern in [paths] if isinstance(paths, str) else list(paths):
-        pattern = os.path.expanduser(pattern)
-        if base and not os.path.isabs(pattern):
-            pattern = os.path.join(base, pattern)
-        matches = sorted(glob.glob(pattern))
+        if not storage.is_url(storage.check(pattern)):
+            pattern = os.path.expanduser(pattern)
+            if base and not os.path.isabs(pattern):
+                pattern = storage.join(base, pattern)
+        matches = storage.glob(pattern)
         if not matches:
-            raise DataFileNotFoundError(f'dataset spec: no file matches {pattern!r}; check the path (a relative one '
-                                        f'is read from the spec file\'s folder, or the current folder)')
+            raise decode.DataFileNotFoundError(f"dataset spec: no file matches {pattern!r}; check the path (a "
+                                               "relative one is read from the spec file's folder, or the current one)")
         out.extend(matches)
     return out
 
@@ -274,7 +265,7 @@ def normalize_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     if not spec.get('splits'):
         raise DataSpecError(f"dataset spec needs 'splits' ({{split: paths}}) or 'paths': {spec}")
     base = spec.get('base_dir')
-    spec['splits'] = {split: [os.path.abspath(p) for p in _expand(paths, base)]
+    spec['splits'] = {split: [storage.absolute(p) for p in _expand(paths, base)]
                       for split, paths in spec['splits'].items()}
     spec['limits'] = dataclasses.asdict(DecodeLimits.from_mapping(spec.get('limits')))
     known = {'name', 'format', 'splits', 'base_dir', 'limits', 'image_column', 'caption_column', 'delimiter',
@@ -298,11 +289,47 @@ def _open_source(spec: Mapping[str, Any], path: str) -> tuple[int | None, Iterat
     return len(data[0]), iter_coco(path, spec.get('image_root'), data)
 
 
+def file_examples(spec: Mapping[str, Any], path: str, stats: DecodeStats) -> Iterator[dict[str, Any]]:
+    """The kept samples of one file of a normalised spec in file order, as records without 'index' ({'image': bytes,
+    'captions': [str], 'key': str}), each sample counted into `stats`; BadDataError (naming the file) when it is
+    unreadable or its bad samples pass the limits. The per-file loop of the builder and of `mmjax.data.beam_prepare`."""
+    limits = DecodeLimits.from_mapping(spec['limits'])
+    where = f"{spec['format']} file {path}"
+    length, samples = _open_source(spec, path)
+    for key, image, captions in samples:
+        try:
+            if isinstance(image, BadSample):
+                raise image
+            clean = check_sample(image, captions, limits)
+        except BadSample as bad:
+            stats.bad(bad.kind)
+            stats.check(where, limits, total=length)  # early only once the file cannot recover
+            continue
+        stats.ok()
+        yield {'image': image, 'captions': clean, 'key': key}
+    stats.check(where, limits, final=True)
+
+
 # --------------------------------------------------------------------------------------------------- builder
 
+class _ExampleWriter(tfds_writer.ExampleWriter):
+    """TFDS's example writer (its hook for other storage), for shards on a bucket too: array_record's C++ writer
+    opens local files only, so a gs:// shard is written to a local temporary file, then uploaded."""
+
+    def write(self, path, examples):
+        if not storage.is_url(os.fspath(path)):
+            return super().write(path, examples)
+        with tempfile.TemporaryDirectory(prefix='mmjax-shard-') as tmp:
+            positions = super().write(local := os.path.join(tmp, 'shard'), examples)
+            with open(local, 'rb') as source, storage.open_file(os.fspath(path), 'wb') as target:
+                shutil.copyfileobj(source, target, 1 << 24)
+        return positions
+
+
 class _CaptionsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Image-text pairs from a spec (set as the class attribute SPEC by `builder_class`). Not in TFDS's registry
-    (nor are its subclasses): prepared datasets are read back from their folder by `load_source`."""
+    """Image-text pairs from a spec (the class attribute SPEC, set by `builder_class`), outside TFDS's registry (read
+    back from their folder by `load_source`). The TFDS key is the record's 'index' (shuffle off); `beam` (a
+    `mmjax.data.beam_prepare.BeamPreparation`) gives each split's Beam transform instead of this process's loop."""
 
     VERSION = tfds.core.Version(VERSION)
     SPEC: dict[str, Any] = {}
@@ -313,10 +340,14 @@ class _CaptionsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         # No checksums file to look up next to the code (see mmjax/data/digits.py).
         return None
 
-    def __init__(self, *args, progress: bool = True, **kwargs):
+    def __init__(self, *args, progress: bool = True, beam: Any = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.progress = progress
+        self.beam = beam
         self.stats: dict[str, DecodeStats] = {}
+
+    def _example_writer(self) -> _ExampleWriter:
+        return _ExampleWriter(file_format=self.info.file_format)
 
     def _info(self) -> tfds.core.DatasetInfo:
         spec = self.SPEC
@@ -330,34 +361,25 @@ class _CaptionsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 'key': tfds.features.Text(),
                 'index': np.int64,
             }),
+            disable_shuffling=True,
         )
 
     def _split_generators(self, dl_manager):
-        return {split: self._generate_examples(split, files) for split, files in self.SPEC['splits'].items()}
+        splits = self.SPEC['splits'].items()
+        if self.beam is not None:
+            return {split: self.beam.split_transform(self.SPEC, split, files) for split, files in splits}
+        return {split: self._generate_examples(split, files) for split, files in splits}
 
     def _generate_examples(self, split: str, files: list[str]):
-        limits = DecodeLimits.from_mapping(self.SPEC['limits'])
         total = self.stats.setdefault(split, DecodeStats())
         index = 0
         bar = tqdm(files, desc=f"{self.SPEC['name']}/{split}", unit='file', disable=not self.progress,
                    file=sys.stderr)
-        for file_number, path in enumerate(bar):
+        for path in bar:
             stats = DecodeStats()
-            where = f"{self.SPEC['format']} file {path}"
-            length, samples = _open_source(self.SPEC, path)
-            for key, image, captions in samples:
-                try:
-                    if isinstance(image, BadSample):
-                        raise image
-                    clean = check_sample(image, captions, limits)
-                except BadSample as bad:
-                    stats.bad(bad.kind)
-                    stats.check(where, limits, total=length)  # early only once the file cannot recover
-                    continue
-                stats.ok()
-                yield f'{file_number}/{key}', {'image': image, 'captions': clean, 'key': key, 'index': index}
+            for example in file_examples(self.SPEC, path, stats):
+                yield index, {**example, 'index': index}
                 index += 1
-            stats.check(where, limits, final=True)
             total.update(stats)
             bar.set_postfix(kept=total.kept, bad=total.num_bad)
 
@@ -368,55 +390,78 @@ def builder_class(spec: Mapping[str, Any]) -> type:
         return type(f"Builder_{spec['name']}", (_CaptionsBuilder,), {'name': spec['name'], 'SPEC': dict(spec)})
 
 
+def check_data_dir(data_dir: str) -> str:
+    """`data_dir` made absolute (a URL as it is); s3:// raises DataSpecError (array_record knows local and gs://)."""
+    data_dir = storage.absolute(data_dir)
+    if storage.scheme(data_dir) == 's3':
+        raise DataSpecError(f'data_dir {data_dir}: prepared datasets (array_record) can be written and read on a '
+                            f'local disk or gs:// only, not s3://; use a local or gs:// data_dir')
+    return data_dir
+
+
 def dataset_dir(name: str, data_dir: str) -> str:
-    return os.path.join(os.path.abspath(os.path.expanduser(data_dir)), name, VERSION)
+    return storage.join(storage.absolute(data_dir), name, VERSION)
 
 
 def is_prepared(name: str, data_dir: str) -> bool:
-    return os.path.isfile(os.path.join(dataset_dir(name, data_dir), 'dataset_info.json'))
+    return storage.isfile(storage.join(dataset_dir(name, data_dir), 'dataset_info.json'))
 
 
 def _spec_fingerprint(spec: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prepare_dataset(spec: Mapping[str, Any], data_dir: str, progress: bool = True) -> dict[str, DecodeStats]:
-    """Builds `spec` into `data_dir/<name>/1.0.0/` (array_record) unless already prepared; returns the decode
-    stats per split (loaded from `decode_stats.json` when reused).
+def _lock_path(name: str, data_dir: str) -> str:
+    """The lock of preparing `name`: in data_dir; for a bucket, a local file per bucket and name (this machine only)."""
+    if not storage.is_url(data_dir):
+        return os.path.join(data_dir, f'.{name}.lock')
+    digest = hashlib.sha256(data_dir.split('/', 3)[2].encode()).hexdigest()[:16]  # gs://BUCKET/...
+    return os.path.join(tempfile.gettempdir(), f'mmjax-{digest}.{name}.lock')
 
-    Reuse is by name: a prepared dataset of the same name built from a different spec raises DataSpecError (a
-    ValueError: delete the folder or choose another name). Safe against concurrent callers (file lock).
-    Raises BadDataError (naming the file) for unreadable shards or too many bad samples.
+
+def prepare_dataset(spec: Mapping[str, Any], data_dir: str, progress: bool = True, beam: Any = None
+                    ) -> dict[str, DecodeStats]:
+    """Builds `spec` into `data_dir/<name>/1.0.0/` (array_record; data_dir local or gs://) unless already
+    prepared; returns the decode stats per split (loaded from `decode_stats.json` when reused).
+
+    beam: None prepares in this process; a `mmjax.data.beam_prepare.BeamPreparation` on Apache Beam, into the
+    same records. Reuse is by name: a dataset of the same name prepared from another spec raises DataSpecError (a
+    ValueError: delete the folder or choose another name). Safe against concurrent callers on one machine (a file
+    lock). Raises BadDataError (naming the file) for unreadable shards or too many bad samples.
     """
     spec = normalize_spec(spec)
     name, fingerprint = spec['name'], _spec_fingerprint(spec)
-    data_dir = os.path.abspath(os.path.expanduser(data_dir))
-    os.makedirs(data_dir, exist_ok=True)
-    with file_lock(os.path.join(data_dir, f'.{name}.lock')):
+    data_dir = check_data_dir(data_dir)
+    storage.makedirs(data_dir)
+    with file_lock(_lock_path(name, data_dir)):
         if not is_prepared(name, data_dir):
-            builder = builder_class(spec)(data_dir=data_dir, file_format='array_record', progress=progress)
+            builder = builder_class(spec)(data_dir=data_dir, file_format='array_record', progress=progress,
+                                          beam=beam)
             tfds.display_progress_bar(progress)
             try:
-                builder.download_and_prepare()
+                if beam is not None:
+                    stats = beam.prepare(builder, data_dir)
+                else:
+                    builder.download_and_prepare()
+                    stats = builder.stats
             finally:
                 tfds.display_progress_bar(True)
             payload = {'fingerprint': fingerprint, 'spec': spec,
-                       'splits': {s: st.to_dict() for s, st in builder.stats.items()}}
-            with open(os.path.join(dataset_dir(name, data_dir), STATS_FILE), 'w') as handle:
-                json.dump(payload, handle, indent=1)
+                       'splits': {s: st.to_dict() for s, st in stats.items()}}
+            storage.write_text_atomic(storage.join(dataset_dir(name, data_dir), STATS_FILE),
+                                      json.dumps(payload, indent=1))
     stored = _read_stats_file(name, data_dir)
     if stored.get('fingerprint') != fingerprint:
         raise DataSpecError(f'{dataset_dir(name, data_dir)} was prepared from a different spec; delete it or use '
-                         f'another name (stored spec: {stored.get("spec")})')
+                            f'another name (stored spec: {stored.get("spec")})')
     return load_stats(name, data_dir)
 
 
 def _read_stats_file(name: str, data_dir: str) -> dict[str, Any]:
-    path = os.path.join(dataset_dir(name, data_dir), STATS_FILE)
-    if not os.path.isfile(path):
+    path = storage.join(dataset_dir(name, data_dir), STATS_FILE)
+    if not storage.isfile(path):
         return {}
-    with open(path) as handle:
-        return json.load(handle)
+    return json.loads(storage.read_text(path))
 
 
 def load_stats(name: str, data_dir: str) -> dict[str, DecodeStats]:
@@ -428,10 +473,10 @@ def load_source(name: str, data_dir: str, split: str = 'train'):
     """Random-access source (len, [i], __getitems__) of a prepared dataset, read from its folder alone (no
     spec, no registered builder). Records: {'image': encoded bytes, 'captions': array of bytes, 'key': bytes,
     'index': int64}."""
-    folder = dataset_dir(name, data_dir)
+    folder = dataset_dir(name, check_data_dir(data_dir))
     if not is_prepared(name, data_dir):
-        raise DataFileNotFoundError(f'no prepared dataset {name!r} under {data_dir} (expected {folder}); run '
-                                f'prepare_dataset(spec, data_dir) first')
+        raise decode.DataFileNotFoundError(f'no prepared dataset {name!r} under {data_dir} (expected {folder}); '
+                                           f'run prepare_dataset(spec, data_dir) first')
     builder = tfds.builder_from_directory(folder)
     if split not in builder.info.splits:
         raise DataSpecError(f'dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}')
@@ -444,13 +489,12 @@ def record_captions(record: Mapping[str, Any]) -> list[str]:
 
 
 def load_spec_file(path: str) -> dict[str, Any]:
-    """A JSON spec file; relative paths in it are resolved against the file's folder."""
-    with open(path) as handle:
-        spec = json.load(handle)
-    spec.setdefault('base_dir', os.path.dirname(os.path.abspath(path)))
+    """A JSON spec file (local or a URL); relative paths in it are resolved against the file's folder."""
+    spec = json.loads(storage.read_text(path))
+    spec.setdefault('base_dir', storage.parent(storage.absolute(path)))
     return spec
 
 
-__all__ = ['BadDataError', 'FORMATS', 'builder_class', 'iter_coco', 'iter_csv',
-           'iter_webdataset_shard', 'is_prepared', 'load_source', 'load_spec_file', 'load_stats',
-           'normalize_spec', 'prepare_dataset', 'record_captions']
+__all__ = ['BadDataError', 'FORMATS', 'builder_class', 'check_data_dir', 'file_examples', 'iter_coco', 'iter_csv',
+           'iter_webdataset_shard', 'is_prepared', 'load_source', 'load_spec_file', 'load_stats', 'normalize_spec',
+           'prepare_dataset', 'record_captions']
