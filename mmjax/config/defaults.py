@@ -30,6 +30,11 @@ DEFAULT_RULES = (
     ("act_heads", "tensor"),
     ("act_kv", None),
     ("act_joint", None),
+    ("act_vocab", "tensor"),  # decoder logits [B, L, vocab] (models/decoder.py)
+    ("cache_batch", ("data", "fsdp")),  # decoding key/value caches (models/attention.py CACHE_AXES)
+    ("cache_sequence", None),
+    ("cache_heads", "tensor"),
+    ("cache_kv", None),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
@@ -142,6 +147,17 @@ def _model_defaults(c: ml_collections.ConfigDict) -> None:
     m.vq = ml_collections.ConfigDict(
         dict(widths=(32, 64), res_blocks=1, code_dim=8, codebook_size=128, codebook_init_norm=0.1, recon_loss="l2",
              codebook_weight=1.0, commitment_weight=0.25, restart_weight=1.0))
+    # task 'mdm' (BEiT-3, mmjax/models/multiway.py, mmjax/tasks/mdm.py): a multiway transformer (shared attention,
+    # vision / language / vision-language FFN experts, 'vl' in the top vl_layers) on model.image patches and
+    # model.text tokens; image targets are the codes of the model.vq tokenizer, loaded by init_from.path from a
+    # task 'vq' workdir and frozen by optim.freeze_rules. Masking: blockwise image patches (blocks of at least
+    # min_block_patches), BERT text masking (objectives.mask_id) of text-only input and of image-text pairs.
+    # loss = image_weight * MIM + text_weight * MLM + pair_weight * pair MLM (+ contrastive_weight * CLIP loss
+    # on the masked monomodal passes' embeddings; 0 = BEiT-3's pretraining).
+    m.mdm = ml_collections.ConfigDict(
+        dict(width=64, depth=4, num_heads=4, mlp_dim=256, vl_layers=2, image_mask_ratio=0.4, min_block_patches=4,
+             text_mask_ratio=0.15, pair_text_mask_ratio=0.5, image_weight=1.0, text_weight=1.0, pair_weight=1.0,
+             contrastive_weight=0.0))
 
     # task 'itm_mlm': loss = contrastive + itm_weight * ITM + mlm_weight * MLM (BERT masking).
     c.objectives = ml_collections.ConfigDict(

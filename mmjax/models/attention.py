@@ -1,10 +1,11 @@
 """Multi-head attention: the one attention implementation every self- and cross-attention in mmjax uses
-(transformer blocks, fusion layers, gated cross-attention)."""
+(transformer blocks, fusion layers, gated cross-attention, the text decoder), with the key/value cache of
+autoregressive decoding (`KVCache`, `write_cache`)."""
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -13,6 +14,41 @@ import jax.numpy as jnp
 from mmjax.models.layers import ACT_HEADS, constrain, dense, lora_kwargs
 
 Dtype = Any
+
+# Logical axes of a cached key or value [B,T,H,K] (batch, cache slot, head, head width).
+CACHE_AXES = ('cache_batch', 'cache_sequence', 'cache_heads', 'cache_kv')
+
+
+class KVCache(NamedTuple):
+    """Keys and values of one attention layer, `k` and `v` [B,T,H,K] (logical axes `CACHE_AXES`).
+
+    A decoder's self-attention cache has one slot per position (T = the longest sequence it decodes, slots
+    written as tokens arrive, see `write_cache`); a cross-attention cache holds the M media tokens' keys and
+    values, computed once.
+    """
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, batch: int, length: int, num_heads: int, head_dim: int, dtype: Dtype = jnp.float32) -> KVCache:
+        """An empty cache: k and v zeros [batch, length, num_heads, head_dim] in `dtype`."""
+        shape = (batch, length, num_heads, head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def write_cache(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """cache [B,T,H,K] with new [B,L,H,K] written at slots start[b] .. start[b]+L-1 of each row (start int [B]);
+    slots outside [0, T) are dropped. -> [B,T,H,K] in cache's dtype, constrained to `CACHE_AXES`.
+
+    A select over the whole cache (for L > 1 after gathering `new` into the slots' order) rather than a
+    scatter: elementwise in the batch and head axes, so it stays local to each shard of a sharded cache.
+    """
+    length = cache.shape[1]
+    offset = jnp.arange(length, dtype=jnp.int32)[None, :] - start.astype(jnp.int32)[:, None]  # [B,T]
+    inside = ((offset >= 0) & (offset < new.shape[1]))[:, :, None, None]
+    if new.shape[1] > 1:
+        new = jnp.take_along_axis(new, jnp.clip(offset, 0, new.shape[1] - 1)[:, :, None, None], axis=1)
+    return constrain(jnp.where(inside, new.astype(cache.dtype), cache), CACHE_AXES)
 
 
 def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float,
@@ -59,12 +95,21 @@ class MultiHeadAttention(nn.Module):
     implementation: str = 'auto'
 
     @nn.compact
-    def __call__(self, x_q: jax.Array, x_kv: jax.Array | None = None,
-                 mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x_q: jax.Array, x_kv: jax.Array | None = None, mask: jax.Array | None = None, *,
+                 kv: KVCache | None = None, cache: KVCache | None = None, cache_index: jax.Array | None = None,
+                 return_kv: bool = False) -> jax.Array | tuple[jax.Array, KVCache]:
         """Attend from `x_q` [B,Lq,E] to `x_kv` [B,Lk,Ekv] (`x_q` itself when None).
 
         `mask` is bool, broadcastable to [B,H,Lq,Lk] (shape [B,1|H,Lq|1,Lk]); True = may attend.
         Returns [B,Lq,out_features].
+
+        Decoding (keyword-only, all off by default):
+          kv: KVCache [B,Lk,H,K]: the keys and values, used as they are instead of projecting `x_kv` (media
+            keys/values computed once by an earlier call with `return_kv`).
+          cache, cache_index int [B]: the keys/values of this call (from `x_kv`) are written into `cache`
+            KVCache [B,T,H,K] at slots cache_index[b] + l (`write_cache`), and the queries attend to all T slots
+            (`mask` [B,1|H,Lq|1,T] says which); returns (out, the updated cache).
+          return_kv: returns (out, KVCache of this call's keys and values [B,Lk,H,K]).
         """
         x_kv = x_q if x_kv is None else x_kv
         width = x_q.shape[-1]
@@ -75,18 +120,34 @@ class MultiHeadAttention(nn.Module):
         proj = functools.partial(dense, (self.num_heads, head_dim), ('embed', 'heads', 'kv'),
                                  dtype=self.dtype, param_dtype=self.param_dtype)
         q = constrain(proj(name='query', **lora_kwargs(self, 'query'))(x_q), ACT_HEADS)
-        k = constrain(proj(name='key', **lora_kwargs(self, 'key'))(x_kv), ACT_HEADS)
-        v = constrain(proj(name='value', **lora_kwargs(self, 'value'))(x_kv), ACT_HEADS)
+        if kv is not None:
+            if cache is not None:
+                raise ValueError('MultiHeadAttention: pass either kv (fixed keys/values) or cache, not both')
+            k, v = (constrain(a.astype(self.dtype), ACT_HEADS) for a in kv)
+        else:
+            k = constrain(proj(name='key', **lora_kwargs(self, 'key'))(x_kv), ACT_HEADS)
+            v = constrain(proj(name='value', **lora_kwargs(self, 'value'))(x_kv), ACT_HEADS)
+        new_kv = KVCache(k, v)
+        if cache is not None:
+            if cache_index is None:
+                raise ValueError('MultiHeadAttention: a cache needs cache_index (the slot of the first new token)')
+            new_kv = KVCache(write_cache(cache.k, k, cache_index), write_cache(cache.v, v, cache_index))
+            k, v = (constrain(a.astype(self.dtype), ACT_HEADS) for a in new_kv)
+        out = self._attend(q, k, v, mask, head_dim)
+        out = dense(out_features, ('heads', 'kv', 'embed'), axis=(-2, -1), dtype=self.dtype,
+                    param_dtype=self.param_dtype, name='out', **lora_kwargs(self, 'out'))(out)
+        return (out, new_kv) if cache is not None or return_kv else out
 
+    def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                head_dim: int) -> jax.Array:
+        """q [B,Lq,H,K], k and v [B,Lk,H,K], mask as `__call__` -> [B,Lq,H,K] by the chosen implementation."""
         if self._use_dot_product_attention():
             if mask is not None:
                 mask = jnp.broadcast_to(mask, (q.shape[0], mask.shape[1], q.shape[1], k.shape[1]))
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=head_dim ** -0.5)
         else:
             out = einsum_attention(q, k, v, mask, head_dim ** -0.5, self.dtype)
-        out = constrain(out, ACT_HEADS)
-        return dense(out_features, ('heads', 'kv', 'embed'), axis=(-2, -1), dtype=self.dtype,
-                     param_dtype=self.param_dtype, name='out', **lora_kwargs(self, 'out'))(out)
+        return constrain(out, ACT_HEADS)
 
     def _use_dot_product_attention(self) -> bool:
         if self.implementation not in ('auto', 'einsum', 'dot_product'):
