@@ -2,7 +2,9 @@
 
 Exact resume (also through the checkpoint's data handler and with grain worker processes), shards split between
 processes and covering each epoch, a seeded per-epoch shuffle, bad samples and failed shards skipped and counted,
-and `mmjax train` on a stream through `mmjax.cli.main`."""
+and `mmjax train` on a stream through `mmjax.cli.main`. On a gs:// bucket (the emulator of tests/storage_servers.py):
+the same batches as from a local folder, a shard deleted mid-run skipped, and a misspelled bucket refused in one
+line before anything compiles."""
 
 import io
 import json
@@ -13,10 +15,14 @@ import numpy as np
 import pytest
 
 from mmjax import config as config_lib
+from mmjax import storage
 from mmjax.data import decode, pipeline, stream, synthetic, wds
 from mmjax.data.decode import BadDataError, DataFileNotFoundError, DataSpecError
 from mmjax.data.tokenizers import ByteTokenizer
+from mmjax.errors import MmjaxError
 from mmjax.training import preflight
+
+pytest_plugins = ['storage_servers']
 
 SHARDS, PER_SHARD, MAX_LEN = 8, 10, 48
 TINY = os.path.join(os.path.dirname(__file__), 'tiny_config.py')
@@ -51,10 +57,17 @@ def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp('wds') / 'shards')
 
 
+def upload(folder, url):
+    """Copies the files of the local `folder` into the bucket folder `url` (through mmjax.storage); returns `url`."""
+    for name in sorted(os.listdir(folder)):
+        storage.write_bytes_atomic(storage.join(url, name), (folder / name).read_bytes())
+    return url
+
+
 def make_config(root, **overrides):
     c = config_lib.base_config()
     c.data.name = 'wds_stream'
-    c.data.spec = str(root / 'spec.json')
+    c.data.spec = storage.join(str(root), 'spec.json')
     c.data.shuffle_buffer = 16
     c.data.open_shards = 2
     c.model.image.image_size = 16
@@ -256,3 +269,54 @@ def test_mmjax_train_on_a_stream(corpus, tmp_path):
                    f'--config.data.spec={corpus / "spec.json"}', '--config.train.steps=6',
                    '--config.data.shuffle_buffer=32'])  # resumes the stream from the step-4 checkpoint
     assert rc == 0 and read_metrics(str(workdir))[-1]['step'] == 6
+
+
+def test_a_bucket_streams_the_same_batches_as_a_local_folder(corpus, gs_bucket):
+    remote = upload(corpus, f'{gs_bucket}/shards')
+    spec = wds.stream_spec(f'{remote}/spec.json')  # relative 'paths' are read from the spec's bucket folder
+    assert spec.shards == tuple(f'{remote}/{i:05d}.tar' for i in range(SHARDS))
+    braces = {'format': 'webdataset', 'paths': f'{remote}/{{00000..{SHARDS - 1:05d}}}.tar'}  # checked by one listing
+    assert wds.stream_spec(json.dumps(braces)).shards == spec.shards
+    with pytest.raises(DataFileNotFoundError, match=f'{remote}/{SHARDS:05d}.tar'):
+        wds.stream_spec(json.dumps({**braces, 'paths': f'{remote}/{{00000..{SHARDS:05d}}}.tar'}))
+    local, bucket = (pipeline.make_train_loader(make_config(root), 0, 1) for root in (corpus, remote))
+    assert_same_batches(take(local, 12), take(bucket, 12))  # into the second epoch
+    assert bucket.stats()['data/epoch'] >= 1.0 and bucket.stats()['data/bad_shards'] == 0.0
+    local.close()
+    bucket.close()
+
+
+def test_a_shard_deleted_from_the_bucket_mid_run_is_reported_and_skipped(gs_bucket, tmp_path, capfd):
+    remote = upload(write_corpus(tmp_path / 'gone'), f'{gs_bucket}/gone')
+    cfg = make_config(remote, **{'data.shuffle_buffer': 4, 'data.open_shards': 1})
+    it = pipeline.make_train_loader(cfg, 0, 1)
+    take(it, 1)
+    plan = stream.Plan(wds.stream_spec(cfg.data.spec), None, 0, 1, *pipeline.stream_seeds(cfg.seed), 4, 1)
+    order = plan.assigned(0, 0, 1)
+    storage.remove(f'{remote}/{order[-1]:05d}.tar')  # the last shard of epoch 0: not opened yet
+    seen = ids(take(it, 15))  # through epoch 0 and into epoch 1: the run goes on
+    assert it.stats()['data/bad_shards'] == 1.0 and order[-1] not in {s for s, _ in seen}
+    assert f'shard {remote}/{order[-1]:05d}.tar failed and is skipped' in capfd.readouterr().err
+    storage.remove(f'{remote}/{order[-2]:05d}.tar')  # a second of 8 > limits.max_bad_fraction=0.2
+    with pytest.raises(BadDataError, match='max_bad_fraction'):
+        take(it, 20)
+    it.close()
+
+
+def test_an_unreachable_bucket_stops_the_run_in_one_line_before_compiling(gs_bucket, tmp_path, capsys):
+    from mmjax import cli
+    workdir = tmp_path / 'w'
+    argv = ['train', '--config', TINY, '--workdir', str(workdir), '--quiet', '--config.data.name=wds_stream']
+    misspelled = gs_bucket.replace('mmjax-test', 'mmjax-tset', 1)
+    storage.write_text_atomic(f'{gs_bucket}/spec.json', json.dumps(
+        {'format': 'webdataset', 'paths': f'{misspelled}/shards/*.tar'}))
+    for spec, named in ((f'{misspelled}/spec.json', f'{misspelled}/spec.json'),  # the spec's bucket
+                        (f'{gs_bucket}/spec.json', f'{misspelled}/shards/*.tar')):  # the shards' bucket
+        assert cli.main([*argv, f'--config.data.spec={spec}']) == 1
+        err = capsys.readouterr().err
+        assert err.startswith('mmjax: error: cannot reach') and err.count('\n') == 1, err
+        assert named in err and 'is not reachable' in err
+    assert not workdir.exists()  # refused before the run started
+    with pytest.raises(MmjaxError, match='mistyped URL'):  # one slash: refused, not made a local folder 'gs:'
+        wds.stream_spec('gs:/mmjax-test/spec.json')
+    assert not os.path.exists('gs:') and not (tmp_path / 'gs:').exists()

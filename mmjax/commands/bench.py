@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from mmjax import storage
 from mmjax.errors import ConfigError
 from mmjax.runtime import distributed
 from mmjax.runtime import sharding as shd
@@ -181,8 +182,7 @@ def run(config, steps: int, warmup: int, json_path: str | None = None) -> int:
     report = measure(config, steps, warmup, log=log)
     log(format_report(report))
     if json_path and jax.process_index() == 0:
-        with open(json_path, "w") as f:
-            json.dump(report, f, indent=2)
+        storage.write_text_atomic(json_path, json.dumps(report, indent=2))  # a local path or a bucket URL
     return 0
 
 

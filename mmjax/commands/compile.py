@@ -31,6 +31,7 @@ import numpy as np
 from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding
 
+from mmjax import storage
 from mmjax.errors import MmjaxError
 from mmjax.runtime import sharding as shd
 from mmjax.runtime.flops import cost_analysis, memory_bytes
@@ -333,8 +334,7 @@ def run(config, topology: str, num_slices: int = 1, json_path: str | None = None
         return 2
     print(format_report(report))
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(report, f, indent=2)
+        storage.write_text_atomic(json_path, json.dumps(report, indent=2))  # a local path or a bucket URL
     return 0 if report["fits"] else 1
 
 

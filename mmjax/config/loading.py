@@ -24,9 +24,9 @@ from mmjax.errors import ConfigError, NotAWorkdirError
 
 def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
     """Imports `path` (a Python file defining `get_config(arg=None)`) and returns its locked config."""
-    if ":" in path and not os.path.exists(path):
+    if ":" in path and not os.path.exists(path):  # local: a config file is imported as a module
         path, arg = path.split(":", 1)
-    if not os.path.isfile(path):
+    if not os.path.isfile(path):  # local: as above
         raise ConfigError([f"--config: file {path!r} does not exist"])
     spec = importlib.util.spec_from_file_location("mmjax_user_config", path)
     module = importlib.util.module_from_spec(spec)

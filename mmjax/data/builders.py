@@ -50,6 +50,7 @@ from mmjax import storage
 from mmjax.data import decode
 from mmjax.data.decode import BadDataError, BadSample, DataSpecError, DecodeLimits, DecodeStats, check_sample
 from mmjax.data.locking import file_lock
+from mmjax.data.specs import load_spec_file
 
 FORMATS = ('webdataset', 'csv', 'coco')
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
@@ -321,8 +322,8 @@ class _ExampleWriter(tfds_writer.ExampleWriter):
             return super().write(path, examples)
         with tempfile.TemporaryDirectory(prefix='mmjax-shard-') as tmp:
             positions = super().write(local := os.path.join(tmp, 'shard'), examples)
-            with open(local, 'rb') as source, storage.open_file(os.fspath(path), 'wb') as target:
-                shutil.copyfileobj(source, target, 1 << 24)
+            with open(local, 'rb') as source, storage.open_file(os.fspath(path), 'wb') as target:  # local: temporary
+                shutil.copyfileobj(source, target, 1 << 24)  # local: from the temporary shard
         return positions
 
 
@@ -486,13 +487,6 @@ def load_source(name: str, data_dir: str, split: str = 'train'):
 def record_captions(record: Mapping[str, Any]) -> list[str]:
     """The record's captions as str."""
     return [c.decode('utf-8') if isinstance(c, (bytes, np.bytes_)) else str(c) for c in record['captions']]
-
-
-def load_spec_file(path: str) -> dict[str, Any]:
-    """A JSON spec file (local or a URL); relative paths in it are resolved against the file's folder."""
-    spec = json.loads(storage.read_text(path))
-    spec.setdefault('base_dir', storage.parent(storage.absolute(path)))
-    return spec
 
 
 __all__ = ['BadDataError', 'FORMATS', 'builder_class', 'check_data_dir', 'file_examples', 'iter_coco', 'iter_csv',

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from mmjax import storage
 from mmjax.data.locking import file_lock
 
 NAME = 'mmjax_digits'
@@ -155,7 +156,7 @@ class MmjaxDigits(tfds.core.GeneratorBasedBuilder):
 
 def is_prepared(data_dir: str) -> bool:
     """Whether a finished build is under `data_dir` (TFDS writes dataset_info.json last, then renames)."""
-    return os.path.isfile(os.path.join(data_dir, NAME, str(MmjaxDigits.VERSION), 'dataset_info.json'))
+    return storage.isfile(storage.join(data_dir, NAME, str(MmjaxDigits.VERSION), 'dataset_info.json'))
 
 
 def prepare(data_dir: str) -> str:
@@ -163,9 +164,10 @@ def prepare(data_dir: str) -> str:
 
     Safe against concurrent callers (a file lock; TFDS writes into a temporary folder and renames it).
     """
+    storage.check_local(data_dir, 'data.data_dir', 'the embedded digits are built in a local data_dir')
     if is_prepared(data_dir):
         return data_dir
-    os.makedirs(data_dir, exist_ok=True)
+    os.makedirs(data_dir, exist_ok=True)  # local: checked above
     with file_lock(os.path.join(data_dir, f'.{NAME}.lock')):
         if is_prepared(data_dir):  # another process built it while we waited
             return data_dir

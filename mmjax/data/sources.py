@@ -3,8 +3,8 @@
 `config.data.name` picks the kind of data (`DATA_KINDS`):
   'digits'   the embedded digits (mmjax/data/digits.py; labelled, so zero-shot evaluation works).
   'spec'     one builder spec (mmjax/data/builders.py: webdataset / CSV / COCO): `config.data.spec` is the path
-             of a JSON spec file (relative paths in it resolve against the file) or an inline JSON object
-             (relative paths against the working directory).
+             or gs:// / s3:// URL of a JSON spec file (relative paths in it resolve against the file's folder)
+             or an inline JSON object (relative paths against the working directory).
              Prepared into `data_dir/<spec name>/1.0.0/` on first use (progress bar), reused afterwards.
   'tfds'     an already-prepared TFDS dataset: `config.data.tfds_name` ('name', 'name/config' or
              'name:version') under `data_dir`, image feature `data.tfds_image_key`, caption feature
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -39,7 +38,7 @@ import grain.python as grain
 import numpy as np
 
 from mmjax import config as config_lib
-from mmjax.data import builders
+from mmjax.data import builders, wds
 from mmjax.data.decode import DecodeStats
 from mmjax.errors import ConfigError
 
@@ -65,9 +64,10 @@ class Member:
 
 
 def parse_source(text: str, weight: float = 1.0) -> Member:
-    """A mixture / spec source string -> Member. 'tfds:<name>' | '{...inline JSON spec...}' | spec file path.
+    """A mixture / spec source string -> Member. 'tfds:<name>' | '{...inline JSON spec...}' | spec file path or
+    gs:// / s3:// URL (read through `mmjax.storage`; relative paths in it resolve against its folder).
 
-    Raises ValueError (bad JSON) or FileNotFoundError (no such spec file)."""
+    Raises ValueError (bad JSON), FileNotFoundError (no such spec file) or StorageError (an unreachable bucket)."""
     text = str(text).strip()
     if text.startswith(TFDS_PREFIX):
         name = text[len(TFDS_PREFIX):].strip()
@@ -80,13 +80,7 @@ def parse_source(text: str, weight: float = 1.0) -> Member:
         except ValueError as error:
             raise ValueError(f'inline JSON spec {text[:60]!r} is not valid JSON: {error}') from None
         return Member('spec', float(weight), spec=spec)
-    path = os.path.expanduser(text)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'spec file {text!r} does not exist')
-    try:
-        return Member('spec', float(weight), spec=builders.load_spec_file(path))
-    except ValueError as error:
-        raise ValueError(f'spec file {text!r} is not valid JSON: {error}') from None
+    return Member('spec', float(weight), spec=wds.load_spec_file(text))
 
 
 def members(config) -> list[Member]:

@@ -29,6 +29,7 @@ import wave
 import numpy as np
 
 from mmjax import config as config_lib
+from mmjax import storage
 from mmjax.data.audio import resample
 from mmjax.data.digits import CLASS_NAMES
 from mmjax.data.locking import file_lock
@@ -187,19 +188,20 @@ def _read(path: str) -> SpeechDigits:
 def load(data_dir: str | None = None, grid: Grid = Grid(), split: str | None = None) -> SpeechDigits:
     """The spoken-number clips of `grid`, synthesised on first use and cached under `data_dir`
     (default `config_lib.default_data_dir()`); `split` 'train' | 'test' | None (all). Safe for concurrent callers."""
-    data_dir = config_lib.default_data_dir() if not data_dir else os.path.abspath(os.path.expanduser(data_dir))
+    data_dir = config_lib.default_data_dir() if not data_dir else storage.absolute(data_dir)
+    storage.check_local(data_dir, 'data.data_dir', 'the spoken digits are synthesised into a local data_dir')
     path = cache_path(data_dir, grid)
-    if not os.path.isfile(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not os.path.isfile(path):  # local: checked above
+        os.makedirs(os.path.dirname(path), exist_ok=True)  # local
         with file_lock(path + '.lock'):
-            if not os.path.isfile(path):
+            if not os.path.isfile(path):  # local
                 print(f'mmjax: synthesising {len(grid)} spoken-number clips with espeak-ng into {path} ...',
                       file=sys.stderr, flush=True)
                 start = time.perf_counter()
                 data = synthesize(grid)
                 tmp = path + '.tmp.npz'
                 np.savez_compressed(tmp, **{f.name: getattr(data, f.name) for f in dataclasses.fields(data)})
-                os.replace(tmp, path)
+                os.replace(tmp, path)  # local
                 print(f'mmjax: spoken numbers ready in {time.perf_counter() - start:.1f}s', file=sys.stderr,
                       flush=True)
     data = _read(path)

@@ -17,10 +17,13 @@ buffer references) and skips each open shard to its offset, so a resume on the s
 yields exactly the batches an uninterrupted run would. On other counts the saved progress (whole shards of the
 slowest reader) is kept and the rest is approximate, with a warning.
 
-Unlike the prepared path, batches depend on the process count (each process reads its own shards); a sample
-that is bad is skipped where it is read (every epoch), and a shard that cannot be opened or breaks off is
-reported and skipped for the rest of the run by each reader that meets it (shards move between readers from
-epoch to epoch, so `data/bad_shards` counts a shard once per reader that found it failed). More than
+Shards and the spec may be local paths or gs:// / s3:// URLs: every read goes through mmjax/data/wds.py and
+`mmjax.storage`, and a bucket that cannot be reached is a StorageError when the config is checked, before anything
+compiles. Unlike the prepared path, batches depend on the process count (each process reads its own shards); a
+sample that is bad is skipped where it is read (every epoch), and a shard that cannot be opened or breaks off (it
+was deleted after the run started, it is truncated, its bucket stopped answering) is reported and skipped for the
+rest of the run by each reader that meets it (shards move between readers from epoch to epoch, so
+`data/bad_shards` counts a shard once per reader that found it failed). More than
 `limits.max_bad_fraction` of a reader's shards per epoch failed, or of its samples bad (after
 `limits.min_samples_for_fraction` samples), stops the run with BadDataError.
 """

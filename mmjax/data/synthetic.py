@@ -18,12 +18,13 @@ import argparse
 import csv
 import io
 import json
-import os
 import tarfile
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from mmjax import storage
 
 COLOURS = {'red': (220, 40, 40), 'green': (40, 180, 60), 'blue': (40, 70, 220), 'yellow': (240, 220, 40),
            'white': (245, 245, 245), 'black': (15, 15, 15), 'purple': (140, 50, 170), 'orange': (250, 140, 30)}
@@ -65,65 +66,65 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def write_webdataset(out: str, num: int, per_shard: int = 100, seed: int = 0, prefix: str = '',
                      caption_prefix: str = '', **photo_kwargs) -> list[str]:
     """img2dataset-style shards out/{prefix}00000.tar ... with {key}.jpg, {key}.txt, {key}.json. Returns paths."""
-    os.makedirs(out, exist_ok=True)
+    storage.makedirs(out)
     rng = np.random.default_rng(seed)
     paths = []
     for shard in range(-(-num // per_shard)):
-        path = os.path.join(out, f'{prefix}{shard:05d}.tar')
-        with tarfile.open(path, 'w') as tar:
+        path = storage.join(out, f'{prefix}{shard:05d}.tar')
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode='w') as tar:
             for i in range(shard * per_shard, min(num, (shard + 1) * per_shard)):
                 data, caption = photo(rng, **photo_kwargs)
                 key = f'{shard:05d}{i:04d}'
                 _add(tar, f'{key}.jpg', data)
                 _add(tar, f'{key}.txt', (caption_prefix + caption).encode())
                 _add(tar, f'{key}.json', json.dumps({'key': key, 'caption': caption}).encode())
+        storage.write_bytes_atomic(path, buffer.getvalue())
         paths.append(path)
     return paths
 
 
 def write_images(folder: str, num: int, seed: int, **photo_kwargs) -> list[tuple[str, str]]:
     """num JPEGs in folder/; returns (file name, caption) pairs."""
-    os.makedirs(folder, exist_ok=True)
+    storage.makedirs(folder)
     rng = np.random.default_rng(seed)
     out = []
     for i in range(num):
         data, caption = photo(rng, **photo_kwargs)
         name = f'{i:06d}.jpg'
-        with open(os.path.join(folder, name), 'wb') as handle:
-            handle.write(data)
+        storage.write_bytes_atomic(storage.join(folder, name), data)
         out.append((name, caption))
     return out
 
 
 def write_csv(out: str, num: int, seed: int = 0, **photo_kwargs) -> str:
     """out/images/*.jpg and out/pairs.csv (columns filepath, caption; paths relative to the CSV)."""
-    pairs = write_images(os.path.join(out, 'images'), num, seed, **photo_kwargs)
-    path = os.path.join(out, 'pairs.csv')
-    with open(path, 'w', newline='') as handle:
-        writer = csv.writer(handle)
-        writer.writerow(['filepath', 'caption'])
-        writer.writerows((f'images/{name}', caption) for name, caption in pairs)
+    pairs = write_images(storage.join(out, 'images'), num, seed, **photo_kwargs)
+    path = storage.join(out, 'pairs.csv')
+    text = io.StringIO(newline='')
+    writer = csv.writer(text)
+    writer.writerow(['filepath', 'caption'])
+    writer.writerows((f'images/{name}', caption) for name, caption in pairs)
+    storage.write_text_atomic(path, text.getvalue())
     return path
 
 
 def write_coco(out: str, num: int, seed: int = 0, **photo_kwargs) -> str:
     """out/images/*.jpg and out/captions.json (COCO captions: 2 captions per image)."""
-    pairs = write_images(os.path.join(out, 'images'), num, seed, **photo_kwargs)
+    pairs = write_images(storage.join(out, 'images'), num, seed, **photo_kwargs)
     images = [{'id': i, 'file_name': f'images/{name}'} for i, (name, _) in enumerate(pairs)]
     annotations = []
     for i, (_, caption) in enumerate(pairs):
         annotations.append({'id': 2 * i, 'image_id': i, 'caption': caption})
         annotations.append({'id': 2 * i + 1, 'image_id': i, 'caption': 'a picture of ' + caption[2:]})
-    path = os.path.join(out, 'captions.json')
-    with open(path, 'w') as handle:
-        json.dump({'images': images, 'annotations': annotations}, handle)
+    path = storage.join(out, 'captions.json')
+    storage.write_text_atomic(path, json.dumps({'images': images, 'annotations': annotations}))
     return path
 
 
 def write_spec(out: str, name: str, fmt: str, paths: str) -> str:
-    path = os.path.join(out, 'spec.json')
-    with open(path, 'w') as handle:
-        json.dump({'name': name, 'format': fmt, 'paths': paths}, handle, indent=1)
+    path = storage.join(out, 'spec.json')
+    storage.write_text_atomic(path, json.dumps({'name': name, 'format': fmt, 'paths': paths}, indent=1))
     return path
 
 

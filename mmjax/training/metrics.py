@@ -62,7 +62,7 @@ class _LocalAppend:
 
     def __init__(self, path: str):
         self.path = path
-        self._file = open(path, "a+b")  # noqa: SIM115 - kept open for the run, closed by close()
+        self._file = open(path, "a+b")  # local (a URL gets _ObjectParts); closed by close()
         self.torn = _ends_in_torn_line(self._file)
 
     def write(self, data: bytes) -> None:
