@@ -36,6 +36,8 @@ setup(
         # the workdir lock on buckets: conditional writes (GCS ifGenerationMatch, S3 If-None-Match / If-Match)
         "google-cloud-storage>=3.14",
         "boto3>=1.35",
+        # captioning metrics of `mmjax eval` (BLEU-4, CIDEr-D, ROUGE-L scorers; pure Python, no Java needed)
+        "pycocoevalcap>=1.2",
     ],
     extras_require={
         # librosa: reference for the JAX log-mel; sentencepiece/tokenizers: the file tokenizers; pytest-xdist: the
