@@ -29,3 +29,22 @@ def test_writer_does_not_load_torch(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "torch loaded: False" in r.stdout
     assert ("torch imports: torch" in r.stdout) == installed
+
+
+def test_curves_have_one_panel_per_evaluation_family_and_health_only_when_nonzero(tmp_path):
+    from mmjax.eval import plots
+
+    records = [{"step": s, "loss": 1.0 / s, "data/epoch": 0.0, "data/bad/bad_image": 0.0, "lr": 0.1}
+               for s in range(1, 11)]
+    records[4]["zeroshot/top1"] = 0.5
+    records[9]["zeroshot/top1"] = 0.9
+    evals = {10: {"retrieval/i2t/r1": 0.7, "retrieval/t2i/r1": 0.6, "caption/cider": 2.5, "linear_probe/l2": 1e-4}}
+    panels = plots.curve_panels(records, evals)
+    assert list(panels) == ["training loss", "caption", "retrieval", "zeroshot"]  # no health panel: all zero
+    assert panels["zeroshot"] == {"zeroshot/top1": {5: 0.5, 10: 0.9}}  # at the evaluated steps only
+    assert set(panels["retrieval"]) == {"retrieval/i2t/r1", "retrieval/t2i/r1"}
+    records[7]["data/bad/bad_image"] = 3.0
+    panels = plots.curve_panels(records, evals)
+    assert panels["data health"] == {"data/bad/bad_image": {s: (3.0 if s == 8 else 0.0) for s in range(1, 11)}}
+    out = plots.training_curves(records, evals, str(tmp_path / "curves.png"))
+    assert (tmp_path / "curves.png").stat().st_size > 1000 and out.endswith("curves.png")

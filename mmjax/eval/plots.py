@@ -31,34 +31,60 @@ def _save(fig, out: str) -> None:
     storage.write_bytes_atomic(out, buffer.getvalue())
 
 
-def training_curves(records: list[dict], eval_results: dict[int, dict], out: str) -> str:
-    """Loss vs step from the records of W/metrics.jsonl, and each eval metric (keys with a '/', from the records
-    and from `eval_results` {step: metrics}, W/eval/*.json) vs step, in a second panel."""
-    plt = _plt()
-    evals: dict[str, dict[int, float]] = {}
+def _series(records: list[dict], eval_results: dict[int, dict]) -> dict[str, dict[int, float]]:
+    """{key: {step: value}} of every metric with a '/' in its name, from the records and the eval results."""
+    series: dict[str, dict[int, float]] = {}
     for r in records:
         for k, v in r.items():
-            if "/" in k:
-                evals.setdefault(k, {})[r["step"]] = v
+            if "/" in k and isinstance(v, (int, float)):
+                series.setdefault(k, {})[r["step"]] = v
     for step, m in eval_results.items():
         for k, v in m.items():
             if "/" in k and isinstance(v, (int, float)) and not k.endswith("/l2"):
-                evals.setdefault(k, {})[step] = v
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    loss = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    if loss:
-        s, v = zip(*loss)
-        ax1.plot(s, v, color="C0")
-    ax1.set(xlabel="step", ylabel="loss", title="training loss")
-    ax1.grid(alpha=0.3)
-    for i, (k, pts) in enumerate(sorted(evals.items())):
-        s = sorted(pts)
-        ax2.plot(s, [pts[x] for x in s], marker="o", label=k, color=f"C{i % 10}",
-                 linestyle="--" if "t2i" in k else "-")
-    ax2.set(xlabel="step", ylabel="value", title="evaluation metrics", ylim=(0, 1.02))
-    ax2.grid(alpha=0.3)
-    if evals:
-        ax2.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+                series.setdefault(k, {})[step] = v
+    return series
+
+
+def curve_panels(records: list[dict], eval_results: dict[int, dict]) -> dict[str, dict[str, dict[int, float]]]:
+    """The panels of `training_curves`: {title: {key: {step: value}}}. 'training loss'; one panel per evaluation
+    family (the key's first part: zeroshot, retrieval, linear_probe, caption, vqa, fewshot, ...) over the steps it
+    was evaluated at; and 'data health' with the `data/*` counters that were ever non-zero (none: no panel)."""
+    panels: dict[str, dict[str, dict[int, float]]] = {
+        "training loss": {"loss": {r["step"]: r["loss"] for r in records if "loss" in r}}}
+    health = {}
+    for key, points in sorted(_series(records, eval_results).items()):
+        family = key.split("/", 1)[0]
+        if family == "data":
+            if any(v != 0 for v in points.values()) and key != "data/epoch":
+                health[key] = points
+            continue
+        panels.setdefault(family, {})[key] = points
+    if health:
+        panels["data health"] = health
+    return panels
+
+
+def training_curves(records: list[dict], eval_results: dict[int, dict], out: str) -> str:
+    """W/eval/curves.png: the training loss, then one panel per evaluation family (`curve_panels`) with its
+    metrics at the evaluated steps, then the data-health counters when any is non-zero."""
+    plt = _plt()
+    panels = curve_panels(records, eval_results)
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4 * rows), squeeze=False)
+    for ax, (title, series) in zip(axes.flat, panels.items()):
+        for i, (key, points) in enumerate(sorted(series.items())):
+            steps = sorted(points)
+            ax.plot(steps, [points[s] for s in steps], marker="o" if title != "training loss" else None,
+                    label=key, color=f"C{i % 10}", linestyle="--" if "t2i" in key else "-")
+        values = [v for points in series.values() for v in points.values()]
+        unit = title not in ("training loss", "data health") and all(0 <= v <= 1 for v in values)
+        ax.set(xlabel="step", title=title, ylim=(0, 1.02) if unit else None)
+        ax.grid(alpha=0.3)
+        if title != "training loss" and series:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     fig.tight_layout()
     _save(fig, out)
     plt.close(fig)
