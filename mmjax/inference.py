@@ -31,10 +31,16 @@ class LoadedModel:
         self.config, self.step, self.params = config, step, params  # params: the restored pytree (on device)
         self.tokenizer = get_tokenizer(config.model.text)
         self.encoder = TowerEncoder(factory.model, params, factory.mesh, factory.rules, batch_size)
-        scale = np.exp(np.asarray(jax.device_get(params["logit_scale"]), np.float32))
-        self.logit_scale = float(np.minimum(scale, np.exp(config.model.logit_scale_max)))
+        self.logit_scale = None  # a model without a temperature (task 'vq') has none
+        if "logit_scale" in params:
+            scale = np.exp(np.asarray(jax.device_get(params["logit_scale"]), np.float32))
+            self.logit_scale = float(np.minimum(scale, np.exp(config.model.logit_scale_max)))
         self.logit_bias = (float(np.asarray(jax.device_get(params["logit_bias"])))
                            if "logit_bias" in params else None)
+        # The task's own inference functions (task 'vq': encode_tokens, decode_tokens; see Task.inference_methods).
+        for name, fn in factory.task.inference_methods(config, factory.model, params, factory.mesh, factory.rules,
+                                                       batch_size).items():
+            setattr(self, name, fn)
 
     def preprocess(self, images: np.ndarray) -> np.ndarray:
         img = self.config.model.image

@@ -15,12 +15,14 @@ from mmjax.tasks.base import Objective, Task, dummy_batch
 from mmjax.tasks.classification import ClassificationTask
 from mmjax.tasks.contrastive import ContrastiveTask
 from mmjax.tasks.itm_mlm import ItmMlmTask
+from mmjax.tasks.vq import VQTask
 
 # config.task -> the Task class that owns it.
 TASKS: dict[str, type[Task]] = {
     "contrastive": ContrastiveTask,
     "classification": ClassificationTask,
     "itm_mlm": ItmMlmTask,
+    "vq": VQTask,
 }
 
 

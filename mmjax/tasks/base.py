@@ -101,3 +101,9 @@ class Task(abc.ABC):
         """Model FLOPs of one training example, for MFU (`mmjax.runtime.flops.train_flops_per_example`: the
         towers, full last blocks)."""
         return train_flops_per_example(config, pooled_only=False)
+
+    def inference_methods(self, config, model: nn.Module, params, mesh: Mesh, rules,
+                          batch_size: int = 256) -> dict[str, Callable]:
+        """Functions `mmjax.load(W)` adds to the loaded model, by name (e.g. 'encode_tokens', 'caption'),
+        bound to its restored `params`; {} by default."""
+        return {}
