@@ -56,7 +56,8 @@ setup(
         "tpu": ["libtpu==0.0.42.*"],  # for `mmjax compile` (AOT for TPU topologies); pinned by jax 0.10.2
         # `mmjax convert open_clip` reads weights without torch; this extra is its test reference. Install with
         # `-c .ci/constraints.txt` (as `make install` does) so pip keeps the CPU torch wheel.
-        "openclip": ["torch==2.13.0", "open-clip-torch>=3.0", "safetensors>=0.4"],
+        # transformers: open_clip CoCa's `generate` (the reference of the CoCa parity test and benchmarks/decoding.py)
+        "openclip": ["torch==2.13.0", "open-clip-torch>=3.0", "safetensors>=0.4", "transformers>=4.40"],
     },
     entry_points={"console_scripts": ["mmjax=mmjax.cli:run"]},
 )
