@@ -64,6 +64,14 @@ def check(path: Any) -> str:
     return text
 
 
+def check_local(p: Any, key: str, why: str) -> str:
+    """`p` as a str if it is a local path; a one-line PathError naming `key` and `why` if it is a URL."""
+    text = check(p)
+    if is_url(text):
+        raise PathError(f"{key}: {text} is an object-store URL, but {why}; use a local folder")
+    return text
+
+
 def path(p: Any) -> epath.Path:
     """An `etils.epath.Path` for a local path or a URL (checked by `check`)."""
     return epath.Path(check(p))
@@ -114,17 +122,26 @@ def storage_errors(what: str, p: Any) -> Iterator[None]:
         raise StorageError.from_os_error(error, what, os.fspath(p)) from error
 
 
+def _fresh(p: Any) -> epath.Path:
+    """`path(p)`, with fsspec's listing cache dropped for a URL: other processes (the other hosts of a run, an
+    earlier run) change a bucket, and a cached listing would not show it."""
+    text = check(p)
+    if is_url(text):
+        _filesystem(text).invalidate_cache()
+    return path(text)
+
+
 def exists(p: Any) -> bool:
-    return path(p).exists()
+    return _fresh(p).exists()
 
 
 def isdir(p: Any) -> bool:
     """Whether `p` is a folder (on a bucket: a prefix with at least one object under it)."""
-    return path(p).is_dir()
+    return _fresh(p).is_dir()
 
 
 def isfile(p: Any) -> bool:
-    return path(p).is_file()
+    return _fresh(p).is_file()
 
 
 def makedirs(p: Any) -> None:
@@ -198,7 +215,7 @@ def rename(src: Any, dst: Any) -> None:
 
 def listdir(p: Any) -> list[str]:
     """The names directly under folder `p`, sorted; [] if it does not exist."""
-    target = path(p)
+    target = _fresh(p)
     if not target.exists():
         return []
     return sorted(child.name for child in target.iterdir())
@@ -215,7 +232,9 @@ def glob(pattern: Any) -> list[str]:
     if not is_url(text):
         return sorted(_glob.glob(os.path.expanduser(text), recursive=True))
     prefix = f"{scheme(text)}://"
-    return sorted(m if m.startswith(prefix) else prefix + m for m in _filesystem(text).glob(text))
+    fs = _filesystem(text)
+    fs.invalidate_cache()  # see _fresh
+    return sorted(m if m.startswith(prefix) else prefix + m for m in fs.glob(text))
 
 
 def size(p: Any) -> int:

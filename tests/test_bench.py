@@ -1,5 +1,6 @@
 """`mmjax bench`: the train step timed on a synthetic batch reports figures that agree with each other and
-with XLA, runs the step training runs, and refuses a bad config before compiling."""
+with XLA, runs the step training runs, and refuses a bad config before compiling. The loader benchmark
+(`python -m mmjax.data.bench --stages N`) reports each stage of a sample's path and the pipeline's total."""
 
 import importlib.util
 import json
@@ -15,6 +16,8 @@ from test_config import TINY, tiny
 
 from mmjax import config as config_lib
 from mmjax.commands import bench
+from mmjax.data import bench as data_bench
+from mmjax.data import synthetic
 from mmjax.tasks import dummy_batch
 
 
@@ -142,3 +145,36 @@ def test_vs_open_clip_times_both_sides_and_reports_consistent_figures(tmp_path):
     # mmjax's pooled-only last blocks compute less than open_clip's full ones
     assert r["flops_per_example"]["mmjax"] < r["flops_per_example"]["open_clip"]
     assert "mmjax / open_clip:" in proc.stdout
+
+
+def _loader_bench(tmp_path, *args):
+    synthetic.write_webdataset(str(tmp_path / "shards"), 24, per_shard=12, seed=0, min_side=64, max_side=300)
+    synthetic.write_spec(str(tmp_path / "shards"), "bench_pairs", "webdataset", "*.tar")
+    return data_bench.main(["--config", TINY, "--config.data.name=spec",
+                            f"--config.data.spec={tmp_path / 'shards' / 'spec.json'}",
+                            f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.train.batch_size=8",
+                            "--steps", "2", "--warmup", "0", "--workers", "0", *args])
+
+
+def test_loader_bench_stages_cover_a_sample_path_and_the_pipeline_total(tmp_path, capsys):
+    out = tmp_path / "loader.json"
+    assert _loader_bench(tmp_path, "--stages", "20", "--json", str(out)) == 0
+    stages, pipeline_row = json.loads(out.read_text())
+    times = stages["cpu_ms_per_sample"]
+    assert stages["path"] == "stages" and stages["samples"] == 20
+    assert list(times) == ["read", "decode", "crop_resize", "normalise", "tokenise", "batch"]
+    assert all(ms >= 0 for ms in times.values()) and times["decode"] > 0 and times["crop_resize"] > 0
+    printed = capsys.readouterr().out
+    for stage, ms in times.items():  # the table shows every stage's figure, and their sum
+        assert f"{stage:<13} {ms:8.3f}" in printed
+    assert f"{'sum':<13} {sum(times.values()):8.3f}" in printed
+    # the overall figure is the real pipeline's, as without --stages
+    assert pipeline_row["path"] == "spec" and pipeline_row["samples"] == 16 and pipeline_row["cpu_s"] > 0
+    assert pipeline_row["image_shape"] == [16, 16, 3]
+
+
+def test_loader_bench_stages_refuse_data_they_cannot_time(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        data_bench.main(["--config", TINY, "--stages", "8", "--steps", "1"])
+    assert exit_info.value.code == 2
+    assert "--stages times prepared captioned data" in capsys.readouterr().err

@@ -89,3 +89,47 @@ def test_imports_inside_functions_are_only_optional_dependencies(path):
                         f"dependencies may be imported lazily)")
                 context = " ".join(lines[inner.lineno - 2:inner.end_lineno + 1])
                 assert "#" in context, f"{where}: a lazy import of {names} needs a comment saying why"
+
+
+# Direct file access (builtin open, os.path checks, os.makedirs/listdir/remove/replace, glob, shutil) is allowed only
+# where the path can never be a URL; everything else goes through the path layer mmjax/storage.py (issue 21: no
+# local folder named `gs:` ever again). Each exception says why: a module in LOCAL_ONLY, or a `# local` comment on
+# the line (a path checked to be local first, a temporary file, an import of a config file).
+LOCAL_ONLY = {
+    "mmjax/storage.py": "the path layer itself: its local branches",
+    "mmjax/training/lock_stores.py": "LocalLockStore: a lock file on a local or network disk (flock, hard links)",
+    "mmjax/training/lock.py": "/proc (process start times, boot id)",
+    "mmjax/runtime/cpu.py": "/sys (transparent huge pages)",
+    "mmjax/runtime/flops.py": "/proc/cpuinfo and the per-machine CPU-peak cache in ~/.cache",
+    "mmjax/interop/open_clip.py": "open_clip's installed package folder (its built-in configs and BPE file)",
+    "mmjax/interop/torch_files.py": "the torch checkpoint being converted, memory-mapped from a local file",
+}
+_FILE_CALLS = re.compile(r"^(open|os\.(makedirs|mkdir|listdir|scandir|remove|unlink|replace|rename|stat)|"
+                         r"os\.path\.(exists|isdir|isfile|getsize)|glob\.glob|shutil\.(copy\w*|move|rmtree))$")
+
+
+def _call_name(node):
+    parts, func = [], node.func
+    while isinstance(func, ast.Attribute):
+        parts.append(func.attr)
+        func = func.value
+    if isinstance(func, ast.Name):
+        parts.append(func.id)
+    return ".".join(reversed(parts))
+
+
+def test_files_are_reached_through_the_path_layer():
+    offenders = []
+    for path in _modules():
+        rel = str(path.relative_to(ROOT))
+        if rel in LOCAL_ONLY:
+            continue
+        source = path.read_text()
+        lines = source.splitlines()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Call) and _FILE_CALLS.match(_call_name(node)) and \
+                    "# local" not in lines[node.lineno - 1]:
+                offenders.append(f"{rel}:{node.lineno}: {_call_name(node)}(...)")
+    assert not offenders, ("direct file access where a path may be a gs:// or s3:// URL; use mmjax.storage (or add "
+                           "the module to LOCAL_ONLY with the reason its paths are always local):\n"
+                           + "\n".join(offenders))

@@ -17,23 +17,29 @@ writer and `check(where)` raises `BadDataError` naming the shard / file when its
 `DecodeLimits.max_bad_fraction`: judged per file at its end, and before the end only once the file's bad samples
 alone exceed the limit of its whole length (the rest of the file can no longer bring it back under). The builders
 in `mmjax/data/builders.py` run `check_sample` at prepare time (bad samples never reach the array_record files);
-`decode_image` is the read-time decoder (RGB uint8) and `random_resized_crop` the training crop (Inception-style
-scale/ratio, one fused PIL crop+resize, optional flip), and `DecodeCropTokenize` the grain transform that turns a prepared record into model inputs.
+`decode_image` is the read-time decoder (RGB uint8) and `random_resized_crop` the training crop of decoded pixels
+(Inception-style scale/ratio, one fused PIL crop+resize, optional flip). `DecodeCropTokenize`, the grain transform
+that turns a prepared record into model inputs, draws the same crop box from the image header and decodes a JPEG
+only at the DCT scale (1/1, 1/2, 1/4, 1/8) that box needs (`load_rgb`, `jpeg_denominator`; docs/speed.md,
+"Loader cost per sample").
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import io
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grain.python as grain
 import numpy as np
 from PIL import Image
 
+from mmjax import storage
+from mmjax.data.image import center_crop_box, jpeg_denominator, random_crop_box, resize_box
 from mmjax.errors import MmjaxError, RuntimeFault
 
 BAD_KINDS = ('missing_file', 'empty_image', 'too_many_pixels', 'bad_image', 'tiny_image', 'empty_caption',
@@ -200,29 +206,57 @@ def _open_checked(data: bytes, limits: DecodeLimits) -> Image.Image:
     return image
 
 
-def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), draft_size: int | None = None) -> np.ndarray:
-    """Encoded image bytes -> uint8 [H,W,3] RGB (gray, palette, CMYK, alpha converted). Raises BadSample.
+def open_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Image.Image:
+    """Encoded bytes -> lazily opened PIL image whose header passed the size checks (no pixel decoded yet;
+    `.size` is the stored width x height). Raises BadSample."""
+    return _open_checked(data, limits)
 
-    draft_size: for JPEG, let the decoder downscale by a power of two while both sides stay >= draft_size
-    (much faster for large photos that are cropped to a small size anyway).
-    """
-    image = _open_checked(data, limits)
+
+def load_rgb(image: Image.Image, denominator: int = 1) -> tuple[Image.Image, int]:
+    """Fully decodes a lazily opened image (truncated / corrupt data fails here) to an RGB PIL image (gray,
+    palette, CMYK, alpha converted; 16-bit gray keeps its high byte). Raises BadSample.
+
+    denominator: for a JPEG, decode at 1/denominator (1, 2, 4 or 8) of the stored size with libjpeg's DCT
+    scaling (ceil(W / d) x ceil(H / d) pixels); ignored for other formats. Returns (image, the denominator
+    actually applied: 1 when the format cannot be scaled)."""
+    applied = 1
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         try:
-            if draft_size and image.format == 'JPEG':
-                image.draft('RGB', (draft_size, draft_size))
-            image.load()  # full decode: truncated / corrupt data fails here
+            if denominator > 1 and image.format == 'JPEG':
+                width, height = image.size
+                # PIL picks the largest power-of-two scale with both sides >= the requested size: exactly d here.
+                drafted = image.draft('RGB', (width // denominator, height // denominator))
+                applied = int(round(width / drafted[1][2])) if drafted else 1
+            image.load()
             if image.mode.startswith('I;16') or image.mode == 'I':  # 16-bit gray: keep the high byte
                 gray = (np.asarray(image).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
                 image = Image.fromarray(gray, mode='L')
             if image.mode != 'RGB':
                 image = image.convert('RGB')
-            array = np.asarray(image)
         except BadSample:
             raise
         except Exception as error:  # OSError (truncated), ValueError, SyntaxError, struct.error, MemoryError ...
             raise BadSample('bad_image', f'{type(error).__name__}: {error}') from None
+    return image, applied
+
+
+def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), draft_size: int | None = None) -> np.ndarray:
+    """Encoded image bytes -> uint8 [H,W,3] RGB (gray, palette, CMYK, alpha converted). Raises BadSample.
+
+    draft_size: for JPEG, let the decoder downscale by a power of two while both sides stay >= draft_size.
+    (The training crop does not use it: `DecodeCropTokenize` scales by what its crop box needs instead.)
+    """
+    image = _open_checked(data, limits)
+    denominator = 1
+    if draft_size:
+        width, height = image.size
+        denominator = jpeg_denominator((0, 0, width, height), draft_size)
+    image, _ = load_rgb(image, denominator)
+    try:
+        array = np.asarray(image)
+    except Exception as error:  # MemoryError ...
+        raise BadSample('bad_image', f'{type(error).__name__}: {error}') from None
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
         raise BadSample('bad_image', f'decoded to {array.dtype} {array.shape}')
     return array
@@ -271,8 +305,7 @@ def check_sample(image_bytes: bytes, captions: Sequence[Any], limits: DecodeLimi
 def read_file(path: str) -> bytes:
     """Bytes of `path`; a missing / unreadable file raises BadSample('missing_file')."""
     try:
-        with open(path, 'rb') as handle:
-            return handle.read()
+        return storage.read_bytes(path)  # a local file or a gs:// / s3:// URL
     except OSError as error:
         raise BadSample('missing_file', f'{path}: {error.strerror or error}') from None
 
@@ -280,31 +313,16 @@ def read_file(path: str) -> bytes:
 def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
                         scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
                         flip: bool = True) -> np.ndarray:
-    """Inception-style crop: area fraction ~ U(scale), log aspect ~ U(log ratio), resized (bicubic) to
-    [size, size], then a horizontal flip with probability 1/2 when `flip`.
+    """Inception-style crop of decoded pixels: `random_crop_box` (area fraction ~ U(scale), log aspect ~
+    U(log ratio)), resized (bicubic) to [size, size], then a horizontal flip with probability 1/2 when `flip`.
 
-    image: uint8 [H,W,C]. Returns uint8 [size,size,C]. Falls back to the central max-square crop after
-    10 rejected draws (as torchvision does).
+    image: uint8 [H,W,C]. Returns uint8 [size,size,C]. The reference of the training crop: `DecodeCropTokenize`
+    draws the same box from the same rng but decodes a JPEG only at the DCT scale the box needs.
     """
     height, width = image.shape[:2]
-    area = height * width
-    box = None
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
-        w = int(round(np.sqrt(target * aspect)))
-        h = int(round(np.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            box = (left, top, left + w, top + h)
-            break
-    if box is None:
-        side = min(height, width)
-        top, left = (height - side) // 2, (width - side) // 2
-        box = (left, top, left + side, top + side)
+    box = random_crop_box(width, height, rng, scale, ratio)
     pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    out = pil.resize((size, size), Image.BICUBIC, box=box)
+    out = resize_box(pil, box, size)
     if flip and rng.random() < 0.5:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
     out = np.asarray(out)
@@ -312,10 +330,34 @@ def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
 
 
 def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """uint8 [..., C] -> float32 (x / 255 - mean) / std, per channel."""
+    """uint8 [..., C] -> float32 (x / 255 - mean) / std, per channel (mean / std: C entries, or 1 for all).
+
+    A lookup of the 256 values per channel, computed with that float32 arithmetic: equal bit for bit to it."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        return _normalize_arithmetic(image, mean, std)
+    channels = image.shape[-1]
+    table = _normalize_table(tuple(float(v) for v in np.ravel(mean)), tuple(float(v) for v in np.ravel(std)),
+                             channels)
+    out = np.empty(image.shape, np.float32)
+    for c in range(channels):
+        np.take(table[c], image[..., c], out=out[..., c], mode='clip')  # uint8 indices are always in range
+    return out
+
+
+def _normalize_arithmetic(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     mean = np.asarray(mean, np.float32)
     inv_std = 1.0 / np.asarray(std, np.float32)
     return (image.astype(np.float32) * np.float32(1 / 255) - mean) * inv_std
+
+
+@functools.lru_cache(maxsize=64)
+def _normalize_table(mean: tuple[float, ...], std: tuple[float, ...], channels: int) -> np.ndarray:
+    """float32 [channels, 256]: row c is `_normalize_arithmetic` of the values 0..255 in channel c."""
+    values = np.repeat(np.arange(256, dtype=np.uint8)[:, None], channels, axis=1)
+    table = np.ascontiguousarray(_normalize_arithmetic(values, mean, std).T)
+    table.setflags(write=False)
+    return table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,10 +366,15 @@ class DecodeCropTokenize(grain.RandomMapTransform):
     {'image': encoded bytes, 'captions': [bytes], ...}
     -> {'image': float32 [size,size,channels], 'text': int32 [L], 'label': int32 -1}.
 
-    One caption drawn uniformly per example per epoch; `train` = random_resized_crop + flip, else a resize of
-    the shorter side and center crop. Records were validated at prepare time, so a decode failure here means
-    the files changed or `limits` is stricter than at prepare time: it raises BadSample naming the record key
-    (the pipeline maps stream positions to records by index arithmetic and cannot skip).
+    One caption drawn uniformly per example per epoch; `train` = random crop box (`random_crop_box`) + flip,
+    else the central max-square box; the box is chosen in stored-image pixels from the header, then a JPEG is
+    decoded at the smallest DCT scale at which the box still spans >= size pixels both ways
+    (`jpeg_denominator`, `load_rgb`), so the one bicubic resize never upsamples more than from a full decode;
+    other formats are decoded in full. The rng draws (caption, box, flip) are those of a full decode +
+    `random_resized_crop`, and so is the output up to the small pixel differences of DCT scaling
+    (tests/test_decode.py states the tolerance). Records were validated at prepare time, so a decode failure
+    here means the files changed or `limits` is stricter than at prepare time: it raises BadSample naming the
+    record key (the pipeline maps stream positions to records by index arithmetic and cannot skip).
     """
 
     tokenizer: Any
@@ -340,27 +387,34 @@ class DecodeCropTokenize(grain.RandomMapTransform):
     channels: int = 3  # 1: ITU-R 601 luma (mean / std then have one entry)
 
     def random_map(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return self.staged_map(record, rng)
+
+    def staged_map(self, record: Mapping[str, Any], rng: np.random.Generator,
+                   lap: Callable[[str], None] = lambda stage: None) -> dict[str, np.ndarray]:
+        """`random_map`, calling `lap(stage)` after each of STAGES (the loader benchmark's per-stage timer)."""
         try:
-            image = decode_image(record['image'], self.limits, draft_size=self.size)
+            image = open_image(record['image'], self.limits)
+            captions = list(record['captions'])
+            caption = captions[int(rng.integers(len(captions)))]
+            width, height = image.size
+            box = random_crop_box(width, height, rng, self.scale) if self.train else center_crop_box(width, height)
+            image, denominator = load_rgb(image, jpeg_denominator(box, self.size))
         except BadSample as bad:
             raise BadSample(bad.kind, f"record {record.get('key')!r}: {bad.detail}") from None
-        captions = list(record['captions'])
-        caption = captions[int(rng.integers(len(captions)))]
-        caption = caption.decode('utf-8') if isinstance(caption, (bytes, np.bytes_)) else str(caption)
-        if self.train:
-            image = random_resized_crop(image, rng, self.size, scale=self.scale)
-        else:
-            image = _center_crop_resize(image, self.size)
+        lap('decode')
+        image = resize_box(image, box, self.size, denominator)
+        if self.train and rng.random() < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
         if self.channels == 1:
-            image = np.asarray(Image.fromarray(image).convert('L'))[..., None]
-        return {'image': normalize(image, self.mean, self.std),
-                'text': self.tokenizer.encode([caption])[0], 'label': np.int32(-1)}
+            image = image.convert('L')
+        pixels = np.asarray(image)
+        lap('crop_resize')
+        pixels = normalize(pixels[..., None] if pixels.ndim == 2 else pixels, self.mean, self.std)
+        lap('normalise')
+        caption = caption.decode('utf-8') if isinstance(caption, (bytes, np.bytes_)) else str(caption)
+        text = self.tokenizer.encode([caption])[0]
+        lap('tokenise')
+        return {'image': pixels, 'text': text, 'label': np.int32(-1)}
 
 
-def _center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
-    height, width = image.shape[:2]
-    side = min(height, width)
-    top, left = (height - side) // 2, (width - side) // 2
-    out = Image.fromarray(image).resize((size, size), Image.BICUBIC, box=(left, top, left + side, top + side))
-    return np.asarray(out)
-
+STAGES = ('decode', 'crop_resize', 'normalise', 'tokenise')  # DecodeCropTokenize.staged_map's laps, in order

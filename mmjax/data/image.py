@@ -1,6 +1,9 @@
 """Image preprocessing (shared by the training pipeline and inference) and training augmentation.
 
-NumPy + PIL only, so it runs inside grain worker processes and needs no accelerator.
+NumPy + PIL only, so it runs inside grain worker processes and needs no accelerator. The crop boxes of the
+captioned pipeline (`random_crop_box`, `center_crop_box`) are chosen in the pixels of the image as stored, before
+any pixel is decoded, so that `jpeg_denominator` can pick the smallest JPEG DCT scale that still gives the crop
+its output size (mmjax/data/decode.py decodes at that scale and resizes once).
 """
 
 from __future__ import annotations
@@ -11,6 +14,10 @@ import numpy as np
 from PIL import Image
 
 ImageLike = np.ndarray | Image.Image
+Box = tuple[int, int, int, int]  # (left, top, right, bottom) in pixels, right / bottom exclusive
+
+# libjpeg(-turbo) decodes at 1/1, 1/2, 1/4 or 1/8 of the stored size; PIL's Image.draft exposes these.
+JPEG_DENOMINATORS = (8, 4, 2, 1)
 
 # ITU-R 601 luma weights for RGB -> gray.
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
@@ -138,3 +145,51 @@ def random_affine(image: np.ndarray, rng: np.random.Generator, max_translate: fl
             (w, h), Image.AFFINE, (a, b, c, d, e, f), resample=Image.BILINEAR, fillcolor=0))
         for k in range(planes.shape[-1])], axis=-1)
     return out[..., 0] if image.ndim == 2 else out
+
+
+def random_crop_box(width: int, height: int, rng: np.random.Generator, scale: tuple[float, float] = (0.08, 1.0),
+                    ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Box:
+    """Inception-style crop box of a width x height image: area fraction ~ U(scale), log aspect ~ U(log ratio).
+
+    Up to 10 tries of two draws each (area, aspect), plus two integer draws (top, left) for the first box that
+    fits; after 10 rejected tries, the central max-square box with no further draw (as torchvision does). The
+    draws and so the box depend only on (width, height, rng state), never on how the pixels are decoded.
+    Returns (left, top, right, bottom), 0 <= left < right <= width, 0 <= top < bottom <= height.
+    """
+    area = height * width
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+        w = int(round(np.sqrt(target * aspect)))
+        h = int(round(np.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, left + w, top + h
+    return center_crop_box(width, height)
+
+
+def center_crop_box(width: int, height: int) -> Box:
+    """The central max-square box (side min(width, height)) of a width x height image (evaluation crop)."""
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    return left, top, left + side, top + side
+
+
+def jpeg_denominator(box: Box, size: int) -> int:
+    """Largest d in (8, 4, 2, 1) with both sides of `box` >= size * d: decoding the JPEG at 1/d of its size
+    still gives the crop at least `size` pixels each way, so resizing it to [size, size] downsamples (or
+    upsamples no more than a full decode would: d = 1 for crops already smaller than `size`)."""
+    width, height = box[2] - box[0], box[3] - box[1]
+    for d in JPEG_DENOMINATORS:
+        if width >= size * d and height >= size * d:
+            return d
+    return 1
+
+
+def resize_box(image: Image.Image, box: Sequence[float], size: int, denominator: int = 1) -> Image.Image:
+    """PIL image decoded at 1/denominator of its stored size -> [size, size] bicubic resize of `box` (given in
+    stored-size pixels; mapped to x / denominator, since a DCT-scaled pixel i covers stored pixels
+    [i*d, (i+1)*d)). One resampling pass that reads only the box's neighbourhood."""
+    scaled = tuple(v / denominator for v in box) if denominator != 1 else tuple(box)
+    return image.resize((size, size), Image.BICUBIC, box=scaled)
