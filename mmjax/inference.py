@@ -5,6 +5,7 @@
     img = model.encode_image(uint8_images)   # [N,H,W,C] or [N,H,W], any size -> [N, D], unit norm
     txt = model.encode_text(["a photo of the number seven"])
     probs = softmax(model.logit_scale * img @ txt.T)
+    model.caption(images, beam=4)            # a captioner's workdir (task 'coca'): one string per image
 """
 
 from __future__ import annotations
@@ -16,12 +17,22 @@ import numpy as np
 
 from mmjax import config as config_lib
 from mmjax import storage
+from mmjax.config import EOT_ID, PAD_ID
 from mmjax.data.image import preprocess_images
 from mmjax.data.tokenizers import get_tokenizer
+from mmjax.errors import MmjaxError
+from mmjax.eval import captioning
 from mmjax.eval.encoder import TowerEncoder
+from mmjax.models.coca import CocaModel, coca_logits_fn
 from mmjax.runtime import sharding as shd
+from mmjax.tasks.coca import max_new_tokens as caption_room
 from mmjax.training.checkpoint import Checkpointer
 from mmjax.training.state import StateFactory
+
+
+class CaptionError(MmjaxError, ValueError):
+    """A captioning request the model cannot serve (a model that does not caption, a beam size <= 0, a prompt
+    that leaves no room in the decoder's context, top_p outside (0, 1])."""
 
 
 class LoadedModel:
@@ -59,6 +70,42 @@ class LoadedModel:
         if isinstance(texts, str):
             raise TypeError("encode_text expects a list of strings, got a single string; wrap it in [ ]")
         return self.encoder.encode_text(self.tokenizer.encode(list(texts)))
+
+    def caption_tokens(self, images, prompt_ids: Sequence[int], *, beam: int = 1, top_p: float = 1.0,
+                       max_new_tokens: int | None = None, eos_id: int = EOT_ID,
+                       banned: tuple[int, ...] = (PAD_ID,), seed: int = 0) -> dict[str, np.ndarray]:
+        """Token ids generated after `prompt_ids` (BOS first) for each image -> {'tokens' int32 [N,T] (EOS
+        included, then pad), 'scores' float32 [N] (summed log-probabilities), 'lengths' int32 [N]}.
+
+        images: uint8 [N,H,W(,C)] or a list of images of any sizes and channel counts (converted as
+        `encode_image` does). beam > 1: beam search; else top_p < 1: nucleus sampling (`seed`); else greedy.
+        T = max_new_tokens, default (and at most) what the context leaves after the prompt."""
+        model = self.encoder.model
+        if not isinstance(model, CocaModel):
+            raise CaptionError(f"this workdir's model (task {self.config.get('task', 'contrastive')!r}) does not "
+                               f"generate text; captioning needs task 'coca'")
+        if int(beam) < 1:
+            raise CaptionError(f"beam size must be >= 1; got {beam}")
+        if not 0.0 < float(top_p) <= 1.0:
+            raise CaptionError(f"top_p must be in (0, 1]; got {top_p}")
+        context = int(self.config.model.text.max_len)
+        if len(prompt_ids) >= context:
+            raise CaptionError(f"the prompt is {len(prompt_ids)} tokens (with BOS); the decoder's context is "
+                               f"{context} tokens, which leaves no room to generate")
+        room = caption_room(self.config, len(prompt_ids))
+        n = room if max_new_tokens is None else max(1, min(int(max_new_tokens), context - len(prompt_ids)))
+        x = self.preprocess(images if isinstance(images, (list, tuple)) else np.asarray(images))
+        return captioning.generate(model, coca_logits_fn(model, tuple(banned)), self.params, x,
+                                   np.asarray(prompt_ids, np.int32), self.encoder.mesh, self.encoder.rules,
+                                   max_new_tokens=n, beam=int(beam), top_p=float(top_p),
+                                   batch_size=self.encoder.batch_size, eos_id=eos_id, pad_id=PAD_ID, seed=seed)
+
+    def caption(self, images, beam: int = 1, top_p: float = 1.0, prompt: str = "", seed: int = 0) -> list[str]:
+        """One caption per image (see `caption_tokens`): the prompt's text followed by what the model wrote."""
+        ids = [self.tokenizer.bos_id] + self.tokenizer.text_to_ids(prompt)
+        out = self.caption_tokens(images, ids, beam=beam, top_p=top_p, seed=seed)
+        prompts = np.broadcast_to(np.asarray(ids, np.int32), (len(out["tokens"]), len(ids)))
+        return self.tokenizer.decode(np.concatenate([prompts, out["tokens"]], axis=1))
 
 
 def load(workdir: str, step: int | None = None, devices=None) -> LoadedModel:

@@ -1,10 +1,11 @@
 """The one path layer: every file mmjax reads or writes may be a local path or an object-store URL.
 
 A path is a `str` everywhere in mmjax: a local path (`runs/demo`, `/data/x.tar`) or a URL (`gs://bucket/run1`,
-`s3://bucket/shards/00001.tar`). Every read, write, listing and glob goes through this module, which uses
-`etils.epath` (the path layer Orbax itself uses; fsspec's gcsfs / s3fs behind URLs) and `fsspec` for globs and
-listings. So a workdir, its checkpoints, metrics, events and figures, data specs, shard globs, `data_dir` and
-tokenizer files all work on a bucket, and no local folder named `gs:` or `s3:` is ever created.
+`s3://bucket/shards/00001.tar`). Every read, write, listing and glob goes through this module: plain file calls
+for local paths, fsspec's gcsfs / s3fs for URLs (the filesystems `etils.epath`, Orbax's path layer, uses too), with
+the listing cache dropped before each call so that what other hosts and runs wrote is seen. So a workdir, its
+checkpoints, metrics, events and figures, data specs, shard globs, `data_dir` and tokenizer files all work on a
+bucket, and no local folder named `gs:` or `s3:` is ever created.
 
 Object stores cannot append or rename atomically. What that changes:
   * `write_text_atomic` writes a local file through a temporary file and a rename; on a bucket one PUT is
@@ -21,11 +22,11 @@ from __future__ import annotations
 import contextlib
 import glob as _glob
 import os
+import shutil
 from collections.abc import Iterator
 from typing import IO, Any
 
 import fsspec
-from etils import epath
 
 from mmjax.errors import MmjaxError, StorageError
 
@@ -70,11 +71,6 @@ def check_local(p: Any, key: str, why: str) -> str:
     if is_url(text):
         raise PathError(f"{key}: {text} is an object-store URL, but {why}; use a local folder")
     return text
-
-
-def path(p: Any) -> epath.Path:
-    """An `etils.epath.Path` for a local path or a URL (checked by `check`)."""
-    return epath.Path(check(p))
 
 
 def join(base: Any, *parts: str) -> str:
@@ -122,26 +118,35 @@ def storage_errors(what: str, p: Any) -> Iterator[None]:
         raise StorageError.from_os_error(error, what, os.fspath(p)) from error
 
 
-def _fresh(p: Any) -> epath.Path:
-    """`path(p)`, with fsspec's listing cache dropped for a URL: other processes (the other hosts of a run, an
-    earlier run) change a bucket, and a cached listing would not show it."""
+def _fs(p: Any):
+    """(fsspec filesystem, URL) for a URL, its listing cache dropped: other processes (the other hosts of a run,
+    an earlier run) change a bucket, and a cached listing or size would not show it."""
     text = check(p)
-    if is_url(text):
-        _filesystem(text).invalidate_cache()
-    return path(text)
+    fs = _filesystem(text)
+    fs.invalidate_cache()
+    return fs, text
 
 
 def exists(p: Any) -> bool:
-    return _fresh(p).exists()
+    if is_url(check(p)):
+        fs, url = _fs(p)
+        return fs.exists(url)
+    return os.path.exists(p)
 
 
 def isdir(p: Any) -> bool:
     """Whether `p` is a folder (on a bucket: a prefix with at least one object under it)."""
-    return _fresh(p).is_dir()
+    if is_url(check(p)):
+        fs, url = _fs(p)
+        return fs.isdir(url)
+    return os.path.isdir(p)
 
 
 def isfile(p: Any) -> bool:
-    return _fresh(p).is_file()
+    if is_url(check(p)):
+        fs, url = _fs(p)
+        return fs.isfile(url)
+    return os.path.isfile(p)
 
 
 def makedirs(p: Any) -> None:
@@ -151,16 +156,23 @@ def makedirs(p: Any) -> None:
 
 
 def read_bytes(p: Any) -> bytes:
-    return path(p).read_bytes()
+    if is_url(check(p)):
+        fs, url = _fs(p)
+        return fs.cat_file(url)
+    with open(p, "rb") as f:
+        return f.read()
 
 
 def read_text(p: Any) -> str:
-    return path(p).read_text()
+    return read_bytes(p).decode()
 
 
 def open_file(p: Any, mode: str = "rb") -> IO:
     """A file object for reading (`rb`, `r`) or writing (`wb`, `w`; on a bucket the object appears on close)."""
-    return path(p).open(mode)
+    if is_url(check(p)):
+        fs, url = _fs(p)
+        return fs.open(url, mode)
+    return open(p, mode)  # noqa: SIM115 - the caller closes it
 
 
 def write_bytes_atomic(p: Any, data: bytes) -> None:
@@ -168,7 +180,8 @@ def write_bytes_atomic(p: Any, data: bytes) -> None:
     bucket one upload (objects appear whole)."""
     text = check(p)
     if is_url(text):
-        path(text).write_bytes(data)
+        fs, url = _fs(text)
+        fs.pipe_file(url, data)
         return
     tmp = f"{text}.tmp-{os.getpid()}"
     try:
@@ -188,17 +201,24 @@ def write_text_atomic(p: Any, text: str) -> None:
 
 def remove(p: Any) -> None:
     """Deletes one file; a missing file is not an error."""
+    if is_url(check(p)):
+        fs, url = _fs(p)
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(url)
+        return
     with contextlib.suppress(FileNotFoundError):
-        path(p).unlink()
+        os.remove(p)
 
 
 def rmtree(p: Any) -> None:
     """Deletes a folder and everything under it; a missing folder is not an error."""
-    target = path(p)
-    if target.exists():
-        target.rmtree()
-        if is_url(p):
-            _filesystem(check(p)).invalidate_cache()
+    if is_url(check(p)):
+        fs, url = _fs(p)
+        if fs.exists(url):
+            fs.rm(url, recursive=True)
+        fs.invalidate_cache()
+        return
+    shutil.rmtree(p, ignore_errors=True)
 
 
 def rename(src: Any, dst: Any) -> None:
@@ -206,19 +226,30 @@ def rename(src: Any, dst: Any) -> None:
     object under it, where folders need not exist first)."""
     source, target = check(src), check(dst)
     if is_url(source):
-        fs = _filesystem(source)
-        fs.mv(source, target, recursive=True)
-        fs.invalidate_cache()  # fsspec caches listings; Orbax and mmjax must see the move at once
+        fs, url = _fs(source)
+        bare = url.split("://", 1)[1].rstrip("/")
+        files = [f for f in fs.find(url) if f.rstrip("/") != bare] if fs.isdir(url) else []
+        for f in files:  # object by object: s3fs cannot move a "folder" key itself
+            fs.mv(f, target.rstrip("/") + f[len(bare):])
+        if not files:
+            fs.mv(url, target)
+        fs.invalidate_cache()
     else:
-        path(source).rename(path(target))
+        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+        os.rename(source, target)
 
 
 def listdir(p: Any) -> list[str]:
     """The names directly under folder `p`, sorted; [] if it does not exist."""
-    target = _fresh(p)
-    if not target.exists():
+    if is_url(check(p)):
+        fs, url = _fs(p)
+        if not fs.isdir(url):
+            return []
+        return sorted(entry.rstrip("/").rpartition("/")[2] for entry in fs.ls(url, detail=False)
+                      if entry.rstrip("/") != url.split("://", 1)[1].rstrip("/"))
+    if not os.path.isdir(p):
         return []
-    return sorted(child.name for child in target.iterdir())
+    return sorted(os.listdir(p))
 
 
 def _filesystem(url: str):
@@ -232,14 +263,16 @@ def glob(pattern: Any) -> list[str]:
     if not is_url(text):
         return sorted(_glob.glob(os.path.expanduser(text), recursive=True))
     prefix = f"{scheme(text)}://"
-    fs = _filesystem(text)
-    fs.invalidate_cache()  # see _fresh
-    return sorted(m if m.startswith(prefix) else prefix + m for m in fs.glob(text))
+    fs, url = _fs(text)
+    return sorted(m if m.startswith(prefix) else prefix + m for m in fs.glob(url))
 
 
 def size(p: Any) -> int:
     """The size of file `p` in bytes."""
-    return path(p).stat().length
+    if is_url(check(p)):
+        fs, url = _fs(p)
+        return fs.size(url)
+    return os.path.getsize(p)
 
 
 def reachable(p: Any, what: str = "path") -> None:
