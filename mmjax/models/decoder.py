@@ -101,7 +101,7 @@ class TextDecoder(nn.Module):
         """tokens int32 [B,L] -> logits float32 [B,L,Vr] (Vr = vocab rows), the next-token distribution at each.
 
         Full pass (training, `cache` None): tokens at positions 0..L-1 (`positions` must be None), media
-        [B,M,Em] and media_mask bool [B,M] | None for the cross-attention blocks, prefix_len int [B] | None.
+        [B,M,Em] and media_mask bool [B,M] or [B,L,M] (per token) | None for the cross-attention blocks, prefix_len int [B] | None.
         Right padding needs no mask: a real token never sees a later (pad) one, as long as prefix_len[b] does
         not reach into the padding.
         Cached pass (decoding): `cache` from `init_cache`, positions int [B] (the position of tokens[:, 0] in

@@ -53,6 +53,13 @@ def has_cross_attention(index: int, every: int) -> bool:
     return every > 0 and (index + 1) % every == 0
 
 
+def media_attention_mask(media_mask: jax.Array) -> jax.Array:
+    """media_mask bool [B,M] (the same media for every query) or [B,L,M] (per query: what token l may see) ->
+    the cross-attention mask [B,1,1,M] or [B,1,L,M]."""
+    media_mask = media_mask.astype(bool)
+    return media_mask[:, None, None, :] if media_mask.ndim == 2 else media_mask[:, None]
+
+
 class EncoderBlock(nn.Module):
     """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x)).
 
@@ -88,7 +95,7 @@ class EncoderBlock(nn.Module):
         `query_index` int [B]: compute only token `query_index[b]` of each sequence, attending to all L keys, ->
         [B,1,E], equal to the full block's output at that token (what a pooled-only last block needs: its
         other tokens feed nothing). Keys and values are still projected for every token.
-        With `cross_attention`: media [B,M,Em] and media_mask bool [B,M] | None (True = a real media token; a
+        With `cross_attention`: media [B,M,Em] and media_mask bool [B,M] or [B,L,M] (per token) | None (True = a real media token; a
         row without any gets no cross-attention update).
         Decoding: `cache` BlockCache and `cache_index` int [B] (the position of x's first token in each row):
         x's keys/values are written into the cache's slots and attention runs over all T slots (mask
@@ -130,7 +137,7 @@ class EncoderBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if media is None and cached is None:
             raise ValueError('EncoderBlock with cross_attention needs media (or their cached keys/values)')
-        mask = None if media_mask is None else media_mask.astype(bool)[:, None, None, :]
+        mask = None if media_mask is None else media_attention_mask(media_mask)
         attn = MultiHeadAttention(self.num_heads, name='xattn', lora_rank=self.lora_rank,
                                   lora_alpha=self.lora_alpha, lora_targets=self.lora_targets, **kw)
         h = layer_norm(name='ln_xattn', **kw)(x)
@@ -139,7 +146,8 @@ class EncoderBlock(nn.Module):
         else:
             h, kv = attn(h, media, mask, return_kv=True)
         if media_mask is not None:  # no valid media token: no update (not a uniform mix of masked ones)
-            h = h * jnp.any(media_mask, axis=1).astype(h.dtype)[:, None, None]
+            seen = jnp.any(media_mask, axis=-1).astype(h.dtype)  # [B] or [B,L]
+            h = h * seen.reshape(seen.shape + (1,) * (h.ndim - seen.ndim))
         if self.cross_attention_gated:
             gate = self.param('xattn_gate', partitioned(nn.initializers.zeros_init(), ()), (), self.param_dtype)
             h = h * jnp.tanh(jnp.asarray(gate, self.dtype))
@@ -179,7 +187,7 @@ class Encoder(nn.Module):
         With `query_index` int [B] the last block computes only token `query_index[b]` (see `EncoderBlock`)
         -> [B,1,E]: the pooled token of a tower whose other outputs are not used. Every earlier block runs in
         full, since the last one attends to all of their tokens.
-        media [B,M,Em], media_mask bool [B,M] | None: what the cross-attention blocks attend to.
+        media [B,M,Em], media_mask bool [B,M] or [B,L,M] | None: what the cross-attention blocks attend to.
         Decoding: `cache` (one BlockCache per block) and `cache_index` int [B] (see `EncoderBlock`; mask
         [B,1|H,L,T]) -> (x [B,L,E], the updated caches).
         """

@@ -1,0 +1,35 @@
+"""Flamingo on the digits, stage 2: few-shot captioning with the frozen text-only LM (task 'flamingo').
+
+    mmjax train --config configs/flamingo_lm_digits.py --workdir /tmp/flamingo_lm
+    mmjax train --config configs/flamingo_digits.py:/tmp/flamingo_lm --workdir /tmp/flamingo
+
+The argument is the stage-1 workdir (default /tmp/flamingo_lm), loaded by init_from. Frozen
+(`FLAMINGO_FREEZE_RULES`): the ViT (random: no image pretraining; the resampler learns to read its tokens) and
+the LM; trained: the perceiver resampler, the tanh-gated cross-attention of every LM block and the token rows of
+<image> and <|endofchunk|>. Sequences: '<image>seven.<|endofchunk|>' x 5 digits of the train split.
+Evaluation on the 360 held-out test digits, support examples from the train split, greedy:
+fewshot/{0,2,4}shot/accuracy, and the 2-way made-up-label episodes fewshot/madeup/{0,2,4}shot/accuracy.
+
+Measured: see docs/generative.md, "Few-shot (task='flamingo')".
+"""
+
+import os
+
+from mmjax.config import load_config_file
+from mmjax.config.defaults import FLAMINGO_FREEZE_RULES
+
+
+def get_config(arg=None):
+    # Stage 1's config (the shared shapes), turned into stage 2.
+    c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "flamingo_lm_digits.py"))
+    c.model.flamingo.stage = "flamingo"
+    c.init_from.path = arg or "/tmp/flamingo_lm"
+    c.optim.freeze_rules = FLAMINGO_FREEZE_RULES
+    c.optim.lr = 2e-3
+    c.optim.warmup_steps = 20
+    c.optim.weight_decay = 0.01
+    c.train.steps = 300
+    c.train.batch_size = 160  # 32 sequences of 5 digits
+    c.train.log_every = 25
+    c.checkpoint.every_steps = 300
+    return c
