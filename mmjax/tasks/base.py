@@ -102,6 +102,12 @@ class Task(abc.ABC):
         towers, full last blocks)."""
         return train_flops_per_example(config, pooled_only=False)
 
+    def prepare(self, config, workdir: str, train_fn: Callable, log: Callable = print):
+        """What `mmjax train` does before the run (I/O allowed): returns the config to train, e.g. with a
+        tokenizer wired in that `train_fn(config, workdir)` trained first (task 'text_to_image'). The config as
+        it is by default."""
+        return config
+
     def inference_methods(self, config, model: nn.Module, params, mesh: Mesh, rules,
                           batch_size: int = 256) -> dict[str, Callable]:
         """Functions `mmjax.load(W)` adds to the loaded model, by name (e.g. 'encode_tokens', 'caption'),

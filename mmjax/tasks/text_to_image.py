@@ -1,0 +1,383 @@
+"""Task 'text_to_image': DALL·E-style generation of VQ image codes from a caption (`mmjax.models.text_to_image`).
+
+Objective: cross-entropy of the N image codes only (the caption is the prefix, never a target), each caption
+blanked (all PAD) with probability `model.text_to_image.caption_dropout` so that classifier-free guidance works
+at sampling time. The codes come from the frozen image tokenizer inside the model ('encoder', 'quantizer',
+'decoder' of a task 'vq' workdir: `init_from.path` = `image_tokenizer.workdir`, `init_from.include` and
+`optim.freeze_rules` = `TOKENIZER_REGEX`; `prepare` fills these in, training a tokenizer first in
+<workdir>/tokenizer when `image_tokenizer.workdir` is empty). Step metrics: 'loss', 'image_token_accuracy',
+'bits_per_token'.
+
+Evaluation (`generation_eval`, labelled datasets): the honest measurements of `mmjax.eval.generation` under
+'gen/...' (see docs/generative.md). Inference: `ImageGenerator.generate_images(prompts, num, guidance, seed,
+rerank_with)` (what `mmjax.load(W)` adds) and `generate_to_folder` (the `mmjax generate` command's writer).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+import warnings
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+from PIL import Image
+
+from mmjax import config as config_lib
+from mmjax import storage
+from mmjax.config import PAD_ID
+from mmjax.data import pipeline
+from mmjax.data.tokenizers import get_tokenizer
+from mmjax.errors import ConfigError
+from mmjax.eval import generation as gen_metrics
+from mmjax.eval.encoder import batched_apply, round_batch
+from mmjax.models.text_to_image import build_text_to_image_model, sample_codes
+from mmjax.models.vq import vq_flops_per_example
+from mmjax.runtime.flops import train_flops_per_example
+from mmjax.tasks.base import Task
+from mmjax.tasks.vq import to_pixels, vq_problems
+
+# The tokenizer's parameters in the model: init_from loads them from the tokenizer's workdir, freeze_rules freeze them.
+TOKENIZER_REGEX = r"(encoder|quantizer|decoder)/.*"
+TOKENIZER_PARAMS = ("encoder/conv_in/kernel", "quantizer/embedding", "decoder/conv_out/kernel")
+CAPTION_SEED = 0  # the held-out captions of the NLL measurement
+
+
+def image_token_loss(logits: jax.Array, codes: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """logits float [B,N,K] of the image codes, codes int [B,N] -> (mean cross-entropy over the B*N image
+    tokens, {'image_token_accuracy', 'bits_per_token'})."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), codes)
+    loss = jnp.mean(ce)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == codes)
+    return loss, {"image_token_accuracy": accuracy, "bits_per_token": loss / math.log(2.0)}
+
+
+def blank_captions(text: jax.Array, key: jax.Array, probability: float) -> jax.Array:
+    """text int [B,T] -> the same with each row replaced by all PAD_ID with `probability` (drawn with `key`)."""
+    drop = jax.random.bernoulli(key, probability, (text.shape[0],))
+    return jnp.where(drop[:, None], PAD_ID, text)
+
+
+def text_to_image_objective(config):
+    """objective(model, params, batch, step) -> (image-token CE, metrics), captions dropped per step."""
+    probability, seed = float(config.model.text_to_image.caption_dropout), int(config.seed)
+
+    def objective(model, params, batch, step):
+        key = jax.random.fold_in(jax.random.key(seed), step)
+        text = blank_captions(batch["text"], key, probability) if probability > 0 else batch["text"]
+        out = model.apply({"params": params}, {"image": batch["image"], "text": text}, train=True)
+        return image_token_loss(out["logits"], out["codes"])
+
+    return objective
+
+
+class ImageGenerator:
+    """Sampling, decoding and re-ranking of a trained text-to-image model, numpy in and out.
+
+        images = gen.generate_images(["a photo of the number seven."], num=16)  # uint8 [1, 16, H, W, C]
+    """
+
+    def __init__(self, config, model: nn.Module, params, mesh: Mesh, rules, batch_size: int = 256):
+        self.config, self.model, self.params, self.mesh, self.rules = config, model, params, mesh, rules
+        self.batch_size = round_batch(batch_size, mesh)
+        self.tokenizer = get_tokenizer(config.model.text)
+        self.options = config.model.text_to_image
+        self.grid = int(math.isqrt(model.image_tokens))
+        self._samplers: dict[float, Callable] = {}
+        self._decode = jax.jit(lambda p, b: {"image": model.apply({"params": p}, b["codes"], method="decode")})
+
+    def encode_prompts(self, prompts: Sequence[str]) -> np.ndarray:
+        """prompts -> int32 [P,T]; ValueError (one line) for a prompt longer than the text context."""
+        if isinstance(prompts, str):
+            raise TypeError("prompts: expected a list of strings, got a single string; wrap it in [ ]")
+        limit = int(self.config.model.text.max_len) - 2
+        for i, prompt in enumerate(prompts):
+            if len(self.tokenizer.text_to_ids(prompt)) > limit:
+                raise ValueError(f"prompt {i} is {len(self.tokenizer.text_to_ids(prompt))} tokens, longer than the "
+                                 f"text context of {limit} (model.text.max_len={self.config.model.text.max_len} "
+                                 f"minus BOS and EOT)")
+        return self.tokenizer.encode(list(prompts))
+
+    def _sampler(self, guidance: float) -> Callable:
+        if guidance not in self._samplers:
+            o, model = self.options, self.model
+
+            def fn(params, batch):
+                key = jax.random.fold_in(jax.random.key(batch["seed"][0]), batch["row"][0])
+                codes = sample_codes(model, params, batch["text"], key, guidance=guidance,
+                                     temperature=float(o.temperature), top_k=int(o.top_k), top_p=float(o.top_p))
+                return {"codes": codes}
+            self._samplers[guidance] = jax.jit(fn)
+        return self._samplers[guidance]
+
+    def sample_codes(self, text: np.ndarray, guidance: float, seed: int = 0) -> np.ndarray:
+        """Captions int32 [R,T] -> codes int32 [R,h,w]; the same seed gives the same codes."""
+        rows = len(text)
+        inputs = {"text": np.asarray(text, np.int32), "row": np.arange(rows, dtype=np.int32),
+                  "seed": np.full((rows,), seed, np.int32)}
+        codes = batched_apply(self._sampler(float(guidance)), self.params, inputs, self.mesh, self.rules,
+                              self.batch_size)["codes"]
+        return codes.reshape(rows, self.grid, self.grid).astype(np.int32)
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """codes int [R,h,w] -> pixel values float32 [R,H,W,C] in [0, 1]."""
+        out = batched_apply(self._decode, self.params, {"codes": np.asarray(codes, np.int32)}, self.mesh,
+                            self.rules, self.batch_size)["image"]
+        return to_pixels(out, self.config)
+
+    def generate_codes(self, prompts: Sequence[str], num: int, guidance: float, seed: int = 0) -> np.ndarray:
+        """prompts -> codes int32 [P,num,h,w] (`num` samples of each prompt)."""
+        if int(num) < 1:
+            raise ValueError(f"num must be >= 1 (samples per prompt), got {num}")
+        check_guidance(self.config, guidance)
+        text = np.repeat(self.encode_prompts(prompts), int(num), axis=0)
+        return self.sample_codes(text, guidance, seed).reshape(len(prompts), int(num), self.grid, self.grid)
+
+    def generate_images(self, prompts: Sequence[str], num: int = 16, guidance: float | None = None, seed: int = 0,
+                        rerank_with=None) -> np.ndarray:
+        """prompts (list of P strings) -> uint8 [P,num,H,W,C]. guidance: the classifier-free guidance scale (None:
+        model.text_to_image.guidance; 1 = conditional only, 0 = unconditional). rerank_with: a loaded contrastive
+        model (`mmjax.load(W_clip)`, anything with encode_image / encode_text): rerank_factor * num candidates are
+        drawn and the num most similar to their prompt kept, best first. The same seed gives the same images."""
+        guidance = float(self.options.guidance if guidance is None else guidance)
+        factor = int(self.options.rerank_factor) if rerank_with is not None else 1
+        codes = self.generate_codes(prompts, int(num) * factor, guidance, seed)
+        shape = codes.shape
+        images = gen_metrics.to_uint8(self.decode(codes.reshape((-1,) + shape[2:])))
+        images = images.reshape(shape[:2] + images.shape[1:])
+        if rerank_with is not None:
+            images = rerank(images, prompts, rerank_with, int(num))
+        return images
+
+
+def rerank(images: np.ndarray, prompts: Sequence[str], clip, keep: int) -> np.ndarray:
+    """images uint8 [P,M,H,W,C], a contrastive model with encode_image / encode_text -> the `keep` images of
+    each prompt most similar to it (cosine of the embeddings), best first: uint8 [P,keep,H,W,C]."""
+    text = np.asarray(clip.encode_text(list(prompts)))
+    out = []
+    for p in range(len(prompts)):
+        scores = np.asarray(clip.encode_image(images[p])) @ text[p]
+        out.append(images[p][np.argsort(-scores, kind="stable")[:keep]])
+    return np.stack(out)
+
+
+def check_guidance(config, guidance: float) -> None:
+    """A warning when guidance != 1 on a model trained without caption dropout (it never saw a blank caption,
+    so its 'unconditional' logits are meaningless and guidance amplifies noise)."""
+    if float(guidance) != 1.0 and float(config.model.text_to_image.caption_dropout) <= 0:
+        warnings.warn(f"guidance={guidance}: this model was trained with model.text_to_image.caption_dropout=0, so "
+                      f"it never saw a blank caption and has no unconditional model to guide against; use "
+                      f"guidance=1", stacklevel=3)
+
+
+def _png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def generate_to_folder(loaded_model, prompts: Sequence[str], num: int, guidance: float | None, rerank_with,
+                       out_dir: str, seed: int = 0) -> list[str]:
+    """`mmjax generate`: `loaded_model.generate_images(...)` written (through mmjax.storage, out_dir may be a URL)
+    as out_dir/<prompt index>_<sample index>.png and out_dir/grid.png (one row per prompt). Returns the paths."""
+    images = loaded_model.generate_images(list(prompts), num=num, guidance=guidance, seed=seed,
+                                          rerank_with=rerank_with)
+    storage.makedirs(out_dir)
+    paths = []
+    for p in range(images.shape[0]):
+        for s in range(images.shape[1]):
+            paths.append(storage.join(out_dir, f"{p}_{s}.png"))
+            storage.write_bytes_atomic(paths[-1], _png(images[p, s]))
+    paths.append(storage.join(out_dir, "grid.png"))
+    storage.write_bytes_atomic(paths[-1], _png(gen_metrics.image_grid(images)))
+    return paths
+
+
+def _eval_data(config, model, params, mesh, rules, cache: dict) -> dict:
+    """The real images (pixels, uint8-rounded), labels, codes and the independent classifier, computed once."""
+    if "t2i" not in cache:
+        data = {}
+        for split in ("train", "test"):
+            raw = pipeline.load_eval_split(config, split)
+            data[split] = {"pixels": gen_metrics.to_uint8(to_pixels(raw["image"], config)) / 255.0,
+                           "image": raw["image"], "label": raw["label"]}
+        data["classifier"] = gen_metrics.PixelClassifier(data["train"]["pixels"], data["train"]["label"])
+        cache["t2i"] = data
+    data = cache["t2i"]
+    encode = jax.jit(lambda p, b: {"codes": model.apply({"params": p}, b["image"], method="encode")})
+    for split in ("train", "test"):  # the tokenizer is frozen, but evaluate may see other params
+        data[split]["codes"] = batched_apply(encode, params, {"image": data[split]["image"]}, mesh, rules,
+                                             int(config.eval.batch_size))["codes"].reshape(
+                                                 len(data[split]["label"]), -1)
+    return data
+
+
+def heldout_bits(config, model, params, mesh, rules, data: dict) -> float:
+    """Bits per image token of the test images' codes given one caption each (drawn with CAPTION_SEED)."""
+    rng, caption = np.random.default_rng(CAPTION_SEED), pipeline.caption_fn(config)
+    text = get_tokenizer(config.model.text).encode([caption(int(y), rng) for y in data["test"]["label"]])
+
+    def nll(p, b):
+        logits = model.apply({"params": p}, b["text"], b["codes"], method="image_logits")
+        return {"ce": optax.softmax_cross_entropy_with_integer_labels(logits, b["codes"]).sum(-1)}
+    ce = batched_apply(jax.jit(nll), params, {"text": text, "codes": data["test"]["codes"].astype(np.int32)},
+                       mesh, rules, int(config.eval.batch_size))["ce"]
+    return float(np.sum(ce) / data["test"]["codes"].size / math.log(2.0))
+
+
+def generation_eval(config, model, params, mesh, rules, cache: dict, rerank_with=None) -> dict[str, float]:
+    """'gen/...' on the labelled dataset: classifier_accuracy_real (the independent classifier on real held-out
+    images), prompt_accuracy (at model.text_to_image.guidance) and prompt_accuracy_guidance_<s> for each of
+    eval_guidance, discriminator_accuracy (real held-out vs generated; and discriminator_accuracy_reconstructed,
+    real vs the tokenizer's own reconstructions), nll_bits_per_token and nll_baseline_bits_per_token,
+    distinct_fraction / training_copies / unique_fraction of eval_samples per prompt; with `rerank_with` (a
+    loaded contrastive model) also prompt_accuracy_reranked. {} for caption corpora."""
+    if pipeline.is_captioned(config):
+        return {}
+    o, data = config.model.text_to_image, _eval_data(config, model, params, mesh, rules, cache)
+    gen = ImageGenerator(config, model, params, mesh, rules, int(config.eval.batch_size))
+    names, templates = pipeline.zeroshot_prompts(config)
+    prompts, labels = [templates[0].format(n) for n in names], np.arange(len(names))
+    n, clf, vocab = int(o.eval_samples), data["classifier"], int(o.image_vocab)
+    out = {"gen/classifier_accuracy_real": clf.accuracy(data["test"]["pixels"], data["test"]["label"]),
+           "gen/nll_bits_per_token": heldout_bits(config, model, params, mesh, rules, data),
+           "gen/nll_baseline_bits_per_token": gen_metrics.baseline_bits_per_token(
+               data["train"]["codes"], data["train"]["label"], data["test"]["codes"], data["test"]["label"], vocab,
+               len(names))}
+
+    def accuracy(pixels):  # [P, m, H, W, C] in [0, 1]
+        return clf.accuracy(pixels.reshape((-1,) + pixels.shape[2:]), np.repeat(labels, pixels.shape[1]))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # guidance on a model without caption dropout: measured anyway
+        for scale in sorted(set(float(s) for s in o.eval_guidance) | {float(o.guidance)}):
+            images = gen.generate_images(prompts, n, scale, seed=0) / 255.0
+            out[f"gen/prompt_accuracy_guidance_{scale:g}"] = accuracy(images)
+        per_prompt = -(-len(data["test"]["label"]) // len(prompts))  # as many generated as real test images
+        codes = gen.generate_codes(prompts, per_prompt, float(o.guidance), seed=1)
+    pixels = gen_metrics.to_uint8(gen.decode(codes.reshape((-1,) + codes.shape[2:]))) / 255.0
+    recon = gen_metrics.to_uint8(gen.decode(data["test"]["codes"].reshape((-1, gen.grid, gen.grid)))) / 255.0
+    out["gen/prompt_accuracy"] = out[f"gen/prompt_accuracy_guidance_{float(o.guidance):g}"]
+    out["gen/discriminator_accuracy"] = gen_metrics.discriminator_accuracy(data["test"]["pixels"], pixels)
+    out["gen/discriminator_accuracy_reconstructed"] = gen_metrics.discriminator_accuracy(data["test"]["pixels"],
+                                                                                         recon)
+    unique = gen_metrics.uniqueness(codes[:, :n].reshape(len(prompts), n, -1), data["train"]["codes"])
+    out.update({f"gen/{k}": v for k, v in unique.items()})
+    if rerank_with is not None:
+        images = gen.generate_images(prompts, n, float(o.guidance), seed=0, rerank_with=rerank_with) / 255.0
+        out["gen/prompt_accuracy_reranked"] = accuracy(images)
+    return out
+
+
+def text_to_image_problems(config) -> list[str]:
+    """Pure checks: the tokenizer's shapes (`vq_problems`), its codebook = the image vocabulary, and the tokenizer
+    named, loaded (init_from) and frozen (freeze_rules)."""
+    o, problems = config.model.text_to_image, [p.replace("task 'vq'", "task 'text_to_image'")
+                                              for p in vq_problems(config)]
+    if int(config.model.vq.codebook_size) != int(o.image_vocab):
+        problems.append(f"model.text_to_image.image_vocab={o.image_vocab} differs from the tokenizer's codebook "
+                        f"size model.vq.codebook_size={config.model.vq.codebook_size}")
+    if not 0.0 <= float(o.caption_dropout) < 1.0:
+        problems.append(f"model.text_to_image.caption_dropout must be in [0, 1), got {o.caption_dropout}")
+    for key in ("width", "depth", "num_heads", "mlp_dim", "eval_samples", "rerank_factor"):
+        if int(o[key]) < 1:
+            problems.append(f"model.text_to_image.{key} must be >= 1, got {o[key]}")
+    if int(o.width) % max(int(o.num_heads), 1):
+        problems.append(f"model.text_to_image.width={o.width} is not divisible by num_heads={o.num_heads}")
+    workdir = config.image_tokenizer.workdir
+    if not workdir:
+        problems.append("image_tokenizer.workdir: task 'text_to_image' needs a trained image tokenizer; set it to a "
+                        "task 'vq' workdir (mmjax train --config configs/vq_digits.py --workdir W)")
+    elif storage.absolute(config.init_from.path or ".") != storage.absolute(workdir):
+        problems.append(f"init_from.path={config.init_from.path!r} must be image_tokenizer.workdir={workdir!r} (the "
+                        f"tokenizer's parameters are loaded from it)")
+    elif not all(re.fullmatch(config.init_from.include, p) for p in TOKENIZER_PARAMS):
+        problems.append(f"init_from.include={config.init_from.include!r} must load the tokenizer: use "
+                        f"{TOKENIZER_REGEX!r}")
+    if not all(any(re.fullmatch(r, p) for r in config.optim.freeze_rules) for p in TOKENIZER_PARAMS):
+        problems.append(f"optim.freeze_rules must freeze the image tokenizer: add {TOKENIZER_REGEX!r}")
+    return problems
+
+
+def tokenizer_config(config):
+    """The task 'vq' config that trains the generator's tokenizer: its model.image / model.vq / data / mesh."""
+    c, t = config_lib.base_config(), config.image_tokenizer
+    c.seed, c.task = int(config.seed), "vq"
+    c.data.update(config.data.to_dict())
+    c.data.augment = False
+    c.model.image.update(config.model.image.to_dict())
+    c.model.vq.update(config.model.vq.to_dict())
+    c.mesh.update(config.mesh.to_dict())
+    c.optim.update(lr=float(t.lr), warmup_steps=min(50, int(t.steps) // 4), decay="cosine", weight_decay=0.0)
+    c.train.update(steps=int(t.steps), batch_size=int(t.batch_size), log_every=50)
+    c.checkpoint.every_steps = int(t.steps)
+    c.eval.zeroshot = False
+    return c
+
+
+def prepare(config, workdir: str, train_fn: Callable, log: Callable = print):
+    """Before training (I/O): the config with the tokenizer wired in. With image_tokenizer.workdir empty, a
+    tokenizer is trained first by `train_fn(vq_config, <workdir>/tokenizer)` (skipped once finished); then its
+    config gives model.vq, model.image.{image_size, channels} and data.image_mean/std, init_from loads it and
+    freeze_rules freeze it. ConfigError (one line) when its codebook differs from model.text_to_image.image_vocab."""
+    tokenizer = config.image_tokenizer.workdir
+    if not tokenizer:
+        tokenizer = storage.join(workdir, "tokenizer")
+        vq_config = tokenizer_config(config)
+        if not storage.isdir(storage.join(tokenizer, "checkpoints", str(vq_config.train.steps))):
+            log(f"mmjax: image_tokenizer.workdir is empty: training an image tokenizer first in {tokenizer}")
+            train_fn(vq_config, tokenizer)
+    source = config_lib.load_workdir_config(tokenizer)
+    if int(source.model.vq.codebook_size) != int(config.model.text_to_image.image_vocab):
+        raise ConfigError([f"image_tokenizer.workdir={tokenizer!r} has a codebook of {source.model.vq.codebook_size} "
+                           f"codes but model.text_to_image.image_vocab={config.model.text_to_image.image_vocab}"])
+    c = config.copy_and_resolve_references()
+    c.unlock()
+    c.image_tokenizer.workdir = tokenizer
+    c.init_from.update(path=tokenizer, include=TOKENIZER_REGEX)
+    if TOKENIZER_REGEX not in tuple(c.optim.freeze_rules):
+        c.optim.freeze_rules = tuple(c.optim.freeze_rules) + (TOKENIZER_REGEX,)
+    c.model.vq.update(source.model.vq.to_dict())
+    c.model.image.update(image_size=int(source.model.image.image_size), channels=int(source.model.image.channels))
+    c.data.update(image_mean=tuple(source.data.image_mean), image_std=tuple(source.data.image_std))
+    c.lock()
+    return c
+
+
+class TextToImageTask(Task):
+    name = "text_to_image"
+
+    def build_model(self, model_config) -> nn.Module:
+        return build_text_to_image_model(model_config)
+
+    def objective(self, config, mesh: Mesh):
+        return text_to_image_objective(config)
+
+    def evaluate(self, config, model, params, mesh, rules, cache):
+        return generation_eval(config, model, params, mesh, rules, cache)
+
+    def config_problems(self, config) -> list[str]:
+        return text_to_image_problems(config)
+
+    def flops_per_example(self, config) -> float:
+        """The generator as a text tower over T + N tokens, plus the frozen tokenizer's forward (a third of a
+        training step's FLOPs)."""
+        c = config.copy_and_resolve_references()
+        o, model = c.model.text_to_image, build_text_to_image_model(config.model)
+        c.model.text.update(width=o.width, depth=o.depth, num_heads=o.num_heads, mlp_dim=o.mlp_dim,
+                            max_len=model.text_len + model.image_tokens)
+        c.model.towers = ("text",)
+        return train_flops_per_example(c, pooled_only=False) + vq_flops_per_example(config.model) / 3.0
+
+    def prepare(self, config, workdir: str, train_fn: Callable, log: Callable = print):
+        return prepare(config, workdir, train_fn, log)
+
+    def inference_methods(self, config, model, params, mesh, rules, batch_size: int = 256) -> dict[str, Callable]:
+        """What `mmjax.load` adds: generate_images (see `ImageGenerator.generate_images`)."""
+        return {"generate_images": ImageGenerator(config, model, params, mesh, rules, batch_size).generate_images}

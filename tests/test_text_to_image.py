@@ -1,0 +1,195 @@
+"""Task 'text_to_image': the loss reads only the image tokens, classifier-free guidance at scales 1 and 0 equals
+the conditional and unconditional logits, sampling is reproducible and writes its files, the honest metrics on
+hand-made cases, and (slow) a tiny run through `mmjax train`'s code path beats the per-position-per-class NLL."""
+
+import json
+import os
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax import cli, tasks
+from mmjax import config as config_lib
+from mmjax.config import PAD_ID
+from mmjax.errors import ConfigError
+from mmjax.eval import generation as gm
+from mmjax.models.text_to_image import model_logits_fn
+from mmjax.runtime import sharding as shd
+from mmjax.tasks import text_to_image as t2i
+from mmjax.training.state import StateFactory
+
+ROOT = os.path.dirname(os.path.dirname(__file__))
+CONFIG = os.path.join(ROOT, "configs", "text_to_image_digits.py")
+VQ_CONFIG = os.path.join(ROOT, "configs", "vq_digits.py")
+
+
+def _config(**text_to_image):
+    config = config_lib.load_config_file(CONFIG)
+    config.image_tokenizer.workdir = config.init_from.path = "/tmp/unused_tokenizer"
+    config.init_from.include = t2i.TOKENIZER_REGEX
+    config.optim.freeze_rules = (t2i.TOKENIZER_REGEX,)
+    config.mesh.data = 1
+    config.model.vq.update(widths=(8, 16), codebook_size=32)
+    config.model.text.max_len = 12
+    config.model.text_to_image.update(width=32, depth=2, num_heads=2, mlp_dim=64, image_vocab=32, **text_to_image)
+    return config
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = _config()
+    factory = StateFactory(config, shd.make_mesh(config.mesh, jax.devices()[:1]))
+    return config, factory, factory.init(0).params
+
+
+def test_the_shipped_config_is_valid_and_checks_name_the_key():
+    config = _config()
+    assert tasks.validate(config, 1)
+    config.model.text_to_image.image_vocab, config.optim.freeze_rules, config.image_tokenizer.workdir = 64, (), ""
+    with pytest.raises(ConfigError) as e:
+        tasks.validate(config, 1)
+    text = "\n".join(e.value.problems)
+    assert "image_vocab=64 differs from the tokenizer's codebook" in text
+    assert "optim.freeze_rules must freeze the image tokenizer" in text and "image_tokenizer.workdir:" in text
+
+
+def test_the_loss_reads_only_the_image_tokens(tiny):
+    config, factory, params = tiny
+    model, t, n = factory.model, config.model.text.max_len, factory.model.image_tokens
+    rng = np.random.default_rng(0)
+    text = jnp.asarray(rng.integers(3, 300, (3, t)), jnp.int32)
+    codes = jnp.asarray(rng.integers(0, 32, (3, n)), jnp.int32)
+    logits = model.apply({"params": params}, text, codes, method="image_logits")
+    assert logits.shape == (3, n, 32)
+    full = model.apply({"params": params}, jnp.concatenate([text, codes[:, :-1] + model.text_vocab], 1),
+                       method=lambda m, x: m.generator(x, prefix_len=jnp.full((3,), t)))
+    assert full.shape[1] == t + n - 1  # caption slots + all codes but the last
+    expected = full[:, t - 1:, model.text_vocab:model.text_vocab + 32]  # the positions that predict codes only
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    loss, metrics = t2i.image_token_loss(logits, codes)
+    manual = -np.mean(np.take_along_axis(np.asarray(jax.nn.log_softmax(expected)), np.asarray(codes)[..., None], -1))
+    np.testing.assert_allclose(loss, manual, rtol=1e-5)
+    assert np.isclose(metrics["bits_per_token"], loss / np.log(2))
+    # the caption conditions the codes: another caption, other logits
+    other = model.apply({"params": params}, jnp.roll(text, 1, axis=0), codes, method="image_logits")
+    assert not np.allclose(logits, other)
+
+
+def test_guidance_scale_1_is_the_conditional_and_0_the_unconditional(tiny):
+    config, factory, params = tiny
+    model, t, b = factory.model, config.model.text.max_len, 2
+    text = jnp.asarray(np.random.default_rng(1).integers(3, 300, (b, t)), jnp.int32)
+    blank, fn = jnp.full_like(text, PAD_ID), model_logits_fn(model)
+
+    def run(prompt, rows, wrap=None):
+        cache = model.generator_module().init_cache(rows, t + model.image_tokens, prefix_len=jnp.full((rows,), t))
+        f = jax.jit(fn if wrap is None else wrap)
+        logits, cache = f({"params": params}, prompt, cache, jnp.zeros((b,), jnp.int32))
+        step, _ = f({"params": params}, jnp.full((b, 1), model.text_vocab + 5), cache, jnp.full((b,), t))
+        return np.asarray(logits[:, -1]), np.asarray(step[:, -1])
+
+    cond, uncond = run(text, b), run(blank, b)
+    for scale, want in ((1.0, cond), (0.0, uncond)):
+        got = run(text, 2 * b, model_logits_fn(model, scale, blank))
+        for g, w in zip(got, want):
+            finite = np.isfinite(w)
+            assert finite.sum() == 32 * b and np.array_equal(finite, np.isfinite(g))  # image columns only
+            np.testing.assert_allclose(g[finite], w[finite], rtol=1e-4, atol=1e-4)
+    mixed = run(text, 2 * b, model_logits_fn(model, 3.0, blank))[0]
+    assert not np.isnan(mixed).any()  # the masked columns stay -inf, never -inf - -inf
+    np.testing.assert_allclose(mixed[np.isfinite(mixed)], (uncond[0] + 3 * (cond[0] - uncond[0]))[np.isfinite(mixed)],
+                               rtol=1e-4, atol=1e-3)
+
+
+class _Loaded:
+    def __init__(self, generator):
+        self.generate_images = generator.generate_images
+
+
+def test_same_seed_same_images_and_generate_to_folder_writes_them(tiny, tmp_path):
+    config, factory, params = tiny
+    gen = t2i.ImageGenerator(config, factory.model, params, factory.mesh, factory.rules, batch_size=16)
+    prompts = ["seven", "digit: 3"]
+    a = gen.generate_images(prompts, num=5, guidance=2.0, seed=3)
+    assert a.dtype == np.uint8 and a.shape == (2, 5, 8, 8, 1)
+    np.testing.assert_array_equal(a, gen.generate_images(prompts, num=5, guidance=2.0, seed=3))
+    assert not np.array_equal(a, gen.generate_images(prompts, num=5, guidance=2.0, seed=4))
+    codes = gen.generate_codes(prompts, 5, 2.0, seed=3).reshape(10, -1)
+    assert len({row.tobytes() for row in codes}) > 5  # rows of one prompt differ (also across batches)
+    paths = t2i.generate_to_folder(_Loaded(gen), prompts, 3, 1.0, None, str(tmp_path / "out"), seed=0)
+    names = sorted(os.listdir(tmp_path / "out"))
+    assert names == sorted(["grid.png"] + [f"{p}_{s}.png" for p in range(2) for s in range(3)])
+    assert len(paths) == 7
+    with pytest.raises(ValueError, match="num must be >= 1"):
+        gen.generate_images(prompts, num=0)
+    with pytest.raises(ValueError, match="longer than the text context"):
+        gen.generate_images(["a very long prompt that does not fit"], num=1)
+
+
+def test_guidance_without_caption_dropout_warns(tiny):
+    config, factory, params = tiny
+    config = _config(caption_dropout=0.0)
+    gen = t2i.ImageGenerator(config, factory.model, params, factory.mesh, factory.rules, batch_size=16)
+    with pytest.warns(UserWarning, match="caption_dropout=0"):
+        gen.generate_images(["digit: 3"], num=1, guidance=3.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gen.generate_images(["digit: 3"], num=1, guidance=1.0)
+
+
+def test_reranking_keeps_the_best_candidates_first():
+    images = np.arange(2 * 4, dtype=np.uint8).reshape(2, 4, 1, 1, 1)
+
+    class Clip:  # similarity = the pixel value for prompt 0, minus it for prompt 1
+        def encode_image(self, x):
+            return np.stack([x.reshape(len(x)).astype(float), np.ones(len(x))], 1)
+
+        def encode_text(self, prompts):
+            return np.array([[1.0, 0.0], [-1.0, 0.0]])
+
+    out = t2i.rerank(images, ["a", "b"], Clip(), keep=2)
+    assert out.reshape(2, 2).tolist() == [[3, 2], [4, 5]]
+
+
+def test_metrics_on_hand_made_cases():
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 8, (50, 4))
+    copies = np.stack([train[:4], rng.integers(0, 8, (4, 4))])  # prompt 0: copies of training grids
+    stats = gm.uniqueness(copies, train)
+    assert stats["training_copies"] == 0.5 and stats["unique_fraction"] <= 0.5 and stats["distinct_fraction"] == 1.0
+    same = np.stack([np.repeat(train[:1], 4, 0), np.repeat(train[1:2], 4, 0)]) + 100  # no copies, 1 of 4 new
+    assert gm.uniqueness(same, train)["unique_fraction"] == 0.25
+    from sklearn.datasets import load_digits  # bundled with scikit-learn
+    x = load_digits().images / 16.0
+    order = rng.permutation(len(x))
+    real, same = x[order[:300]], x[order[300:600]]
+    assert abs(gm.discriminator_accuracy(real, same) - 0.5) < 0.1  # one distribution: near chance
+    assert gm.discriminator_accuracy(real, rng.random((300, 8, 8))) > 0.95  # noise is told apart
+    codes, labels = np.array([[0, 1], [0, 1], [1, 1]]), np.array([0, 0, 1])
+    bits = gm.baseline_bits_per_token(codes, labels, codes, labels, vocab=2, num_classes=2)
+    assert 0 < bits < 0.05  # deterministic per position and class: near 0 bits with little smoothing
+
+
+@pytest.mark.slow
+def test_one_train_command_from_scratch_beats_the_per_position_per_class_nll(tmp_path):
+    """`mmjax train` with no image_tokenizer.workdir trains the tokenizer first in W/tokenizer, then the generator
+    (Task.prepare); a tokenizer whose codebook differs from the generator's image vocabulary is one ConfigError."""
+    data, run = str(tmp_path / "tfds"), str(tmp_path / "t2i")
+    args = ["train", "--config", CONFIG, "--workdir", run, "--quiet", f"--config.data.data_dir={data}",
+            "--config.checkpoint.async_save=False", "--config.image_tokenizer.steps=150",
+            "--config.model.vq.codebook_size=32", "--config.model.text_to_image.image_vocab=32",
+            "--config.train.steps=300", "--config.model.text_to_image.eval_samples=4",
+            "--config.model.text_to_image.eval_guidance=(1.0,)"]
+    assert cli.main(args) == 0
+    assert os.path.isdir(os.path.join(run, "tokenizer", "checkpoints", "150"))
+    other = config_lib.load_config_file(CONFIG)  # image_vocab 128
+    other.image_tokenizer.workdir = os.path.join(run, "tokenizer")
+    with pytest.raises(ConfigError, match="has a codebook of 32 codes"):
+        t2i.prepare(other, run, train_fn=None)
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        final = [json.loads(line) for line in f][-1]
+    assert final["gen/nll_bits_per_token"] < final["gen/nll_baseline_bits_per_token"], final
+    assert final["gen/prompt_accuracy"] > 0.5, final
