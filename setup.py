@@ -57,7 +57,8 @@ setup(
         # `mmjax convert open_clip` reads weights without torch; this extra is its test reference. Install with
         # `-c .ci/constraints.txt` (as `make install` does) so pip keeps the CPU torch wheel.
         # transformers: open_clip CoCa's `generate` (the reference of the CoCa parity test and benchmarks/decoding.py)
-        "openclip": ["torch==2.13.0", "open-clip-torch>=3.0", "safetensors>=0.4", "transformers>=4.40"],
+        "openclip": ["torch==2.13.0", "open-clip-torch>=3.0", "safetensors>=0.4",
+                     "transformers>=4.45,<4.56"],  # 4.56+ dropped the BeamSearchScorer open_clip's generate uses
     },
     entry_points={"console_scripts": ["mmjax=mmjax.cli:run"]},
 )

@@ -19,6 +19,7 @@ from mmjax.commands import bench as bench_cmd
 from mmjax.commands import compile as compile_cmd
 from mmjax.commands import convert as convert_cmd
 from mmjax.commands import eval as eval_cmd
+from mmjax.commands import generate as generate_cmd
 from mmjax.commands import prepare as prepare_cmd
 from mmjax.commands import train as train_cmd
 from mmjax.errors import MmjaxError, StorageError, is_storage_fault
@@ -84,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     for command in (t, c, b, e, oc):
         command.add_argument("--debug", action="store_true",
                              help="show the full traceback of an error (also MMJAX_DEBUG=1)")
+    generate_cmd.add_arguments(sub.add_parser("generate", help="one line of generated text (a caption) per image, "
+                                                                "from a captioner's workdir (task 'coca')"))
     prepare_cmd.add_arguments(sub.add_parser(
         "prepare", help="prepare a builder spec (webdataset, CSV, COCO) into data_dir as TFDS array_record, bad "
                         "samples left out; in this process or on Apache Beam (DirectRunner, DataflowRunner)"))
@@ -113,7 +116,7 @@ def _announce_cpu_defaults(args) -> None:
 
 
 COMMANDS = {"train": train_cmd.main, "eval": eval_cmd.main, "bench": bench_cmd.main, "compile": compile_cmd.main,
-            "prepare": prepare_cmd.main}
+            "prepare": prepare_cmd.main, "generate": generate_cmd.main}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -73,16 +73,17 @@ class LoadedModel:
 
     def caption_tokens(self, images, prompt_ids: Sequence[int], *, beam: int = 1, top_p: float = 1.0,
                        max_new_tokens: int | None = None, eos_id: int = EOT_ID,
-                       banned: tuple[int, ...] = (PAD_ID,), seed: int = 0) -> dict[str, np.ndarray]:
+                       banned: tuple[int, ...] = (PAD_ID,), seed: int = 0,
+                       preprocessed: bool = False) -> dict[str, np.ndarray]:
         """Token ids generated after `prompt_ids` (BOS first) for each image -> {'tokens' int32 [N,T] (EOS
         included, then pad), 'scores' float32 [N] (summed log-probabilities), 'lengths' int32 [N]}.
 
         images: uint8 [N,H,W(,C)] or a list of images of any sizes and channel counts (converted as
-        `encode_image` does). beam > 1: beam search; else top_p < 1: nucleus sampling (`seed`); else greedy.
+        `encode_image` does), or with `preprocessed` model-ready float32 [N,S,S,C]. beam > 1: beam search; else top_p < 1: nucleus sampling (`seed`); else greedy.
         T = max_new_tokens, default (and at most) what the context leaves after the prompt."""
         model = self.encoder.model
         if not isinstance(model, CocaModel):
-            raise CaptionError(f"this workdir's model (task {self.config.get('task', 'contrastive')!r}) does not "
+            raise CaptionError(f"this workdir's model ({type(model).__name__}) does not "
                                f"generate text; captioning needs task 'coca'")
         if int(beam) < 1:
             raise CaptionError(f"beam size must be >= 1; got {beam}")
@@ -94,7 +95,10 @@ class LoadedModel:
                                f"{context} tokens, which leaves no room to generate")
         room = caption_room(self.config, len(prompt_ids))
         n = room if max_new_tokens is None else max(1, min(int(max_new_tokens), context - len(prompt_ids)))
-        x = self.preprocess(images if isinstance(images, (list, tuple)) else np.asarray(images))
+        img = self.config.model.image
+        x = np.asarray(images, np.float32) if preprocessed else preprocess_images(
+            list(images) if isinstance(images, (list, tuple)) else np.asarray(images), img.image_size,
+            img.channels, self.config.data.image_mean, self.config.data.image_std)
         return captioning.generate(model, coca_logits_fn(model, tuple(banned)), self.params, x,
                                    np.asarray(prompt_ids, np.int32), self.encoder.mesh, self.encoder.rules,
                                    max_new_tokens=n, beam=int(beam), top_p=float(top_p),

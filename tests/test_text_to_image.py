@@ -185,6 +185,11 @@ def test_one_train_command_from_scratch_beats_the_per_position_per_class_nll(tmp
             "--config.model.text_to_image.eval_guidance=(1.0,)"]
     assert cli.main(args) == 0
     assert os.path.isdir(os.path.join(run, "tokenizer", "checkpoints", "150"))
+    out = tmp_path / "drawn"  # `mmjax generate` draws through the same functions, into a folder
+    assert cli.main(["generate", "--workdir", run, "--prompt", "a photo of the number seven", "--prompt",
+                     "a photo of the number two", "--num", "2", "--out", str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["0_0.png", "0_1.png", "1_0.png", "1_1.png", "grid.png"]
+    assert cli.main(["generate", "--workdir", run, "--prompt", "seven", "--num", "0", "--out", str(out)]) == 2
     other = config_lib.load_config_file(CONFIG)  # image_vocab 128
     other.image_tokenizer.workdir = os.path.join(run, "tokenizer")
     with pytest.raises(ConfigError, match="has a codebook of 32 codes"):

@@ -159,3 +159,46 @@ def test_vocab_checked_against_the_model_embedding(tmp_path):
         else:  # 259 rounds up to 384 rows (vocab_multiple 128) < 525
             with pytest.raises(ValueError, match='model.text.vocab_size >= 525'):
                 check_embedding_vocab(tok, params)
+
+
+def _any_tokenizer(kind, tmp_path, corpus):
+    """One trained tokenizer of each kind, small."""
+    from mmjax.data.tokenizers import ByteTokenizer
+    if kind == 'bytes':
+        return ByteTokenizer(max_len=64)
+    if kind == 'sentencepiece':
+        import sentencepiece as spm
+        prefix = str(tmp_path / 'sp')
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=prefix, vocab_size=300,
+                                       hard_vocab_limit=False, byte_fallback=True, character_coverage=1.0,
+                                       num_threads=1, minloglevel=2)
+        return SentencePieceTokenizer(prefix + '.model', max_len=64)
+    if kind == 'hf':
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        hf = Tokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        hf.train_from_iterator(corpus, trainer=trainers.BpeTrainer(
+            vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+        hf.save(str(tmp_path / 'tokenizer.json'))
+        return HFTokenizer(str(tmp_path / 'tokenizer.json'), max_len=64)
+    path = str(tmp_path / 'merges.txt')
+    bpe.write_merges(path, bpe.train_merges(corpus, num_merges=60))
+    return bpe.ClipBpeTokenizer(path, max_len=64)
+
+
+@pytest.mark.parametrize('kind', ['bytes', 'sentencepiece', 'hf', 'clip_bpe'])
+def test_detokenize_generated_rows(tmp_path, corpus, kind):
+    """What a decoder writes detokenizes back to the text: a generated row (no BOS; EOT, then anything, which is
+    ignored), a prompt followed by its continuation (the ids of one text split anywhere), and a row without EOT."""
+    tok = _any_tokenizer(kind, tmp_path, corpus)
+    texts = ['a photo of the cat on the sofa', 'two people walking at night', 'the small green tree']
+    for text in texts:
+        ids = tok.text_to_ids(text)
+        generated = np.array(ids + [EOT_ID] + [5, 7, BOS_ID] + [PAD_ID] * 3, np.int32)
+        assert tok.decode(generated) == [text]
+        assert tok.decode(np.array(ids, np.int32)) == [text]  # ran out of room before EOT
+        for cut in (1, len(ids) // 2, len(ids) - 1):
+            row = np.array([BOS_ID] + ids[:cut] + ids[cut:] + [EOT_ID, PAD_ID], np.int32)
+            assert tok.decode(row[None]) == [text]
+        assert tok.decode(tok.encode([text])) == [text]

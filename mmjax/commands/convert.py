@@ -3,10 +3,11 @@ into a fresh mmjax workdir (`mmjax.interop.open_clip`)."""
 
 from __future__ import annotations
 
-from mmjax.interop.open_clip import convert_open_clip
+from mmjax.interop.open_clip_coca import convert
 
 
 def main(args) -> int:
-    convert_open_clip(args.model_config, args.checkpoint, args.workdir, text_ids=args.text_ids,
-                      bpe_path=args.bpe_path, scan_layers=args.scan_layers)
+    """CoCa configs go to the CoCa mapping (`mmjax.interop.open_clip_coca`), every other one to CLIP's."""
+    convert(args.model_config, args.checkpoint, args.workdir, text_ids=args.text_ids,
+            bpe_path=args.bpe_path, scan_layers=args.scan_layers)
     return 0

@@ -40,7 +40,7 @@ from absl import flags
 from PIL import Image
 
 from mmjax import config as config_lib
-from mmjax.data import digits, sources, speech_triples, stream, wds
+from mmjax.data import digit_captions, digits, sources, speech_triples, stream, wds
 from mmjax.data.decode import BAD_KINDS, DecodeCropTokenize, DecodeStats
 from mmjax.data.image import preprocess_images, random_affine
 from mmjax.data.iterators import InnerIteratorOwner
@@ -156,10 +156,12 @@ class CaptionAugmentTokenize(grain.RandomMapTransform):
     channels: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    with_image: bool = False  # caption_fn(label, rng, image uint8 [H,W,C]): captions from the pixels
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         label = int(element['label'])
-        text = self.tokenizer.encode([self.caption_fn(label, rng)])[0]
+        caption = self.caption_fn(label, rng, element['image']) if self.with_image else self.caption_fn(label, rng)
+        text = self.tokenizer.encode([caption])[0]
         image = element['image']
         if self.augment:
             image = random_affine(image, rng)
@@ -215,7 +217,9 @@ def _mark_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-EXAMPLES = ('captions', 'pairs')  # what the stream's examples are: image-caption, or matching pairs
+# what the stream's examples are: image-caption, matching pairs, or captions described from the pixels
+# (labelled digits: mmjax/data/digit_captions.py; caption corpora: their own captions)
+EXAMPLES = ('captions', 'pairs', 'described')
 
 
 def global_stream(config, source, examples: str = 'captions') -> grain.MapDataset:
@@ -232,6 +236,8 @@ def global_stream(config, source, examples: str = 'captions') -> grain.MapDatase
                   augment=bool(config.data.augment), image_size=size, channels=channels, mean=mean, std=std)
     if examples == 'pairs':
         transform = PairAugmentTokenize(num_classes=len(labelled_dataset(config).CLASS_NAMES), **fields)
+    elif examples == 'described':
+        transform = CaptionAugmentTokenize(**dict(fields, caption_fn=digit_captions.caption), with_image=True)
     else:
         transform = CaptionAugmentTokenize(**fields)
     # random_map seeds each element's RNG with (map_seed, its index here) = the global position.

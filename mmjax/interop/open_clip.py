@@ -422,9 +422,12 @@ def write_bpe_merges(source: str, vocab_size: int, dest: str) -> str:
 
 
 def convert_open_clip(model_config: str, checkpoint: str, workdir: str, *, text_ids: str | None = None,
-                      bpe_path: str | None = None, scan_layers: bool = False, log=print) -> dict[str, Any]:
+                      bpe_path: str | None = None, scan_layers: bool = False, log=print,
+                      family=None) -> dict[str, Any]:
     """The `mmjax convert open_clip` command: reads the config and weights, writes the workdir, returns a report
-    {'params', 'tensors', 'text_ids', 'workdir'}."""
+    {'params', 'tensors', 'text_ids', 'workdir'}. `family`: (config_fn, state_dict_fn) of another open_clip model
+    family, called as `config_from_open_clip` / `convert_state_dict` are (CoCa: `mmjax.interop.open_clip_coca`)."""
+    make_config, make_params = family or (config_from_open_clip, convert_state_dict)
     oc, pre = read_model_config(model_config)
     if text_ids is None:
         text_ids = 'raw' if (oc.get('text_cfg') or {}).get('hf_tokenizer_name') else 'clip_bpe'
@@ -436,11 +439,11 @@ def convert_open_clip(model_config: str, checkpoint: str, workdir: str, *, text_
             raise ConversionError(f"text ids 'clip_bpe' need CLIP's merges file ({BPE_FILE}): pass --bpe-path, "
                                   f"install open_clip, or use --text-ids raw")
         tokenizer_path = storage.join(workdir, 'bpe_merges.txt')
-    config = config_from_open_clip(oc, text_ids=text_ids, tokenizer_path='',
+    config = make_config(oc, text_ids=text_ids, tokenizer_path='',
                                    image_mean=pre.get('mean', OPENAI_MEAN), image_std=pre.get('std', OPENAI_STD),
                                    scan_layers=scan_layers)
     sd = load_state_dict(checkpoint)
-    params = convert_state_dict(sd, config, text_ids)
+    params = make_params(sd, config, text_ids)
     config.unlock()
     # mmjax clips exp(logit_scale) at exp(logit_scale_max) (open_clip's training clamp, log 100); weights
     # trained without that clamp (SigLIP ports) keep their own temperature.

@@ -1,0 +1,90 @@
+"""Descriptive captions of the embedded digits, from each image's own pixels (the 'described' examples of the
+training stream, and the references of captioning evaluation).
+
+A caption names the digit and three attributes measured on the 32x32 image (ink bright on black), each relative
+to the median of the digit's own class over the training split (index % 5 != 0), so every attribute splits
+every class about in half:
+  - stroke 'thick' / 'thin': ink mass (the mean pixel value);
+  - slant 'leaning right' / 'leaning left': -mu11 / mu02 of the ink (image moments; rows grow downwards, so a
+    positive value means the top leans right);
+  - shape 'wide' / 'narrow': the horizontal spread sqrt(mu20) of the ink.
+Each image has one reference per template (`references`); training draws one template per example (`caption`).
+Without the attributes only the digit word would carry weight in CIDEr; with them a captioner must read the
+pixels to score well, and the most frequent caption scores low.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import NamedTuple
+
+import numpy as np
+
+from mmjax.data import digits
+
+TEMPLATES = (
+    'a {stroke} handwritten {word}, {slant}',
+    'the number {word} written with a {stroke} stroke',
+    'a {shape} {word} {slant}',
+    'a {stroke} and {shape} digit {word}',
+    'handwritten {word}, {shape}, {slant}',
+)
+NUMBER_WORDS = digits.CLASS_NAMES
+
+
+class Attributes(NamedTuple):
+    """The measured attributes of one image (each a word or phrase of the captions)."""
+    stroke: str
+    slant: str
+    shape: str
+
+
+def measures(image: np.ndarray) -> np.ndarray:
+    """One image uint8 [H,W] or [H,W,1] -> float64 [3]: ink mass (mean / 255), slant (-mu11 / mu02) and
+    horizontal spread (sqrt mu20, in pixels) of the ink."""
+    ink = np.asarray(image, np.float64).reshape(image.shape[0], image.shape[1])
+    mass = ink.sum() + 1e-9
+    ys, xs = np.mgrid[0:ink.shape[0], 0:ink.shape[1]]
+    xb, yb = (ink * xs).sum() / mass, (ink * ys).sum() / mass
+    mu11 = (ink * (xs - xb) * (ys - yb)).sum() / mass
+    mu02 = (ink * (ys - yb) ** 2).sum() / mass + 1e-9
+    mu20 = (ink * (xs - xb) ** 2).sum() / mass
+    return np.array([ink.mean() / 255.0, -mu11 / mu02, np.sqrt(mu20)])
+
+
+@functools.cache
+def class_medians() -> np.ndarray:
+    """float64 [10, 3]: the median `measures` of each digit class over the training split (computed once from
+    scikit-learn's bundled digits, upsampled as the dataset stores them)."""
+    from sklearn.datasets import load_digits  # bundled with scikit-learn, no download
+    data = load_digits()
+    train = np.arange(len(data.target)) % 5 != 0
+    values = np.stack([measures(np.asarray(digits.upsample(v))) for v in data.images[train]])
+    return np.stack([np.median(values[data.target[train] == c], axis=0) for c in range(len(NUMBER_WORDS))])
+
+
+def attributes(label: int, image: np.ndarray) -> Attributes:
+    """The attributes of `image` (uint8 [H,W(,1)]) of class `label`, each against its class median."""
+    above = measures(image) > class_medians()[int(label)]
+    return Attributes('thick' if above[0] else 'thin', 'leaning right' if above[1] else 'leaning left',
+                      'wide' if above[2] else 'narrow')
+
+
+def references(label: int, image: np.ndarray) -> list[str]:
+    """Every template filled for this image: its reference captions (len(TEMPLATES) strings)."""
+    a = attributes(label, image)
+    return [t.format(word=NUMBER_WORDS[int(label)], **a._asdict()) for t in TEMPLATES]
+
+
+def caption(label: int, rng: np.random.Generator, image: np.ndarray) -> str:
+    """A training caption of `image` (class `label`): one template, drawn with `rng`."""
+    return references(label, image)[int(rng.integers(len(TEMPLATES)))]
+
+
+_NUMBER = re.compile(r'\b(' + '|'.join(NUMBER_WORDS) + r'|[0-9])\b')
+
+
+def named_numbers(text: str) -> set[int]:
+    """The numbers a caption names, as number words or numerals ({} when none)."""
+    return {int(m) if m.isdigit() else NUMBER_WORDS.index(m) for m in _NUMBER.findall(text.lower())}

@@ -1,0 +1,138 @@
+"""Captioning: generating captions with a captioner's cached decoder, and scoring them.
+
+Generation (`generate`): a model with `caption_media(images)`, `init_cache(media, length)` and a
+`logits_fn` (CoCa: `mmjax.models.coca`) decodes greedily, by beam search or by nucleus sampling
+(`mmjax.models.decoding`), jitted once per shape and run in padded batches on the mesh.
+
+Scores (`caption_scores`): pycocoevalcap's BLEU-4, CIDEr-D and ROUGE-L, called directly on captions normalised
+here (`normalize`: lower case, punctuation to spaces, whitespace collapsed), since pycocoevalcap's PTB tokenizer
+needs Java. CIDEr-D's document frequencies come from the references of the set scored, so compare scores only
+over the same references (the most-frequent-caption baseline is scored on them too). Caption-digit accuracy
+(`digit_accuracy`): the caption names exactly one number, the image's (number word or numeral).
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.rouge.rouge import Rouge
+
+from mmjax.data import digit_captions, pipeline
+from mmjax.data.image import preprocess_images
+from mmjax.eval.encoder import batched_apply
+from mmjax.models import decoding
+
+_PUNCT = re.compile(r"[^\w\s]")
+EMPTY = "_"  # what an empty caption is scored as (it matches no reference word)
+
+
+def normalize(text: str) -> str:
+    """Lower case, punctuation replaced by spaces, whitespace collapsed: 'A Seven, thin.' -> 'a seven thin'."""
+    return " ".join(_PUNCT.sub(" ", str(text).lower()).split())
+
+
+def caption_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
+    """One caption per image and its references (at least one each) -> {'bleu4', 'cider', 'rouge_l'} (corpus
+    BLEU-4, CIDEr-D and ROUGE-L of pycocoevalcap, on `normalize`d text)."""
+    if len(hypotheses) != len(references) or not hypotheses:
+        raise ValueError(f"caption_scores needs one caption per image and some images; got {len(hypotheses)} "
+                         f"captions for {len(references)} reference sets")
+    res = {i: [normalize(h) or EMPTY] for i, h in enumerate(hypotheses)}
+    gts = {i: [normalize(r) or EMPTY for r in refs] for i, refs in enumerate(references)}
+    if any(not refs for refs in gts.values()):
+        raise ValueError("caption_scores: every image needs at least one reference caption")
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    cider, _ = Cider().compute_score(gts, res)
+    rouge, _ = Rouge().compute_score(gts, res)
+    return {"bleu4": float(bleu[3]), "cider": float(cider), "rouge_l": float(rouge)}
+
+
+def digit_accuracy(hypotheses: Sequence[str], labels: Sequence[int]) -> float:
+    """Share of captions that name exactly one number, the label (`digit_captions.named_numbers`)."""
+    hits = [digit_captions.named_numbers(h) == {int(y)} for h, y in zip(hypotheses, labels, strict=True)]
+    return float(np.mean(hits)) if hits else 0.0
+
+
+def most_frequent_caption(captions: Sequence[str]) -> str:
+    """The most frequent caption after `normalize` (ties: the first seen)."""
+    return collections.Counter(normalize(c) for c in captions).most_common(1)[0][0]
+
+
+def caption_eval_data(config, split: str = "test") -> dict:
+    """The labelled split's images with their reference captions (`digit_captions.references`), and the most
+    frequent reference of the train split (the baseline caption): {'image': float32 [N,H,W,C] preprocessed,
+    'label': int32 [N], 'references': [[str]], 'baseline': str}."""
+    def raw(which: str) -> list[dict]:
+        source, decode = pipeline.make_source(config, which), pipeline.DecodeExample()
+        return sorted((decode.map(source[i]) for i in range(len(source))), key=lambda r: int(r["index"]))
+
+    records = raw(split)
+    train_refs = [c for r in raw("train") for c in digit_captions.references(int(r["label"]), r["image"])]
+    img = config.model.image
+    images = preprocess_images(np.stack([r["image"] for r in records]), int(img.image_size), int(img.channels),
+                               config.data.image_mean, config.data.image_std)
+    return {"image": images, "label": np.array([r["label"] for r in records], np.int32),
+            "references": [digit_captions.references(int(r["label"]), r["image"]) for r in records],
+            "baseline": most_frequent_caption(train_refs)}
+
+
+def _decode_fn(model, logits_fn: Callable, max_new_tokens: int, beam: int, top_p: float, eos_id: int,
+               pad_id: int, seed: int) -> Callable:
+    """(params, {'image' [b,H,W,C], 'prompt' int32 [b,P], 'prompt_len' int32 [b]}) -> {'tokens' [b,N],
+    'scores' [b] (summed log-probabilities), 'lengths' [b]}: the best beam, a sample, or the greedy caption."""
+    def fn(params, batch):
+        variables = {"params": params}
+        media = model.apply(variables, batch["image"], method="caption_media")
+        cache = model.init_cache(media, batch["prompt"].shape[1] + max_new_tokens)
+        kw = dict(max_new_tokens=max_new_tokens, prompt_len=batch["prompt_len"], eos_id=eos_id, pad_id=pad_id)
+        if beam > 1:
+            out = decoding.beam_search(logits_fn, variables, batch["prompt"], cache, beam_size=beam, **kw)
+            return {"tokens": out.tokens[:, 0], "scores": out.scores[:, 0], "lengths": out.lengths[:, 0]}
+        if top_p < 1.0:
+            key = jax.random.fold_in(jax.random.key(seed), jnp.sum(batch["prompt_len"]))
+            out = decoding.sample(logits_fn, variables, batch["prompt"], cache, key, top_p=top_p, **kw)
+        else:
+            out = decoding.greedy(logits_fn, variables, batch["prompt"], cache, **kw)
+        return {"tokens": out.tokens, "scores": out.scores, "lengths": out.lengths}
+    return fn
+
+
+def generate(model, logits_fn: Callable, params, images: np.ndarray, prompt: np.ndarray, mesh: Mesh, rules, *,
+             max_new_tokens: int, beam: int = 1, top_p: float = 1.0, batch_size: int = 64, eos_id: int,
+             pad_id: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Captions of images float32 [N,H,W,C] (preprocessed) continuing `prompt` int32 [P] (BOS first) ->
+    {'tokens' int32 [N,max_new_tokens] (EOS included, then pad_id), 'scores' float32 [N], 'lengths' int32 [N]}.
+    beam > 1: beam search (the best beam); else top_p < 1: nucleus sampling (seeded); else greedy."""
+    if beam < 1:
+        raise ValueError(f"beam must be >= 1; got {beam}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1]; got {top_p}")
+    prompt = np.asarray(prompt, np.int32)
+    n = len(images)
+    fn = jax.jit(_decode_fn(model, logits_fn, int(max_new_tokens), int(beam), float(top_p), eos_id, pad_id, seed))
+    inputs = {"image": np.asarray(images, np.float32), "prompt": np.broadcast_to(prompt, (n, len(prompt))).copy(),
+              "prompt_len": np.full((n,), len(prompt), np.int32)}
+    return batched_apply(fn, params, inputs, mesh, rules, batch_size)
+
+
+def captioning_metrics(hypotheses: Sequence[str], data: dict, prefix: str = "caption/") -> dict[str, float]:
+    """Scores of one caption per image of `data` (`caption_eval_data`) -> {prefix + 'digit_accuracy',
+    'cider', 'bleu4', 'rouge_l'}."""
+    scores = caption_scores(hypotheses, data["references"])
+    scores["digit_accuracy"] = digit_accuracy(hypotheses, data["label"])
+    return {prefix + k: v for k, v in scores.items()}
+
+
+def baseline_metrics(data: dict) -> dict[str, float]:
+    """The most-frequent-caption baseline on `data`: 'caption/baseline/cider', '.../bleu4', '.../rouge_l',
+    '.../digit_accuracy' (the same caption for every image)."""
+    hyps = [data["baseline"]] * len(data["label"])
+    return captioning_metrics(hyps, data, "caption/baseline/")
