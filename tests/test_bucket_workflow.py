@@ -104,6 +104,9 @@ def test_train_kill_resume_eval_load_all_on_gs(gs_bucket, gs_server, tmp_path, m
     assert cli.main(["train", "--workdir", run, *stream_args(spec, 8), "--config.model.embed_dim=32"]) == 2
     assert sorted(int(s) for s in storage.listdir(storage.join(run, "checkpoints")) if s.isdigit())[-1] == 6
     assert model.encode_text(["a photo of the number three"]).shape == (1, 16)
+    # init_from reads the parameters of a bucket workdir into a new (local) run.
+    assert cli.main(["train", "--workdir", str(tmp_path / "ft"), *stream_args(spec, 2),
+                     f"--config.init_from.path={run}"]) == 0
     no_url_folders(tmp_path)
 
 

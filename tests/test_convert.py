@@ -27,6 +27,8 @@ TINY_B = {"embed_dim": 24, "custom_text": True, "init_logit_bias": -10.0,
                        "mlp_ratio": 3.0}}
 TOL = 1e-4
 
+pytest_plugins = ["storage_servers"]  # gs_bucket: a converted workdir written to a bucket
+
 
 def _open_clip():
     torch = pytest.importorskip("torch", reason="open_clip reference needs torch (pip install -e '.[openclip]')")
@@ -246,3 +248,23 @@ def test_unknown_top_level_key_and_config_fields():
     b = config_from_open_clip(TINY_B, text_ids="clip_bpe")
     assert b.model.text.vocab_size == 701 and b.model.text.tokenizer == "clip_bpe" and b.model.loss == "sigmoid"
     assert (b.model.image.num_heads, b.model.image.mlp_dim, b.model.text.mlp_dim) == (3, 96, 96)
+
+
+def test_convert_writes_a_workdir_to_a_bucket(tmp_path, gs_bucket, monkeypatch):
+    """`mmjax convert open_clip --workdir gs://...`: the workdir (checkpoint 0, config.json) lands on the bucket and
+    loads from it with the embeddings of a local conversion; no local folder named `gs:`."""
+    import mmjax
+    from mmjax import storage
+
+    monkeypatch.chdir(tmp_path)
+    torch, ref = _reference(TINY_A, 4)
+    ckpt = _save(torch, ref, tmp_path, "safetensors")
+    local = _convert(tmp_path, TINY_A, ckpt, "--text-ids", "raw")
+    remote = storage.join(gs_bucket, "converted")
+    assert cli.main(["convert", "open_clip", "--model-config", str(tmp_path / "oc_config.json"), "--checkpoint", ckpt,
+                     "--workdir", remote, "--text-ids", "raw"]) == 0
+    assert storage.exists(storage.join(remote, "config.json")) and "0" in storage.listdir(storage.join(remote, "checkpoints"))
+    tokens = _raw_tokens(TINY_A, 3, 0)
+    a, b = mmjax.load(local), mmjax.load(remote)
+    np.testing.assert_array_equal(a.encoder.encode_text(tokens), b.encoder.encode_text(tokens))
+    assert not (tmp_path / "gs:").exists()
