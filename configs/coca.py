@@ -1,6 +1,6 @@
 """CoCa at real shapes (task 'coca'), for `mmjax compile` / `mmjax bench` and pods.
 
-    mmjax compile --config configs/coca.py:L/14 --topology v5p-128
+    mmjax compile --config configs/coca.py:L/14 --topology v5p-128 --config.mesh.fsdp=16
 
 'L/14' is open_clip's coca_ViT-L-14 exactly (what `mmjax convert open_clip --model-config coca_ViT-L-14` writes):
 ViT-L/14 at 224 px (24 layers, width 1024), an attentional pooler of 256 queries (1 contrastive + 255 captioning,
@@ -31,12 +31,10 @@ def get_config(arg=None):
     c.model.image.update(image_size=size, patch_size=patch, channels=3, width=v_width, depth=v_depth,
                          num_heads=v_width // 64, mlp_dim=4 * v_width, pool="cls")
     c.model.text.update(vocab_size=49409, max_len=76, width=t_width, depth=t_depth, num_heads=t_heads,
-                        mlp_dim=4 * t_width, causal=True, pool="eot", tokenizer="clip_bpe",
-                        tokenizer_path="bpe_simple_vocab_16e6.txt.gz")
+                        mlp_dim=4 * t_width, causal=True, pool="eot", tokenizer="bytes")  # shapes only; train with tokenizer='clip_bpe' + tokenizer_path
     c.model.coca.update(caption_queries=255, pooler_width=embed, pooler_heads=pool_heads, decoder_depth=2 * t_depth,
                         decoder_heads=t_heads, decoder_mlp_dim=4 * t_width, cross_attention_every=2,
                         captioning_weight=2.0, eval_beam=4)
-    c.data.name = "spec"
     c.data.image_mean = (0.48145466, 0.4578275, 0.40821073)
     c.data.image_std = (0.26862954, 0.26130258, 0.27577711)
     c.eval.zeroshot = False
@@ -44,5 +42,4 @@ def get_config(arg=None):
     c.optim.warmup_steps = 2000
     c.train.steps = 500_000
     c.train.batch_size = 32768
-    c.mesh.update(data=-1, fsdp=16, tensor=1)
     return c

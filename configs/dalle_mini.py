@@ -4,7 +4,8 @@ captions of 64 tokens, 256 image tokens (16x16) from a 16,384-code VQ tokenizer 
 
 Run (a 16,384-code tokenizer of these shapes trained first, e.g. with task 'vq' and this file's model.vq):
     mmjax train --config configs/dalle_mini.py --workdir gs://BUCKET/dalle_mini \
-        --config.data.spec=gs://BUCKET/captions.json --config.image_tokenizer.workdir=gs://BUCKET/vq16k \
+        --config.data.name=spec --config.data.spec=gs://BUCKET/captions.json \
+        --config.image_tokenizer.workdir=gs://BUCKET/vq16k \
         --config.init_from.path=gs://BUCKET/vq16k
 
 Not measured here: no figures yet (no TPU in this project's sessions).
@@ -18,7 +19,6 @@ TOKENIZER_REGEX = r"(encoder|quantizer|decoder)/.*"
 def get_config(arg=None):
     c = base_config()
     c.task = "text_to_image"
-    c.data.name = "spec"
     c.data.augment = False
     c.model.dtype = "bfloat16"
     c.model.image.update(image_size=256, channels=3)

@@ -1,11 +1,11 @@
 """A Flamingo-like model at real shapes (task 'flamingo', stage 'flamingo'), for `mmjax compile` on v5p-256.
 
-    mmjax compile --config configs/flamingo.py --topology v5p-256
+    mmjax compile --config configs/flamingo.py --topology v5p-256 --config.mesh.fsdp=-1 --config.mesh.tensor=4
 
 Vision: ViT-L/14 at 224 px (frozen). Resampler: 64 latents x 6 layers (width 1024, 16 heads). LM: a 7B-shaped
 decoder (width 4096, 32 layers, 32 heads, MLP 11008, 32,000 ids + <image>, <|endofchunk|>), frozen, with a
 tanh-gated cross-attention in every 4th block (8 blocks). Sequences: 5 images, 512 tokens. bfloat16 compute,
-float32 parameters, full remat, parameters sharded over fsdp=64 and tensor=4.
+float32 parameters, full remat; on a pod shard the parameters over fsdp (all chips but tensor=4), as above.
 Not yet compiled in this repository: its per-chip memory is to be measured (docs/generative.md).
 """
 
@@ -26,6 +26,5 @@ def get_config(arg=None):
     c.optim.freeze_rules = FLAMINGO_FREEZE_RULES
     c.optim.lr = 1e-4
     c.train.batch_size = 5 * 1024  # images: 1,024 sequences of 5
-    c.mesh.update(data=-1, fsdp=64, tensor=4)
     c.eval.zeroshot = False
     return c

@@ -6,7 +6,7 @@ A shape config for `mmjax compile` (ahead-of-time compile and per-chip memory of
 digits' task mixture only so that it runs as given; real use swaps in its own data and tokenizer
 (model.text.tokenizer='sentencepiece' with model.text.tokenizer_path, vocab_size to match).
 
-    mmjax compile --config configs/pali.py --topology v5p-256
+    mmjax compile --config configs/pali.py --topology v5p-256 --config.mesh.fsdp=16
 """
 
 from mmjax.config import base_config
@@ -31,6 +31,5 @@ def get_config(arg=None):
     c.optim.weight_decay = 0.1
     c.train.steps = 100_000
     c.train.batch_size = 1024
-    c.mesh.update(data=-1, fsdp=16, tensor=1)
     c.eval.zeroshot = False
     return c

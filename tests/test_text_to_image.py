@@ -48,12 +48,14 @@ def tiny():
 def test_the_shipped_config_is_valid_and_checks_name_the_key():
     config = _config()
     assert tasks.validate(config, 1)
-    config.model.text_to_image.image_vocab, config.optim.freeze_rules, config.image_tokenizer.workdir = 64, (), ""
+    config.model.text_to_image.image_vocab, config.optim.freeze_rules = 64, ()
     with pytest.raises(ConfigError) as e:
         tasks.validate(config, 1)
     text = "\n".join(e.value.problems)
     assert "image_vocab=64 differs from the tokenizer's codebook" in text
-    assert "optim.freeze_rules must freeze the image tokenizer" in text and "image_tokenizer.workdir:" in text
+    assert "optim.freeze_rules must freeze the image tokenizer" in text
+    config.model.text_to_image.image_vocab, config.image_tokenizer.workdir = 32, ""
+    tasks.validate(config, 1)  # no tokenizer yet: `mmjax train` trains one first (Task.prepare) and wires it in
 
 
 def test_the_loss_reads_only_the_image_tokens(tiny):

@@ -143,7 +143,7 @@ def _model_defaults(c: ml_collections.ConfigDict) -> None:
     # (codes on a grid of image_size / 2^(len(widths)-1)); cosine codebook of codebook_size x code_dim whose rows
     # start at norm codebook_init_norm (the lookup normalises them: a smaller norm turns them faster under AdamW).
     # loss = recon_loss ('l2' | 'l1') + codebook_weight * |sg(z)-e|^2 + commitment_weight * |z-sg(e)|^2
-    #        + restart_weight * (codes unused in the batch pulled to their nearest latent; 0 disables).
+    #        + restart_weight * (codes unused in the batch pulled onto distinct nearest latents; 0 disables).
     m.vq = ml_collections.ConfigDict(
         dict(widths=(32, 64), res_blocks=1, code_dim=8, codebook_size=128, codebook_init_norm=0.1, recon_loss="l2",
              codebook_weight=1.0, commitment_weight=0.25, restart_weight=1.0))
@@ -153,11 +153,29 @@ def _model_defaults(c: ml_collections.ConfigDict) -> None:
     # task 'vq' workdir and frozen by optim.freeze_rules. Masking: blockwise image patches (blocks of at least
     # min_block_patches), BERT text masking (objectives.mask_id) of text-only input and of image-text pairs.
     # loss = image_weight * MIM + text_weight * MLM + pair_weight * pair MLM (+ contrastive_weight * CLIP loss
-    # on the masked monomodal passes' embeddings; 0 = BEiT-3's pretraining).
+    # on the image and text passes' embeddings; a pass of weight 0 is then unmasked: contrastive fine-tuning).
     m.mdm = ml_collections.ConfigDict(
         dict(width=64, depth=4, num_heads=4, mlp_dim=256, vl_layers=2, image_mask_ratio=0.4, min_block_patches=4,
              text_mask_ratio=0.15, pair_text_mask_ratio=0.5, image_weight=1.0, text_weight=1.0, pair_weight=1.0,
              contrastive_weight=0.0))
+    # task 'prefix_lm' (PaLI-style, mmjax/models/pali.py, mmjax/tasks/prefix_lm.py): model.image (and model.audio
+    # when 'audio' is in model.towers) tokens, then a task prefix, one TextDecoder (width, depth, ..., max_len
+    # positions; vocabulary model.text.vocab_size) writes the answer. prompt_len / answer_len: text slots (the
+    # answer's include EOT). tasks: (task, weight) of mmjax/data/multitask.py drawn into every batch; held_out:
+    # (task, K, digit) never trained on (K = -1: every K), scored as vqa/heldout/<task>/accuracy.
+    m.prefix_lm = ml_collections.ConfigDict(
+        dict(width=64, depth=2, num_heads=4, mlp_dim=256, max_len=128, prompt_len=40, answer_len=20,
+             tasks=(("caption", 1.0), ("what_number", 1.0), ("even", 1.0), ("greater", 1.0), ("plus", 1.0),
+                    ("transcribe", 0.0), ("speaker_match", 0.0)),
+             held_out=(("plus", 3, 6), ("greater", 4, 7))))
+
+    # task 'coca' (mmjax/models/coca.py): ViT -> pooler (1 + caption_queries queries; pooler_width 0 = text width)
+    # -> unimodal text (model.text) -> decoder_depth multimodal blocks (0 = text heads / mlp_dim), cross-attention in
+    # every cross_attention_every-th; loss = contrastive + captioning_weight * caption CE. Eval: beam eval_beam,
+    # at most max_new_tokens tokens (0: text max_len - 1).
+    m.coca = ml_collections.ConfigDict(
+        dict(caption_queries=16, pooler_width=0, pooler_heads=4, decoder_depth=2, decoder_heads=0, decoder_mlp_dim=0,
+             cross_attention_every=1, captioning_weight=1.0, eval_beam=4, max_new_tokens=0))
 
     # task 'itm_mlm': loss = contrastive + itm_weight * ITM + mlm_weight * MLM (BERT masking).
     c.objectives = ml_collections.ConfigDict(
@@ -239,13 +257,53 @@ def _eval_and_finetune_defaults(c: ml_collections.ConfigDict) -> None:
     c.init_from.step = ml_collections.FieldReference(None, field_type=int)  # None: the latest
     c.init_from.include = ".*"  # regex of parameter paths to load; the others keep their fresh init
 
+    # The image tokenizer (a task 'vq' workdir) of the generative tasks; '' = train one in <workdir>/tokenizer.
+    # Training one (config.model.vq, image, data of the generator's config): steps, batch_size, lr.
+    c.image_tokenizer = ml_collections.ConfigDict(dict(workdir="", steps=400, batch_size=128, lr=2e-3))
+
+# task 'flamingo': what model.flamingo.stage='flamingo' freezes (optim.freeze_rules must hold these): the vision
+# encoder and the LM but its gated cross-attention ('ln_xattn', 'xattn', 'xattn_gate') and its token table, whose
+# old rows the objective keeps fixed (only the <image> and <|endofchunk|> rows train).
+FLAMINGO_FREEZE_RULES = (r"vision/.*",
+                         r"lm/(?!token_embed/|transformer/block_\d+/(ln_xattn/|xattn/|xattn_gate$)).*")
+
+
+def _flamingo_defaults(c: ml_collections.ConfigDict) -> None:
+    """model.flamingo: task 'flamingo' (mmjax/models/flamingo.py, mmjax/tasks/flamingo.py)."""
+    # stage 'lm': the text-only LM (model.text shapes) on the captions of interleaved sequences; 'flamingo': ViT
+    # (model.image, frozen) -> perceiver resampler (num_latents tokens per image, resampler_* shapes) -> the LM
+    # (frozen, e.g. by init_from a stage-'lm' workdir) with a tanh-gated cross-attention in every
+    # cross_attention_every-th block. Training sequences hold max_images digits (train.batch_size counts images).
+    # Eval: greedy few-shot captioning of the test digits at each of `shots` (support from the train split;
+    # eval_queries test images, 0 = all), and 2-way episodes named by made-up words (madeup_eval).
+    c.model.flamingo = ml_collections.ConfigDict(
+        dict(stage="flamingo", num_latents=8, resampler_depth=2, resampler_heads=4, resampler_mlp_dim=256,
+             cross_attention_every=1, max_images=5, shots=(0, 2, 4), madeup_eval=True, eval_queries=0,
+             max_new_tokens=10, eval_seed=0))
+
+
+
+def _text_to_image_defaults(c: ml_collections.ConfigDict) -> None:
+    """model.text_to_image: task 'text_to_image'."""
+    # task 'text_to_image' (mmjax/models/text_to_image.py, mmjax/tasks/text_to_image.py): one decoder (width, depth,
+    # num_heads, mlp_dim) over the caption (model.text) then the image_vocab codes of the image_tokenizer; loss: CE on
+    # image tokens only; captions blanked with probability caption_dropout (classifier-free guidance). Sampling:
+    # temperature, top_k (0: off), top_p; guidance: the scale eval and generate_images default to. Eval:
+    # eval_samples per prompt (uniqueness, accuracy), eval_guidance (accuracy vs scale), rerank_factor x candidates.
+    c.model.text_to_image = ml_collections.ConfigDict(
+        dict(width=128, depth=4, num_heads=4, mlp_dim=512, image_vocab=128, caption_dropout=0.1, guidance=3.0,
+             temperature=1.0, top_k=0, top_p=1.0, eval_samples=16, eval_guidance=(0.0, 1.0, 2.0, 3.0),
+             rerank_factor=4))
+
+
 def base_config() -> ml_collections.ConfigDict:
     """All keys mmjax knows, with defaults. Config files override values, never add keys."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.task = "contrastive"
 
-    for add_section in (_data_defaults, _model_defaults, _optim_defaults, _run_defaults, _eval_and_finetune_defaults):
+    for add_section in (_data_defaults, _model_defaults, _optim_defaults, _run_defaults, _eval_and_finetune_defaults,
+                        _flamingo_defaults, _text_to_image_defaults):
         add_section(c)
     return c
 

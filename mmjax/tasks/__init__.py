@@ -13,15 +13,25 @@ from mmjax.config import validation
 from mmjax.errors import ConfigError
 from mmjax.tasks.base import Objective, Task, dummy_batch
 from mmjax.tasks.classification import ClassificationTask
+from mmjax.tasks.coca import CocaTask
 from mmjax.tasks.contrastive import ContrastiveTask
+from mmjax.tasks.flamingo import FlamingoTask
 from mmjax.tasks.itm_mlm import ItmMlmTask
+from mmjax.tasks.mdm import MdmTask
+from mmjax.tasks.prefix_lm import PrefixLMTask
+from mmjax.tasks.text_to_image import TextToImageTask
 from mmjax.tasks.vq import VQTask
 
 # config.task -> the Task class that owns it.
 TASKS: dict[str, type[Task]] = {
     "contrastive": ContrastiveTask,
     "classification": ClassificationTask,
+    "coca": CocaTask,
     "itm_mlm": ItmMlmTask,
+    "flamingo": FlamingoTask,
+    "mdm": MdmTask,
+    "prefix_lm": PrefixLMTask,
+    "text_to_image": TextToImageTask,
     "vq": VQTask,
 }
 

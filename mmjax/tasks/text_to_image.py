@@ -291,10 +291,9 @@ def text_to_image_problems(config) -> list[str]:
     if int(o.width) % max(int(o.num_heads), 1):
         problems.append(f"model.text_to_image.width={o.width} is not divisible by num_heads={o.num_heads}")
     workdir = config.image_tokenizer.workdir
-    if not workdir:
-        problems.append("image_tokenizer.workdir: task 'text_to_image' needs a trained image tokenizer; set it to a "
-                        "task 'vq' workdir (mmjax train --config configs/vq_digits.py --workdir W)")
-    elif storage.absolute(config.init_from.path or ".") != storage.absolute(workdir):
+    if not workdir:  # `mmjax train` trains one first (Task.prepare) and fills in the keys checked below
+        return problems
+    if storage.absolute(config.init_from.path or ".") != storage.absolute(workdir):
         problems.append(f"init_from.path={config.init_from.path!r} must be image_tokenizer.workdir={workdir!r} (the "
                         f"tokenizer's parameters are loaded from it)")
     elif not all(re.fullmatch(config.init_from.include, p) for p in TOKENIZER_PARAMS):
