@@ -149,11 +149,10 @@ def _model_defaults(c: ml_collections.ConfigDict) -> None:
              codebook_weight=1.0, commitment_weight=0.25, restart_weight=1.0))
     # task 'mdm' (BEiT-3, mmjax/models/multiway.py, mmjax/tasks/mdm.py): a multiway transformer (shared attention,
     # vision / language / vision-language FFN experts, 'vl' in the top vl_layers) on model.image patches and
-    # model.text tokens; image targets are the codes of the model.vq tokenizer, loaded by init_from.path from a
-    # task 'vq' workdir and frozen by optim.freeze_rules. Masking: blockwise image patches (blocks of at least
-    # min_block_patches), BERT text masking (objectives.mask_id) of text-only input and of image-text pairs.
-    # loss = image_weight * MIM + text_weight * MLM + pair_weight * pair MLM (+ contrastive_weight * CLIP loss
-    # on the image and text passes' embeddings; a pass of weight 0 is then unmasked: contrastive fine-tuning).
+    # model.text tokens; image targets: the codes of the image_tokenizer (`mmjax train` loads it into the model and
+    # freezes it, training one first when its workdir is empty). Blockwise image masking (blocks >= min_block_patches),
+    # BERT text masking (objectives.mask_id). loss = image_weight * MIM + text_weight * MLM + pair_weight * pair MLM
+    # (+ contrastive_weight * CLIP loss of the image and text passes, unmasked when their weight is 0).
     m.mdm = ml_collections.ConfigDict(
         dict(width=64, depth=4, num_heads=4, mlp_dim=256, vl_layers=2, image_mask_ratio=0.4, min_block_patches=4,
              text_mask_ratio=0.15, pair_text_mask_ratio=0.5, image_weight=1.0, text_weight=1.0, pair_weight=1.0,

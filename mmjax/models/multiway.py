@@ -274,8 +274,9 @@ class MultiwayModel(nn.Module):
         (True = masked patch; default none), 'mlm_text' int32 [B,L] (the masked text of the text-only pass;
         default 'text'), 'pair_text' int32 [B,L] (the masked text of the image-text pass; default 'text').
         Returns {'logit_scale' float32 []} plus, per part:
-          'image': 'image_codes' int32 [B,N] (the tokenizer's codes of the unmasked image), 'mim_logits' float32
-                   [B,N,codebook_size] (vision-only path on the masked image), 'embeddings'/'image' [B,D];
+          'image': 'mim_logits' float32 [B,N,codebook_size] (vision-only path on the masked image),
+                   'embeddings'/'image' [B,D], and with 'image_mask' 'image_codes' int32 [B,N] (the tokenizer's
+                   codes of the unmasked image);
           'text':  'mlm_logits' float32 [B,L,vocab_size] (language-only path), 'embeddings'/'text' [B,D];
           'pair':  'pair_logits' float32 [B,L,vocab_size] (vision-language path on the image and 'pair_text').
         The embeddings are unit-norm projections of the class / BOS token of the (masked) monomodal passes.
@@ -287,7 +288,9 @@ class MultiwayModel(nn.Module):
         out: dict[str, Any] = {'logit_scale': self.scale, 'embeddings': {}}
         if 'image' in parts:
             tokens = self.vision(batch['image'], batch.get('image_mask'))
-            out.update(image_codes=self.image_codes(batch['image']), mim_logits=self.mim_logits(tokens))
+            out['mim_logits'] = self.mim_logits(tokens)
+            if 'image_mask' in batch or self.is_initializing():  # the targets of masked-image modelling
+                out['image_codes'] = self.image_codes(batch['image'])
             out['embeddings']['image'] = l2_normalize(self.image_proj(constrain(tokens[:, 0], ACT_POOLED)))
         if 'text' in parts:
             tokens = self.language(batch.get('mlm_text', batch['text']))
