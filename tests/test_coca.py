@@ -261,10 +261,3 @@ def _coca_parity(cfg, tmp_path, n_images, seed=0, check_generate=True):
 
 def test_open_clip_coca_parity_tiny(tmp_path):
     _coca_parity(TINY_COCA, tmp_path, n_images=4)
-
-
-@pytest.mark.slow
-def test_open_clip_coca_vit_b32_parity(tmp_path):
-    from mmjax.interop.open_clip import read_model_config
-    cfg, _ = read_model_config("coca_ViT-B-32")
-    _coca_parity(dict(cfg), tmp_path, n_images=2, check_generate=False)
