@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--config", required=True, help="a configs/*.py file (optionally file.py:arg)")
     c.add_argument("--topology", required=True, help="v4-N, v5p-N (N TensorCores), v5e-N, v6e-N (N chips)")
     c.add_argument("--num-slices", type=int, default=1, help="slices joined over DCN (mesh.data spans them)")
+    c.add_argument("--sample-batch", type=int, default=None,
+                   help="rows of a generative task's sampler, compiled too (default train.batch_size; 0: skip it)")
     c.add_argument("--json", default=None, help="also write the report as JSON to this file")
     b = sub.add_parser("bench", help="time the train step on this host's devices with a synthetic batch: "
                                      "samples/s, TFLOP/s per device, MFU, memory",
@@ -107,8 +109,13 @@ def parse_command(argv: Sequence[str]):
 
 
 def _announce_cpu_defaults(args) -> None:
-    """Sets the CPU XLA flags before JAX creates its CPU backend, and says which defaults are in effect."""
-    defaults = list(cpu.tune_cpu_xla_flags())
+    """Sets the CPU XLA flags before JAX creates its CPU backend, and says which defaults are in effect. Once
+    JAX's backends exist (`cli.main` called again in one process, as tests and notebooks do) flags would no longer
+    apply here and would only reach the processes this one starts, which would then compute differently from it:
+    XLA_FLAGS is left as it is."""
+    from jax._src import xla_bridge  # jax is imported by now; its backends may not be
+
+    defaults = [] if xla_bridge.backends_are_initialized() else list(cpu.tune_cpu_xla_flags())
     if cpu.CPU_MALLOC_TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":"):
         defaults.append(f"GLIBC_TUNABLES={cpu.CPU_MALLOC_TUNABLE}")  # in effect (the entry point set it)
     if defaults and not getattr(args, "quiet", False):

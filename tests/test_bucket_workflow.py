@@ -67,11 +67,15 @@ def test_train_kill_resume_eval_load_all_on_gs(gs_bucket, gs_server, tmp_path, m
     upload_folder(write_corpus(tmp_path / "corpus"), data)
     spec = storage.join(data, "spec.json")
     reference, run = storage.join(gs_bucket, "reference"), storage.join(gs_bucket, "run")
-    assert cli.main(["train", "--workdir", reference, *stream_args(spec, 6)]) == 0
+    # The three runs compared bit for bit run alike: each an `mmjax train` process of its own.
+    train = [sys.executable, "-m", "mmjax", "train", "--workdir"]
+    env = mmjax_env(devices=jax.device_count(), **gs_server.env_for_subprocess())
+    done = subprocess.run([*train, reference, *stream_args(spec, 6)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
 
     # The same run, SIGKILLed after its checkpoint 2 is on the bucket, then resumed from the bucket.
-    proc = subprocess.Popen([sys.executable, "-m", "mmjax", "train", "--workdir", run, *stream_args(spec, 6)],
-                            cwd=tmp_path, env=mmjax_env(devices=jax.device_count(), **gs_server.env_for_subprocess()),
+    proc = subprocess.Popen([*train, run, *stream_args(spec, 6)], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_checkpoint(storage.join(run, "checkpoints"), 2, proc)
@@ -81,7 +85,10 @@ def test_train_kill_resume_eval_load_all_on_gs(gs_bucket, gs_server, tmp_path, m
     before = read_metrics(run)
     assert [r["step"] for r in before][:2] == [1, 2]
     # The lock of the killed run (same machine, its pid gone) is taken over at once.
-    assert cli.main(["train", "--workdir", run, *stream_args(spec, 6)]) == 0
+    done = subprocess.run([*train, run, *stream_args(spec, 6)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "taking over the lock" in done.stdout + done.stderr
     for a, b in zip(params_of(reference), params_of(run), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # The metrics of both runs of the workdir read as one stream, none lost: the killed run's records, then the

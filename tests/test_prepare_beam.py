@@ -150,7 +150,7 @@ def test_bad_fraction_error_comes_back_from_worker_processes(corpus, tmp_path):
 def upload(local, url):
     for path in sorted(local.rglob('*')):
         if path.is_file():
-            storage.path(storage.join(url, str(path.relative_to(local)))).write_bytes(path.read_bytes())
+            storage.write_bytes_atomic(storage.join(url, str(path.relative_to(local))), path.read_bytes())
 
 
 def test_spec_shards_and_data_dir_on_a_bucket(corpus, tmp_path, gs_bucket, gs_server, monkeypatch):

@@ -18,7 +18,7 @@ transform of one split (`split_transform`), for the files of the split numbered 
 The single-process builder numbers records the same way (files in order, then kept samples in order), TFDS's
 shuffle is off in both and the TFDS key is the index, so both write the same records in the same order and the
 same counts into decode_stats.json. The functions Beam runs are module-level (the multi-processing DirectRunner and
-Dataflow pickle them by reference, so workers need mmjax installed). apache-beam is optional: it is imported on
+Dataflow serialise them by reference, so workers need mmjax installed). apache-beam is optional: it is imported on
 first use through TFDS's lazy import (`tfds.core.lazy_imports.apache_beam`), never by `import mmjax`.
 
 A BadDataError (or StorageError) raised in a worker reaches the launching process inside the runner's own error
