@@ -101,6 +101,7 @@ def test_demo_compiles_for_v5e_8(tmp_path):
     # The demo does not scan its layers, so XLA's count and the model count agree (XLA adds the
     # elementwise work).
     assert r["xla_counts_scan_body_once"] is False
+    assert "sampler" not in r  # contrastive: nothing to generate
     assert 0.9 < r["flops_per_step"] / r["model_flops_per_step"] < 2.0
     assert r["model_flops_per_chip"] == pytest.approx(r["model_flops_per_step"] / 8)
 
@@ -144,3 +145,21 @@ def test_multislice_mesh_puts_slices_on_data():
     config = apply_overrides(load_config_file(DEMO), ["mesh.data=1", "mesh.fsdp=-1"])
     with pytest.raises(ConfigError, match="num-slices"):
         compile_lib.topology_mesh(config.mesh, devices, num_slices=2)
+
+
+@needs_libtpu
+def test_a_generative_config_compiles_its_sampler_too(tmp_path):
+    # The KV-cached generation program is compiled on the train step's mesh and parameter shardings, its memory
+    # reported like the step's; its cache grows with the rows decoded at once.
+    coca = os.path.join(ROOT, "configs", "coca_digits.py")
+    proc, small = _compile(tmp_path, "--config.mesh.data=8", "--sample-batch=16", config=coca)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    sampler = small["sampler"]
+    assert sampler["batch"] == 16 and sampler["fits"] is True and "sampler (16 rows: greedy captions" in proc.stdout
+    assert sampler["bytes_per_chip"] == (sampler["argument_bytes"] + sampler["output_bytes"] - sampler["alias_bytes"]
+                                         + sampler["temp_bytes"] + sampler["code_bytes"]) > 0
+    _, large = _compile(tmp_path, "--config.mesh.data=8", "--sample-batch=256", config=coca)
+    # The cache and the media of 16x the rows. (XLA:TPU reports no temporaries for the decode loop: what grows is
+    # the program's own allocation, under 'code'; the total per chip is what to read.)
+    assert large["sampler"]["bytes_per_chip"] > sampler["bytes_per_chip"]
+    assert large["bytes_per_chip"] == small["bytes_per_chip"]  # the train step is the same program

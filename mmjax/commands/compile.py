@@ -7,6 +7,11 @@ shardings; no array is allocated) and compiles it with the TPU compiler. It repo
 holds (arguments, outputs, temporaries, aliased bytes: `compiled.memory_analysis()`), the FLOPs of a
 step (`compiled.cost_analysis()`, per chip and in all) and whether the step fits the chip's HBM.
 
+For a generative task (one whose `Task.sampler` is not None: coca, prefix_lm, flamingo, text_to_image) it
+compiles its generation program too, on the same mesh with the same parameter shardings: media encoding,
+prompt prefill and the KV-cached token loop for `--sample-batch` rows (default train.batch_size), and reports
+its memory per chip the same way. The command succeeds only when both fit.
+
 Topology names are Cloud TPU accelerator types: `v4-N` and `v5p-N` count TensorCores (2 per chip,
 one megacore device per chip); `v5e-N` (alias `v5litepod-N`) and `v6e-N` count chips.
 Needs libtpu (`pip install -e ".[tpu]"`); with libtpu installed, ordinary CPU runs need
@@ -209,6 +214,31 @@ def lower_train_step(config, mesh):
     return lowered, factory
 
 
+def lower_sampler(config, mesh, factory, batch_size: int):
+    """The task's generation program (`Task.sampler`) jitted over `mesh` with the train state's parameter
+    shardings and its inputs split over the batch axes, lowered abstractly. Returns (lowered, sampler), or None
+    when the task does not generate."""
+    sampler = get_task(config).sampler(config, factory.model, batch_size)
+    if sampler is None:
+        return None
+    batch_sharding = shd.batch_sharding(mesh)
+    inputs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_sharding), sampler.inputs)
+    params = factory.abstract.params
+    fn = jax.jit(sampler.fn, in_shardings=(factory.shardings.params, jax.tree.map(lambda _: batch_sharding, inputs)))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(factory.rules):
+        return fn.lower(params, inputs), sampler
+
+
+def _compile(lowered):
+    """lowered.compile(), or (None, the compiler's message) when the TPU compiler ran out of HBM."""
+    try:
+        return lowered.compile(), None
+    except Exception as e:  # noqa: BLE001  (jax.errors.JaxRuntimeError; only HBM exhaustion is handled)
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return None, str(e)
+
+
 def model_flops_per_step(config) -> float:
     """FLOPs of one training step by the usual model count (as in MFU): the task's `flops_per_example`
     times the global batch (3x the forward matmuls, attention included, rematerialisation not counted)."""
@@ -231,10 +261,12 @@ def analyse(compiled, topo: Topology, num_devices: int) -> dict[str, Any]:
     )
 
 
-def compile_for_topology(config, topology: str, num_slices: int = 1) -> dict[str, Any]:
-    """Compiles `config`'s train step for `num_slices` slices of `topology`. Returns the report dict
-    (see `analyse`) plus topology, mesh, parameter count and timings. Raises ConfigError before
-    compiling when the config does not suit the devices."""
+def compile_for_topology(config, topology: str, num_slices: int = 1,
+                         sample_batch: int | None = None) -> dict[str, Any]:
+    """Compiles `config`'s train step for `num_slices` slices of `topology`, and a generative task's sampler
+    for `sample_batch` rows (None: train.batch_size; 0: not compiled). Returns the report dict (see `analyse`)
+    plus topology, mesh, parameter count and timings, and under 'sampler' the sampler's. Raises ConfigError
+    before compiling when the config does not suit the devices."""
     topo = parse_topology(topology)
     if num_slices < 1:
         raise TopologyError(f"--num-slices must be >= 1, got {num_slices}")
@@ -244,12 +276,7 @@ def compile_for_topology(config, topology: str, num_slices: int = 1) -> dict[str
     t0 = time.perf_counter()
     lowered, factory = lower_train_step(config, mesh)
     t1 = time.perf_counter()
-    try:
-        compiled = lowered.compile()
-    except Exception as e:  # noqa: BLE001  (jax.errors.JaxRuntimeError; only HBM exhaustion is handled)
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        compiled, oom = None, str(e)
+    compiled, oom = _compile(lowered)
     t2 = time.perf_counter()
     report = dict(
         topology=topo.name, libtpu_topology=topo.libtpu_topology, num_slices=num_slices,
@@ -263,7 +290,21 @@ def compile_for_topology(config, topology: str, num_slices: int = 1) -> dict[str
     report.update(model_flops_per_step=model_flops, model_flops_per_chip=model_flops / len(devices),
                   # XLA's cost analysis counts a while loop's body once: scanned layers count as one.
                   xla_counts_scan_body_once=bool(config.model.scan_layers))
+    rows = int(config.train.batch_size if sample_batch is None else sample_batch)
+    sampling = lower_sampler(config, mesh, factory, rows) if rows > 0 else None
+    if sampling is not None:
+        t0 = time.perf_counter()
+        compiled, oom = _compile(sampling[0])
+        report["sampler"] = dict(what=sampling[1].what, batch=rows,
+                                 compile_seconds=round(time.perf_counter() - t0, 2),
+                                 **(analyse(compiled, topo, len(devices)) if compiled is not None else
+                                    out_of_memory(oom, topo)))
     return report
+
+
+def fits(report: dict[str, Any]) -> bool:
+    """Whether the train step (and the sampler, when compiled) fit the chip's HBM."""
+    return bool(report["fits"] and report.get("sampler", {}).get("fits", True))
 
 
 _SIZE = r"([\d.]+)\s*([KMGTP]?)i?B?"
@@ -296,49 +337,60 @@ def out_of_memory(message: str, topo: Topology) -> dict[str, Any]:
     )
 
 
+def _gib(b) -> str:
+    return "?" if b is None else f"{b / GiB:.2f} GiB"
+
+
+def _memory_lines(r: dict[str, Any]) -> list[str]:
+    """The per-chip memory lines of a train step's or a sampler's report."""
+    g, verdict = _gib, "fits" if r["fits"] else "DOES NOT FIT"
+    if "compile_error" in r:
+        return [f"  the TPU compiler ran out of HBM: {r['compile_error']}",
+                f"  per chip: needs at least {g(r['bytes_per_chip'])} of {g(r['hbm_bytes_per_chip'])} "
+                f"HBM -> {verdict}"]
+    return [f"  per chip: arguments {g(r['argument_bytes'])}, outputs {g(r['output_bytes'])}, "
+            f"temporaries {g(r['temp_bytes'])}, aliased {g(r['alias_bytes'])}, code {g(r['code_bytes'])}",
+            f"  per chip total: {g(r['bytes_per_chip'])} of {g(r['hbm_bytes_per_chip'])} HBM "
+            f"({100 * r['hbm_fraction']:.0f}%) -> {verdict}"]
+
+
 def format_report(r: dict[str, Any]) -> str:
-    g = lambda b: "?" if b is None else f"{b / GiB:.2f} GiB"  # noqa: E731
     mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items())
-    verdict = "fits" if r["fits"] else "DOES NOT FIT"
     lines = [
         f"mmjax compile: {r['topology']} x{r['num_slices']} slice(s) ({r['libtpu_topology']}, "
         f"{r['chips']} chips, {r['device_kind']}), mesh {mesh}",
         f"  model: {r['params'] / 1e6:.1f}M parameters, global batch {r['global_batch']}; "
         f"lowered in {r['lower_seconds']:.1f}s, compiled in {r['compile_seconds']:.1f}s",
     ]
-    if "compile_error" in r:
-        lines += [f"  the TPU compiler ran out of HBM: {r['compile_error']}",
-                  f"  per chip: needs at least {g(r['bytes_per_chip'])} of {g(r['hbm_bytes_per_chip'])} "
-                  f"HBM -> {verdict}"]
-    else:
-        lines += [
-            f"  per chip: arguments {g(r['argument_bytes'])}, outputs {g(r['output_bytes'])}, "
-            f"temporaries {g(r['temp_bytes'])}, aliased {g(r['alias_bytes'])}, code {g(r['code_bytes'])}",
-            f"  per chip total: {g(r['bytes_per_chip'])} of {g(r['hbm_bytes_per_chip'])} HBM "
-            f"({100 * r['hbm_fraction']:.0f}%) -> {verdict}",
-            f"  FLOPs per step (XLA cost analysis): {r['flops_per_step']:.4g} "
-            f"({r['flops_per_chip']:.4g} per chip)" + ("; counts each scanned layer stack as ONE layer"
-                                                       if r.get("xla_counts_scan_body_once") else ""),
-        ]
+    lines += _memory_lines(r)
+    if "compile_error" not in r:
+        lines.append(f"  FLOPs per step (XLA cost analysis): {r['flops_per_step']:.4g} "
+                     f"({r['flops_per_chip']:.4g} per chip)" + ("; counts each scanned layer stack as ONE layer"
+                                                                if r.get("xla_counts_scan_body_once") else ""))
     lines.append(f"  FLOPs per step (model count, 3x forward): {r['model_flops_per_step']:.4g} "
                  f"({r['model_flops_per_chip']:.4g} per chip)")
+    if "sampler" in r:
+        s = r["sampler"]
+        lines.append(f"  sampler ({s['batch']} rows: {s['what']}), compiled in {s['compile_seconds']:.1f}s:")
+        lines += ["  " + line for line in _memory_lines(s)]
     return "\n".join(lines)
 
 
-def run(config, topology: str, num_slices: int = 1, json_path: str | None = None) -> int:
-    """The `mmjax compile` command: prints the report, writes it as JSON, returns 0 if it fits else 1."""
+def run(config, topology: str, num_slices: int = 1, json_path: str | None = None,
+        sample_batch: int | None = None) -> int:
+    """The `mmjax compile` command: prints the report, writes it as JSON, returns 0 if all fits else 1."""
     try:
-        report = compile_for_topology(config, topology, num_slices)
+        report = compile_for_topology(config, topology, num_slices, sample_batch)
     except LibtpuMissing as e:
         print(f"mmjax: error: {e}", file=sys.stderr)
         return 2
     print(format_report(report))
     if json_path:
         storage.write_text_atomic(json_path, json.dumps(report, indent=2))  # a local path or a bucket URL
-    return 0 if report["fits"] else 1
+    return 0 if fits(report) else 1
 
 
 def main(config, args) -> int:
     """`mmjax compile`: the host's own work on CPU, then the ahead-of-time compile for the topology."""
     use_cpu_host()
-    return run(config, args.topology, args.num_slices, args.json)
+    return run(config, args.topology, args.num_slices, args.json, args.sample_batch)

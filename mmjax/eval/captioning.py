@@ -84,7 +84,7 @@ def caption_eval_data(config, split: str = "test") -> dict:
             "baseline": most_frequent_caption(train_refs)}
 
 
-def _decode_fn(model, logits_fn: Callable, max_new_tokens: int, beam: int, top_p: float, eos_id: int,
+def decode_fn(model, logits_fn: Callable, max_new_tokens: int, beam: int, top_p: float, eos_id: int,
                pad_id: int, seed: int) -> Callable:
     """(params, {'image' [b,H,W,C], 'prompt' int32 [b,P], 'prompt_len' int32 [b]}) -> {'tokens' [b,N],
     'scores' [b] (summed log-probabilities), 'lengths' [b]}: the best beam, a sample, or the greedy caption."""
@@ -117,7 +117,7 @@ def generate(model, logits_fn: Callable, params, images: np.ndarray, prompt: np.
         raise ValueError(f"top_p must be in (0, 1]; got {top_p}")
     prompt = np.asarray(prompt, np.int32)
     n = len(images)
-    fn = jax.jit(_decode_fn(model, logits_fn, int(max_new_tokens), int(beam), float(top_p), eos_id, pad_id, seed))
+    fn = jax.jit(decode_fn(model, logits_fn, int(max_new_tokens), int(beam), float(top_p), eos_id, pad_id, seed))
     inputs = {"image": np.asarray(images, np.float32), "prompt": np.broadcast_to(prompt, (n, len(prompt))).copy(),
               "prompt_len": np.full((n,), len(prompt), np.int32)}
     return batched_apply(fn, params, inputs, mesh, rules, batch_size)

@@ -8,7 +8,9 @@ A task says
   - `objective(config, mesh)`: `(model, params, batch, step) -> (loss, metrics of scalars)`, optionally with its
     own `value_and_grad(model, params, batch, step, trainable=None)` (GradCache does);
   - `evaluate(config, model, params, mesh, rules, cache)`: its evaluators' metrics ({} if none);
-  - `config_problems(config)`: what it checks in the config on top of `mmjax.config.validate` (no I/O).
+  - `config_problems(config)`: what it checks in the config on top of `mmjax.config.validate` (no I/O);
+  - `sampler(config, model, n)`: for generative tasks, the program that generates (a `Sampler`, which
+    `mmjax compile` compiles for a pod next to the train step); None for the others.
 
 A new task is one module defining a `Task` subclass and one entry in `mmjax.tasks.TASKS`.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import flax.linen as nn
 import jax
@@ -28,6 +30,16 @@ from mmjax import config as config_lib
 from mmjax.runtime.flops import train_flops_per_example
 
 Metrics = dict[str, jax.Array]
+
+
+class Sampler(NamedTuple):
+    """What a generative task runs to generate: `fn(params, inputs) -> outputs` (traceable, not jitted; the
+    KV-cached decoding of `mmjax.models.decoding` inside), its abstract `inputs` ({name: ShapeDtypeStruct
+    [n, ...]}, every leading axis the batch) and `what` it draws, in words for reports."""
+
+    fn: Callable[[Any, dict[str, jax.Array]], Any]
+    inputs: dict[str, jax.ShapeDtypeStruct]
+    what: str
 
 
 class Objective(Protocol):
@@ -107,6 +119,10 @@ class Task(abc.ABC):
         tokenizer wired in that `train_fn(config, workdir)` trained first (task 'text_to_image'). The config as
         it is by default."""
         return config
+
+    def sampler(self, config, model: nn.Module, batch_size: int) -> Sampler | None:
+        """The generation program for `batch_size` rows (see `Sampler`); None: the task does not generate."""
+        return None
 
     def inference_methods(self, config, model: nn.Module, params, mesh: Mesh, rules,
                           batch_size: int = 256) -> dict[str, Callable]:

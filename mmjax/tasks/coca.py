@@ -32,7 +32,7 @@ from mmjax.losses.fusion import mlm_loss
 from mmjax.models.coca import CocaModel, build_coca_model, coca_logits_fn
 from mmjax.models.model import encoder_kwargs
 from mmjax.runtime.flops import encoder_forward_flops, train_flops_per_example
-from mmjax.tasks.base import Task, image_text_only_problems
+from mmjax.tasks.base import Sampler, Task, dummy_batch, image_text_only_problems
 from mmjax.tasks.contrastive import contrastive_evals
 
 # model.text keys the unimodal text layers take (the others are the tokenizer's or a CLIP text tower's).
@@ -135,6 +135,16 @@ class CocaTask(Task):
         if int(config.model.text.max_len) < 2:
             problems.append("model.text.max_len must be >= 2 (BOS and one generated token)")
         return problems
+
+    def sampler(self, config, model, batch_size: int) -> Sampler:
+        """Greedy captions after BOS, KV-cached (what `caption` and the captioning eval run with beam 1)."""
+        n = max_new_tokens(config)
+        fn = captioning.decode_fn(model, coca_logits_fn(model), n, beam=1, top_p=1.0, eos_id=EOT_ID, pad_id=PAD_ID,
+                                  seed=0)
+        inputs = {"image": dummy_batch(config, batch_size)["image"],
+                  "prompt": jax.ShapeDtypeStruct((batch_size, 1), jnp.int32),
+                  "prompt_len": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+        return Sampler(fn, inputs, f"greedy captions of up to {n} tokens")
 
     def flops_per_example(self, config) -> float:
         c, txt = config.model.coca, config.model.text

@@ -38,8 +38,8 @@ from mmjax.data.image import preprocess_images
 from mmjax.data.tokenizers import get_tokenizer
 from mmjax.eval.encoder import batched_apply
 from mmjax.losses.fusion import mlm_loss
-from mmjax.models.flamingo import FlamingoModel, build_flamingo_model, jit_generate
-from mmjax.tasks.base import Task, image_text_only_problems
+from mmjax.models.flamingo import FlamingoModel, build_flamingo_model, flamingo_generate, jit_generate
+from mmjax.tasks.base import Sampler, Task, dummy_batch, image_text_only_problems
 
 STAGES = ('lm', 'flamingo')
 
@@ -264,6 +264,25 @@ class FlamingoTask(Task):
 
     def config_problems(self, config) -> list[str]:
         return flamingo_problems(config)
+
+    def sampler(self, config, model, batch_size: int) -> Sampler | None:
+        """Greedy text after interleaved prompts filling the context (model.text.max_len less
+        model.flamingo.max_new_tokens) with model.flamingo.max_images images each; `batch_size` counts images as
+        train.batch_size does (rows: batch_size // max_images). None for stage 'lm'."""
+        if text_only(config):
+            return None
+        f = config.model.flamingo
+        rows, n, images = max(1, batch_size // int(f.max_images)), int(f.max_new_tokens), int(f.max_images)
+        image = dummy_batch(config, rows)["image"]
+        inputs = {"prompts": jax.ShapeDtypeStruct((rows, int(config.model.text.max_len) - n), jnp.int32),
+                  "images": jax.ShapeDtypeStruct((rows, images) + image.shape[1:], image.dtype)}
+        eos = interleaver(config).eoc_id
+
+        def fn(params, batch):
+            return flamingo_generate(model, params, batch["prompts"], batch["images"], max_new_tokens=n,
+                                     eos_id=eos).tokens
+        return Sampler(fn, inputs, f"greedy text of up to {n} tokens after {images} images and "
+                                   f"{inputs['prompts'].shape[1]} prompt tokens")
 
     def inference_methods(self, config, model, params, mesh, rules, batch_size: int = 256) -> dict[str, Callable]:
         """`mmjax.load(W).generate(interleaved)` (`InterleavedGenerator`); none for the text-only LM."""

@@ -31,7 +31,7 @@ from mmjax.errors import MmjaxError
 from mmjax.eval import vqa
 from mmjax.models import pali
 from mmjax.runtime.flops import audio_forward_flops, encoder_forward_flops, image_forward_flops
-from mmjax.tasks.base import Task, dummy_batch
+from mmjax.tasks.base import Sampler, Task, dummy_batch
 
 SPEAKER = multitask.TASK_NAMES.index('speaker_match')
 MIX_SEED = 0x9A11  # folded into config.seed: the mixture's draws differ from the data pipeline's
@@ -245,6 +245,20 @@ class PrefixLMTask(Task):
 
     def flops_per_example(self, config) -> float:
         return prefix_lm_flops_per_example(config)
+
+    def sampler(self, config, model, batch_size: int) -> Sampler:
+        """Greedy answers after the media and a prompt of model.prefix_lm.prompt_len ids (`pali.generate`, what
+        `answer` and the VQA eval run)."""
+        pl, shapes = config.model.prefix_lm, dummy_batch(config, batch_size)
+        n = int(pl.answer_len)
+        inputs = {"image": shapes["image"], "prompt": jax.ShapeDtypeStruct((batch_size, int(pl.prompt_len)), jnp.int32),
+                  "media": jax.ShapeDtypeStruct((batch_size, 2), jnp.float32)}
+        if "audio" in shapes:
+            inputs["audio"] = {"waveform": shapes["audio"], "length": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+
+        def fn(params, batch):
+            return pali.generate(model, {"params": params}, batch, n).tokens
+        return Sampler(fn, inputs, f"greedy answers of up to {n} tokens after a {pl.prompt_len}-id prompt")
 
     def inference_methods(self, config, model, params, mesh, rules, batch_size: int = 256) -> dict[str, Callable]:
         """What `mmjax.load` adds: {'answer': `Answerer.answer`}."""

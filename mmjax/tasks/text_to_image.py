@@ -40,7 +40,7 @@ from mmjax.eval.encoder import batched_apply, round_batch
 from mmjax.models.text_to_image import build_text_to_image_model, sample_codes
 from mmjax.models.vq import vq_flops_per_example
 from mmjax.runtime.flops import train_flops_per_example
-from mmjax.tasks.base import Task
+from mmjax.tasks.base import Sampler, Task
 from mmjax.tasks.vq import to_pixels, vq_problems
 
 # The tokenizer's parameters in the model: init_from loads them from the tokenizer's workdir, freeze_rules freeze them.
@@ -376,6 +376,17 @@ class TextToImageTask(Task):
 
     def prepare(self, config, workdir: str, train_fn: Callable, log: Callable = print):
         return prepare(config, workdir, train_fn, log)
+
+    def sampler(self, config, model, batch_size: int) -> Sampler:
+        """The image codes of `batch_size` captions at the default guidance scale (model.text_to_image.guidance;
+        2 cache rows per caption when it is not 1), what `generate_images` samples before the tokenizer decodes."""
+        o = config.model.text_to_image
+
+        def fn(params, batch):
+            return sample_codes(model, params, batch["text"], jax.random.key(0), guidance=float(o.guidance),
+                                temperature=float(o.temperature), top_k=int(o.top_k), top_p=float(o.top_p))
+        text = jax.ShapeDtypeStruct((batch_size, model.text_len), jnp.int32)
+        return Sampler(fn, {"text": text}, f"{model.image_tokens} image codes per caption at guidance {o.guidance}")
 
     def inference_methods(self, config, model, params, mesh, rules, batch_size: int = 256) -> dict[str, Callable]:
         """What `mmjax.load` adds: generate_images (see `ImageGenerator.generate_images`)."""
