@@ -354,8 +354,8 @@ def test_sharded_decoding_on_8_devices_equals_one_device(model, greedy_run, beam
         cache_shardings = nn.logical_to_mesh_sharding(cache_partition_specs(cache), mesh, rules)
         cache = jax.device_put(cache, cache_shardings)
         k = cache.layers[0].self_attn.k
-        assert _spec(k) == (("data", "fsdp"), None, "tensor", None)  # batch over the batch axes, heads over tensor
-        assert k.addressable_shards[0].data.shape == (1, T, 1, 16)
+        assert _spec(k) == (("data", "fsdp"), "tensor", None, None)  # batch over the batch axes, heads over tensor
+        assert k.addressable_shards[0].data.shape == (1, 1, T, 16)
         prefill = jax.jit(lambda p, c: fn(p, jnp.asarray(m["prompts"]), c, jnp.zeros(B, jnp.int32))[1])
         filled = prefill(params, cache)
         assert _spec(filled.layers[0].self_attn.k) == _spec(filled.layers[1].cross_attn.v) == _spec(k)

@@ -102,7 +102,7 @@ class CocaTextEncoder(nn.Module):
         if cache is not None:  # decoding: causal over the cache slots, no CLS
             query_pos = positions.astype(jnp.int32)[:, None] + jnp.arange(length, dtype=jnp.int32)[None]
             x = x + jnp.take(constrain(pos, ('length', None)), query_pos, axis=0)
-            return stack(x, attention_mask(query_pos, cache[0].self_attn.k.shape[1]), cache=cache,
+            return stack(x, attention_mask(query_pos, cache[0].self_attn.k.shape[2]), cache=cache,
                          cache_index=positions.astype(jnp.int32))
         if length > self.max_len:
             raise ValueError(f'text length {length} exceeds model.text.max_len {self.max_len}')

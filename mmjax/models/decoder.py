@@ -41,8 +41,8 @@ ACT_LOGITS = ('act_batch', 'act_length', 'act_vocab')
 class DecoderCache(NamedTuple):
     """Decoding state of a `TextDecoder`; every leaf has a leading batch axis [B, ...].
 
-    layers: one `BlockCache` per block: self-attention keys/values [B,T,H,K] (T = positions), and in
-      cross-attention blocks the media keys/values [B,M,H,K] (None until the first cached call has seen media).
+    layers: one `BlockCache` per block: self-attention keys/values [B,H,T,K] (T = positions), and in
+      cross-attention blocks the media keys/values [B,H,M,K] (None until the first cached call has seen media).
     prefix_len: int32 [B], the bidirectional prefix of each row (0: plain causal).
     media: [B,M,Em] until the first cached call turns it into keys/values, then None (None without media).
     media_mask: bool [B,M] (True = a real media token), None without media.
@@ -55,7 +55,7 @@ class DecoderCache(NamedTuple):
     @property
     def length(self) -> int:
         """T, the number of positions the cache holds."""
-        return self.layers[0].self_attn.k.shape[1]
+        return self.layers[0].self_attn.k.shape[2]
 
 
 def attention_mask(query_pos: jax.Array, num_keys: int, prefix_len: jax.Array | None = None) -> jax.Array:

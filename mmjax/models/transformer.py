@@ -40,9 +40,9 @@ def query_mask_rows(mask: jax.Array, index: jax.Array) -> jax.Array:
 
 
 class BlockCache(NamedTuple):
-    """Decoding state of one `EncoderBlock`: its self-attention keys/values `self_attn` [B,T,H,K] (one slot per
+    """Decoding state of one `EncoderBlock`: its self-attention keys/values `self_attn` [B,H,T,K] (one slot per
     position) and, in a block with cross-attention once the media were seen, the media keys/values `cross_attn`
-    [B,M,H,K] (None before that, and in blocks without cross-attention)."""
+    [B,H,M,K] (None before that, and in blocks without cross-attention)."""
     self_attn: KVCache
     cross_attn: KVCache | None = None
 
@@ -133,7 +133,7 @@ class EncoderBlock(nn.Module):
     def _cross_attend(self, x: jax.Array, media: jax.Array | None, media_mask: jax.Array | None,
                       cached: KVCache | None) -> tuple[jax.Array, KVCache]:
         """x [B,L,E] -> (x + [tanh(gate) *] xattn(ln_xattn(x), media) [B,L,E], the media keys/values
-        [B,M,H,K]), from `media` [B,M,Em] when given, else from `cached`."""
+        [B,H,M,K]), from `media` [B,M,Em] when given, else from `cached`."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if media is None and cached is None:
             raise ValueError('EncoderBlock with cross_attention needs media (or their cached keys/values)')
