@@ -97,7 +97,8 @@ class TextDecoder(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, cache: DecoderCache | None = None,
                  *, media: jax.Array | None = None, media_mask: jax.Array | None = None,
-                 prefix_len: jax.Array | None = None) -> jax.Array | tuple[jax.Array, DecoderCache]:
+                 prefix_len: jax.Array | None = None,
+                 prefix_embeddings: jax.Array | None = None) -> jax.Array | tuple[jax.Array, DecoderCache]:
         """tokens int32 [B,L] -> logits float32 [B,L,Vr] (Vr = vocab rows), the next-token distribution at each.
 
         Full pass (training, `cache` None): tokens at positions 0..L-1 (`positions` must be None), media
@@ -107,6 +108,8 @@ class TextDecoder(nn.Module):
         Cached pass (decoding): `cache` from `init_cache`, positions int [B] (the position of tokens[:, 0] in
         each row; token l goes to slot positions[b] + l); media, media_mask and prefix_len come from the cache.
         Returns (logits, the updated cache).
+        prefix_embeddings [B,M,width] (M <= L), either pass: added to the input embeddings of this call's first M
+        tokens (PaLI's media tokens in their slots; in decoding, pass them with the prompt only).
         """
         if cache is not None and (media is not None or media_mask is not None or prefix_len is not None):
             raise ValueError('TextDecoder: with a cache, media, media_mask and prefix_len go into init_cache')
@@ -118,22 +121,23 @@ class TextDecoder(nn.Module):
                         cross_attention_every=self.cross_attention_every,
                         cross_attention_gated=self.cross_attention_gated, name='transformer')
         if cache is None:
-            x, table = self._embed(tokens, None)
+            x, table = self._embed(tokens, None, prefix_embeddings)
             query_pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
             x = stack(x, attention_mask(query_pos, length, prefix_len), media=media, media_mask=media_mask)
             return self._logits(x, table)
         if length > cache.length:
             raise ValueError(f'TextDecoder: {length} tokens do not fit a cache of {cache.length} positions')
         positions = positions.astype(jnp.int32)
-        x, table = self._embed(tokens, positions)
+        x, table = self._embed(tokens, positions, prefix_embeddings)
         query_pos = positions[:, None] + jnp.arange(length, dtype=jnp.int32)[None]
         x, layers = stack(x, attention_mask(query_pos, cache.length, cache.prefix_len), media=cache.media,
                           media_mask=cache.media_mask, cache=cache.layers, cache_index=positions)
         return self._logits(x, table), cache._replace(layers=layers, media=None)
 
-    def _embed(self, tokens: jax.Array, positions: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    def _embed(self, tokens: jax.Array, positions: jax.Array | None,
+               prefix_embeddings: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """tokens int [B,L] at positions positions[b] + l (0 + l when None) -> (embeddings + learned positions
-        [B,L,width] in `dtype`, the token table [Vr,width])."""
+        (+ prefix_embeddings [B,M,width] on the first M) [B,L,width] in `dtype`, the token table [Vr,width])."""
         rows = -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
         embed = Embed(rows, self.width, std=0.02, dtype=self.dtype, param_dtype=self.param_dtype,
                       name='token_embed')
@@ -147,6 +151,11 @@ class TextDecoder(nn.Module):
         else:  # per-row offsets: gathered from the table replicated along 'embed', as `Embed` does
             index = positions[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
             x = x + jnp.take(constrain(pos.astype(self.dtype), ('length', None)), index, axis=0)
+        if prefix_embeddings is not None:
+            extra = prefix_embeddings.shape[1]
+            if extra > tokens.shape[1]:
+                raise ValueError(f'TextDecoder: {extra} prefix embeddings do not fit {tokens.shape[1]} tokens')
+            x = x + jnp.pad(prefix_embeddings.astype(x.dtype), ((0, 0), (0, tokens.shape[1] - extra), (0, 0)))
         table = nn.meta.unbox(embed.variables['params']['embedding'])
         return constrain(x, ACT_TOKENS), table
 

@@ -7,14 +7,12 @@
 The media slots hold PAD ids whose embeddings (+ positions) get the media tokens added; a task that does not read
 a medium gets zeros there (`batch['media']` flags). The decoder is `decoder.TextDecoder` with
 prefix_len = M + Lp + 1: the media slots, the prompt and BOS see each other both ways, the answer is causal.
-The media reach the decoder's input embeddings through `nn.intercept_methods` around `TextDecoder._embed` (the
-decoder takes token ids only); decoding uses `mmjax.models.decoding` with the decoder's KV cache, the media
-added in the prompt pass only.
+The media reach the decoder as its `prefix_embeddings` (added to the first M input embeddings); decoding uses
+`mmjax.models.decoding` with the decoder's KV cache, the media added in the prompt pass only.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import flax.linen as nn
@@ -26,7 +24,7 @@ from mmjax.models import decoding
 from mmjax.models.audio import AudioTransformer
 from mmjax.models.decoder import TextDecoder
 from mmjax.models.encoders import ViT
-from mmjax.models.layers import constrain, dense
+from mmjax.models.layers import dense
 from mmjax.models.model import encoder_kwargs
 
 Kwargs = tuple[tuple[str, Any], ...]
@@ -47,24 +45,6 @@ def sequence_length(model_cfg) -> int:
     """Decoder positions a training sequence uses: M + Lp + 1 (BOS) + La."""
     pl = model_cfg.prefix_lm
     return sum(media_slots(model_cfg)) + int(pl.prompt_len) + 1 + int(pl.answer_len)
-
-
-@contextlib.contextmanager
-def media_added(media: jax.Array):
-    """Within: every `TextDecoder._embed` output x [B,L,D] gets media [B,M,D] (M <= L) added to its first M
-    positions."""
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        if context.method_name != '_embed' or not isinstance(context.module, TextDecoder):
-            return out
-        x, table = out
-        if media.shape[1] > x.shape[1]:
-            raise ValueError(f'{media.shape[1]} media tokens do not fit a sequence of {x.shape[1]}')
-        extra = jnp.pad(media.astype(x.dtype), ((0, 0), (0, x.shape[1] - media.shape[1]), (0, 0)))
-        return constrain(x + extra, ('act_batch', 'act_length', 'act_embed')), table
-
-    with nn.intercept_methods(interceptor):
-        yield
 
 
 class PrefixLM(nn.Module):
@@ -112,16 +92,12 @@ class PrefixLM(nn.Module):
         if tokens is None:
             tokens = jnp.full((media.shape[0], media.shape[1] + self.prompt_len + self.answer_len), PAD_ID, jnp.int32)
         prefix = jnp.full((tokens.shape[0],), media.shape[1] + self.prompt_len + 1, jnp.int32)
-        with media_added(media):
-            return self.decoder(tokens, prefix_len=prefix)
+        return self.decoder(tokens, prefix_len=prefix, prefix_embeddings=media)
 
     def decode(self, tokens: jax.Array, positions: jax.Array, cache, media: jax.Array | None = None):
         """A cached decoder pass (`TextDecoder`): tokens [B,L] at positions [B]; media [B,M,D] added in the
         prompt pass (None in the steps) -> (logits [B,L,Vr], cache)."""
-        if media is None:
-            return self.decoder(tokens, positions, cache)
-        with media_added(media):
-            return self.decoder(tokens, positions, cache)
+        return self.decoder(tokens, positions, cache, prefix_embeddings=media)
 
 
 def build_prefix_lm(model_cfg) -> PrefixLM:
