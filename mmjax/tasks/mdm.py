@@ -35,7 +35,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from mmjax import config as config_lib
 from mmjax import storage
 from mmjax.config import SPECIAL_TOKEN_IDS, validation
 from mmjax.data import pipeline
@@ -48,7 +47,7 @@ from mmjax.models.multiway import build_multiway_model
 from mmjax.runtime.flops import encoder_forward_flops
 from mmjax.tasks.base import Task, image_text_only_problems
 from mmjax.tasks.contrastive import contrastive_evals
-from mmjax.tasks.text_to_image import tokenizer_config
+from mmjax.tasks.vq import tokenizer_config, use_image_tokenizer
 
 MIN_ASPECT = 0.3  # BEiT: block aspect ratios log-uniform in [0.3, 1/0.3]
 EVAL_SEED = 0
@@ -274,38 +273,18 @@ def tokenizer_problems(config) -> list[str]:
 
 
 def prepare_tokenizer(config, workdir: str, train_fn: Callable, log: Callable = print):
-    """Before training (I/O): the config with the image tokenizer wired in (nothing to do without an image loss).
-    With image_tokenizer.workdir empty a tokenizer is trained first by `train_fn(vq_config, <workdir>/tokenizer)`
-    on `tokenizer_size` images (skipped once finished). Its config gives model.vq, model.image.channels and
-    data.image_mean / image_std; init_from loads it and optim.freeze_rules freeze it. ConfigError (one line) when
-    the workdir is not a task 'vq' run or was trained on images of another size than `tokenizer_size`."""
+    """Before training (I/O): the config with the image tokenizer wired in (`vq.use_image_tokenizer`, trained
+    first on `tokenizer_size` images when image_tokenizer.workdir is empty; nothing to do without an image loss).
+    ConfigError (one line) when the tokenizer was trained on images of another size than `tokenizer_size`."""
     if float(config.model.mdm.image_weight) <= 0:
         return config
-    tokenizer = config.image_tokenizer.workdir
-    if not tokenizer:
-        tokenizer = storage.join(workdir, "tokenizer")
-        vq_config = tokenizer_config(config)
-        vq_config.model.image.image_size = tokenizer_size(config)
-        if not storage.isdir(storage.join(tokenizer, "checkpoints", str(vq_config.train.steps))):
-            log(f"mmjax: image_tokenizer.workdir is empty: training an image tokenizer first in {tokenizer}")
-            train_fn(vq_config, tokenizer)
-    source = config_lib.load_workdir_config(tokenizer)
-    if source.task != "vq":
-        raise ConfigError([f"image_tokenizer.workdir={tokenizer!r} is a task {source.task!r} workdir, not an image "
-                           f"tokenizer (task 'vq')"])
-    c = config.copy_and_resolve_references()
-    c.unlock()
-    c.model.vq.update(source.model.vq.to_dict())
+    vq_config = tokenizer_config(config)
+    vq_config.model.image.image_size = tokenizer_size(config)
+    c, source = use_image_tokenizer(config, workdir, train_fn, log, include=TOKENIZER_REGEX, vq_config=vq_config)
     if int(source.model.image.image_size) != tokenizer_size(c):
-        raise ConfigError([f"image_tokenizer.workdir={tokenizer!r} was trained on {source.model.image.image_size}px "
-                           f"images; task 'mdm' feeds it {tokenizer_size(c)}px ones (one code per patch of the "
-                           f"{grid_side(c)}x{grid_side(c)} grid)"])
-    c.image_tokenizer.workdir = tokenizer
-    c.init_from.update(path=tokenizer, include=TOKENIZER_REGEX)
-    if not _fullmatches_all(tuple(c.optim.freeze_rules), TOKENIZER_PARAMS):
-        c.optim.freeze_rules = tuple(c.optim.freeze_rules) + (TOKENIZER_REGEX,)
-    c.model.image.channels = int(source.model.image.channels)
-    c.data.update(image_mean=tuple(source.data.image_mean), image_std=tuple(source.data.image_std))
+        raise ConfigError([f"image_tokenizer.workdir={c.image_tokenizer.workdir!r} was trained on "
+                           f"{source.model.image.image_size}px images; task 'mdm' feeds it {tokenizer_size(c)}px ones "
+                           f"(one code per patch of the {grid_side(c)}x{grid_side(c)} grid)"])
     c.lock()
     return c
 

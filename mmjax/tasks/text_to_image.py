@@ -29,7 +29,6 @@ import optax
 from jax.sharding import Mesh
 from PIL import Image
 
-from mmjax import config as config_lib
 from mmjax import storage
 from mmjax.config import PAD_ID
 from mmjax.data import pipeline
@@ -41,7 +40,7 @@ from mmjax.models.text_to_image import build_text_to_image_model, sample_codes
 from mmjax.models.vq import vq_flops_per_example
 from mmjax.runtime.flops import train_flops_per_example
 from mmjax.tasks.base import Sampler, Task
-from mmjax.tasks.vq import to_pixels, vq_problems
+from mmjax.tasks.vq import to_pixels, use_image_tokenizer, vq_problems
 
 # The tokenizer's parameters in the model: init_from loads them from the tokenizer's workdir, freeze_rules freeze them.
 TOKENIZER_REGEX = r"(encoder|quantizer|decoder)/.*"
@@ -304,47 +303,16 @@ def text_to_image_problems(config) -> list[str]:
     return problems
 
 
-def tokenizer_config(config):
-    """The task 'vq' config that trains the generator's tokenizer: its model.image / model.vq / data / mesh."""
-    c, t = config_lib.base_config(), config.image_tokenizer
-    c.seed, c.task = int(config.seed), "vq"
-    c.data.update(config.data.to_dict())
-    c.data.augment = False
-    c.model.image.update(config.model.image.to_dict())
-    c.model.vq.update(config.model.vq.to_dict())
-    c.mesh.update(config.mesh.to_dict())
-    c.optim.update(lr=float(t.lr), warmup_steps=min(50, int(t.steps) // 4), decay="cosine", weight_decay=0.0)
-    c.train.update(steps=int(t.steps), batch_size=int(t.batch_size), log_every=50)
-    c.checkpoint.every_steps = int(t.steps)
-    c.eval.zeroshot = False
-    return c
-
-
 def prepare(config, workdir: str, train_fn: Callable, log: Callable = print):
-    """Before training (I/O): the config with the tokenizer wired in. With image_tokenizer.workdir empty, a
-    tokenizer is trained first by `train_fn(vq_config, <workdir>/tokenizer)` (skipped once finished); then its
-    config gives model.vq, model.image.{image_size, channels} and data.image_mean/std, init_from loads it and
-    freeze_rules freeze it. ConfigError (one line) when its codebook differs from model.text_to_image.image_vocab."""
-    tokenizer = config.image_tokenizer.workdir
-    if not tokenizer:
-        tokenizer = storage.join(workdir, "tokenizer")
-        vq_config = tokenizer_config(config)
-        if not storage.isdir(storage.join(tokenizer, "checkpoints", str(vq_config.train.steps))):
-            log(f"mmjax: image_tokenizer.workdir is empty: training an image tokenizer first in {tokenizer}")
-            train_fn(vq_config, tokenizer)
-    source = config_lib.load_workdir_config(tokenizer)
+    """Before training (I/O): the config with the tokenizer wired in (`vq.use_image_tokenizer`: trained first when
+    image_tokenizer.workdir is empty), its model.image.image_size too. ConfigError (one line) when its codebook
+    differs from model.text_to_image.image_vocab."""
+    c, source = use_image_tokenizer(config, workdir, train_fn, log, include=TOKENIZER_REGEX)
     if int(source.model.vq.codebook_size) != int(config.model.text_to_image.image_vocab):
-        raise ConfigError([f"image_tokenizer.workdir={tokenizer!r} has a codebook of {source.model.vq.codebook_size} "
-                           f"codes but model.text_to_image.image_vocab={config.model.text_to_image.image_vocab}"])
-    c = config.copy_and_resolve_references()
-    c.unlock()
-    c.image_tokenizer.workdir = tokenizer
-    c.init_from.update(path=tokenizer, include=TOKENIZER_REGEX)
-    if TOKENIZER_REGEX not in tuple(c.optim.freeze_rules):
-        c.optim.freeze_rules = tuple(c.optim.freeze_rules) + (TOKENIZER_REGEX,)
-    c.model.vq.update(source.model.vq.to_dict())
-    c.model.image.update(image_size=int(source.model.image.image_size), channels=int(source.model.image.channels))
-    c.data.update(image_mean=tuple(source.data.image_mean), image_std=tuple(source.data.image_std))
+        raise ConfigError([f"image_tokenizer.workdir={c.image_tokenizer.workdir!r} has a codebook of "
+                           f"{source.model.vq.codebook_size} codes but model.text_to_image.image_vocab="
+                           f"{config.model.text_to_image.image_vocab}"])
+    c.model.image.image_size = int(source.model.image.image_size)
     c.lock()
     return c
 

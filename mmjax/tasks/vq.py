@@ -26,8 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from mmjax import config as config_lib
+from mmjax import storage
 from mmjax.data import pipeline
 from mmjax.data.image import preprocess_images
+from mmjax.errors import ConfigError
 from mmjax.eval.encoder import batched_apply, round_batch
 from mmjax.losses import vq as vq_losses
 from mmjax.models.vq import build_vq_model, vq_flops_per_example
@@ -85,6 +88,54 @@ def vq_eval(config, model: nn.Module, params, mesh: Mesh, rules, cache: dict) ->
     return {"vq/mse": mse, "vq/psnr": psnr(mse), "vq/baseline_mse": baseline, "vq/baseline_psnr": psnr(baseline),
             "vq/mse_vs_baseline": mse / max(baseline, 1e-12), "vq/usage": float(usage),
             "vq/perplexity": float(perplexity), "vq/num_images": float(len(test))}
+
+
+def tokenizer_config(config):
+    """The task 'vq' config that trains the image tokenizer of `config` (a task reading image codes, its
+    image_tokenizer section): its model.image / model.vq / data / mesh, image_tokenizer's steps, batch and lr."""
+    c, t = config_lib.base_config(), config.image_tokenizer
+    c.seed, c.task = int(config.seed), "vq"
+    c.data.update(config.data.to_dict())
+    c.data.augment = False
+    c.model.image.update(config.model.image.to_dict())
+    c.model.vq.update(config.model.vq.to_dict())
+    c.mesh.update(config.mesh.to_dict())
+    c.optim.update(lr=float(t.lr), warmup_steps=min(50, int(t.steps) // 4), decay="cosine", weight_decay=0.0)
+    c.train.update(steps=int(t.steps), batch_size=int(t.batch_size), log_every=50)
+    c.checkpoint.every_steps = int(t.steps)
+    c.eval.zeroshot = False
+    return c
+
+
+def use_image_tokenizer(config, workdir: str, train_fn: Callable, log: Callable, *, include: str,
+                        vq_config=None):
+    """The one wiring of an image tokenizer into a task that reads image codes ('text_to_image', 'mdm'), before
+    training (I/O). With image_tokenizer.workdir empty, `train_fn(vq_config or tokenizer_config(config),
+    <workdir>/tokenizer)` trains one first (skipped once its last checkpoint exists). Returns (the config,
+    unlocked, with image_tokenizer.workdir set, init_from loading `include` from it, optim.freeze_rules freezing
+    `include`, and the tokenizer's model.vq, model.image.channels and data.image_mean / image_std; the tokenizer
+    run's own config). ConfigError (one line) when the workdir is not a task 'vq' run."""
+    tokenizer = config.image_tokenizer.workdir
+    if not tokenizer:
+        tokenizer = storage.join(workdir, "tokenizer")
+        vq_config = tokenizer_config(config) if vq_config is None else vq_config
+        if not storage.isdir(storage.join(tokenizer, "checkpoints", str(vq_config.train.steps))):
+            log(f"mmjax: image_tokenizer.workdir is empty: training an image tokenizer first in {tokenizer}")
+            train_fn(vq_config, tokenizer)
+    source = config_lib.load_workdir_config(tokenizer)
+    if source.task != "vq":
+        raise ConfigError([f"image_tokenizer.workdir={tokenizer!r} is a task {source.task!r} workdir, not an image "
+                           f"tokenizer (task 'vq')"])
+    c = config.copy_and_resolve_references()
+    c.unlock()
+    c.image_tokenizer.workdir = tokenizer
+    c.init_from.update(path=tokenizer, include=include)
+    if include not in tuple(c.optim.freeze_rules):
+        c.optim.freeze_rules = tuple(c.optim.freeze_rules) + (include,)
+    c.model.vq.update(source.model.vq.to_dict())
+    c.model.image.channels = int(source.model.image.channels)
+    c.data.update(image_mean=tuple(source.data.image_mean), image_std=tuple(source.data.image_std))
+    return c, source
 
 
 class VQTokenizer:
