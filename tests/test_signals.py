@@ -6,6 +6,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -31,10 +32,10 @@ def data_dir(tmp_path_factory):
 class _Run:
     """`mmjax train` on the tiny config in a subprocess, its output read line by line as it comes."""
 
-    def __init__(self, workdir, data_dir, *flags):
+    def __init__(self, workdir, data_dir, *flags, env=None):
         cmd = [sys.executable, "-m", "mmjax", "train", "--config", TINY, "--workdir", str(workdir),
                f"--config.data.data_dir={data_dir}", "--config.train.steps=100000", *flags]
-        self.proc = subprocess.Popen(cmd, env=mmjax_env(), cwd=ROOT, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen(cmd, env=env or mmjax_env(), cwd=ROOT, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
         self.lines: queue.Queue = queue.Queue()
         self.seen: list[str] = []
@@ -138,3 +139,40 @@ def test_a_signal_while_starting_exits_0_with_a_message(tmp_path, signum):
     assert re.search(r"mmjax: (preempted|interrupted): stopped before step 1/100000, while starting: nothing to "
                      r"save; nothing was trained yet", out), out
     assert not _steps(tmp_path / "w")
+
+
+@pytest.mark.slow
+def test_second_sigint_aborts_both_processes_of_a_two_process_run(tmp_path, data_dir):
+    # Ctrl-C in the terminal of `launch/local.sh` reaches every process of the run; the second one must end them
+    # all at once, including one that waits in a collective for a peer that is already gone.
+    _train(tmp_path / "prepare", data_dir, "--stop-at-step=1")  # the data set, built once before two readers
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mesh = ("--config.mesh.data=-1", "--config.mesh.fsdp=2", "--config.checkpoint.every_steps=2")
+    envs = [dict(mmjax_env(devices=4), MMJAX_COORDINATOR=f"127.0.0.1:{port}", MMJAX_NUM_PROCESSES="2",
+                 MMJAX_PROCESS_ID=str(i)) for i in range(2)]
+    for env in envs:
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)  # each compiles for itself, as in test_multiprocess
+    runs = [_Run(tmp_path / "w", data_dir, *mesh, env=env) for env in envs]
+    deadline = time.time() + 400
+    while time.time() < deadline and len(read_metrics(str(tmp_path / "w"))) < 5:
+        assert all(r.proc.poll() is None for r in runs), [r.finish(timeout=30)[1][-3000:] for r in runs]
+        time.sleep(0.2)
+    for r in runs:
+        r.proc.send_signal(signal.SIGINT)
+    runs[0].wait_for("SIGINT received")  # process 0 speaks for the run
+    time.sleep(1)  # a second Ctrl-C comes later than the first: one signal each, not two coalesced into one
+    for r in runs:
+        r.proc.send_signal(signal.SIGINT)
+    (code, out), (code_1, out_1) = (r.finish(timeout=60) for r in runs)
+    assert code == code_1 == 130, out[-3000:] + out_1[-3000:]
+    assert "mmjax: second interrupt: aborting now" in out
+    assert "Traceback" not in out + out_1
+    complete = _steps(tmp_path / "w")
+    assert complete and complete[-1] >= 2
+    # One process (8 devices) resumes the workdir from its newest complete checkpoint.
+    code, out = _Run(tmp_path / "w", data_dir, *mesh, f"--stop-at-step={complete[-1] + 1}",
+                     env=mmjax_env(devices=8)).finish()
+    assert code == 0, out[-3000:]
+    assert f"resumed from {tmp_path / 'w' / 'checkpoints'}/{complete[-1]}\n" in out

@@ -64,15 +64,21 @@ def use_cpu_host() -> None:
         jax.config.update("jax_platforms", "cpu")
 
 
+def reserve_cpu_devices(n: int) -> None:
+    """Asks for `n` CPU devices before the CPU backend starts (checking the config may start it: tracing the model
+    asks JAX for its default backend); a no-op once it runs."""
+    try:
+        jax.config.update("jax_num_cpu_devices", max(n, jax.config.jax_num_cpu_devices))
+    except RuntimeError:  # the CPU backend is already running; use what it has
+        pass
+
+
 def _host_mesh_like(mesh):
     """A CPU mesh of `mesh`'s shape. `StateFactory` runs small eager ops (its init key) under its
     mesh, which compile-only TPU devices cannot execute; it is built on this twin and its shardings
     are moved to the TPU mesh. Needs as many CPU devices: asks for them before the backend starts."""
     n = mesh.devices.size
-    try:
-        jax.config.update("jax_num_cpu_devices", max(n, jax.config.jax_num_cpu_devices))
-    except RuntimeError:  # the CPU backend is already running; use what it has
-        pass
+    reserve_cpu_devices(n)
     cpu = jax.devices("cpu")
     if len(cpu) < n:
         raise LibtpuMissing(f"the CPU backend started with {len(cpu)} devices before `mmjax compile` could "
@@ -271,6 +277,7 @@ def compile_for_topology(config, topology: str, num_slices: int = 1,
     if num_slices < 1:
         raise TopologyError(f"--num-slices must be >= 1, got {num_slices}")
     devices = topology_devices(topo, num_slices)
+    reserve_cpu_devices(len(devices))
     preflight.check(config, len(devices), 1)
     mesh = topology_mesh(config.mesh, devices, num_slices)
     t0 = time.perf_counter()
