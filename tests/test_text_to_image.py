@@ -200,3 +200,18 @@ def test_one_train_command_from_scratch_beats_the_per_position_per_class_nll(tmp
         final = [json.loads(line) for line in f][-1]
     assert final["gen/nll_bits_per_token"] < final["gen/nll_baseline_bits_per_token"], final
     assert final["gen/prompt_accuracy"] > 0.5, final
+
+
+def test_sampling_benchmark_cached_and_recomputed_greedy_codes_agree(tmp_path):
+    # benchmarks/sampling.py times the KV-cached sampler against recomputing every position; its figures mean
+    # something only if both draw the same codes (greedy here), which the script checks and reports.
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("sampling_bench", os.path.join(ROOT, "benchmarks", "sampling.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "sampling.json"
+    assert bench.main(["--batch", "2", "--width", "64", "--depth", "1", "--top-k", "1", "--repeats", "1",
+                       "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["codes_agree"] == 1.0 and r["shape"]["image_tokens"] == 64
+    assert r["cached"]["images_per_s"] == pytest.approx(2 / r["cached"]["median_s"])
