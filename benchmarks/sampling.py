@@ -7,7 +7,8 @@ codes, classifier-free guidance at scale `--guidance` (two cache rows per image)
               then one code per step over the KV cache
   recompute   the same generator without a cache: at step t the caption and all codes so far (fixed length, causal
               mask, `image_logits`) run again for both guidance halves, and code t is drawn from the guided logits
-Both draw code t with `jax.random.fold_in(key, t)`; with --top-k 1 (greedy) the script checks they agree. Each is
+Both draw code t with `jax.random.fold_in(key, t)` over the decoder's whole vocabulary (non-image columns at -inf), so
+they draw the same codes up to float rounding; with --top-k 1 (greedy) the script checks they agree. Each is
 jitted and warmed up once, then they alternate `--repeats` times; prints images/s (medians), `--out` writes JSON.
 
     python benchmarks/sampling.py --repeats 3
@@ -58,7 +59,8 @@ def cached_fn(model, args):
 
 
 def recompute_fn(model, args):
-    n = model.image_tokens
+    n, fields = model.image_tokens, model.generator_fields()
+    columns = -(-fields["vocab_size"] // fields["vocab_multiple"]) * fields["vocab_multiple"]  # the decoder's logits
 
     @jax.jit
     def run(params, text, key):
@@ -68,9 +70,12 @@ def recompute_fn(model, args):
             both = model.apply({"params": params}, jnp.concatenate([text, blank]), jnp.concatenate([codes, codes]),
                                method="image_logits")  # every position, again, for both halves
             cond, uncond = jnp.split(both[:, t], 2)
-            logits = uncond + args.guidance * (cond - uncond)
-            code = decoding.sample_tokens(jax.random.fold_in(key, t), logits, 1.0, args.top_k, 1.0)
-            return codes.at[:, t].set(code.astype(jnp.int32))
+            guided = uncond + args.guidance * (cond - uncond)
+            # drawn over the decoder's whole vocabulary, the other columns at -inf, as the cached sampler draws
+            logits = jnp.full((guided.shape[0], columns), -jnp.inf).at[
+                :, model.text_vocab:model.text_vocab + model.image_vocab].set(guided)
+            token = decoding.sample_tokens(jax.random.fold_in(key, t), logits, 1.0, args.top_k, 1.0)
+            return codes.at[:, t].set(token.astype(jnp.int32) - model.text_vocab)
         return jax.lax.fori_loop(0, n, step, jnp.zeros((text.shape[0], n), jnp.int32))
     return run
 
