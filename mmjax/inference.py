@@ -104,10 +104,11 @@ class LoadedModel:
                                    max_new_tokens=n, beam=int(beam), top_p=float(top_p),
                                    batch_size=self.encoder.batch_size, eos_id=eos_id, pad_id=PAD_ID, seed=seed)
 
-    def caption(self, images, beam: int = 1, top_p: float = 1.0, prompt: str = "", seed: int = 0) -> list[str]:
+    def caption(self, images, beam: int = 1, top_p: float = 1.0, prompt: str = "", seed: int = 0,
+                preprocessed: bool = False) -> list[str]:
         """One caption per image (see `caption_tokens`): the prompt's text followed by what the model wrote."""
         ids = [self.tokenizer.bos_id] + self.tokenizer.text_to_ids(prompt)
-        out = self.caption_tokens(images, ids, beam=beam, top_p=top_p, seed=seed)
+        out = self.caption_tokens(images, ids, beam=beam, top_p=top_p, seed=seed, preprocessed=preprocessed)
         prompts = np.broadcast_to(np.asarray(ids, np.int32), (len(out["tokens"]), len(ids)))
         return self.tokenizer.decode(np.concatenate([prompts, out["tokens"]], axis=1))
 

@@ -186,6 +186,17 @@ def test_generate_cli_one_line_per_image_and_errors(trained, tmp_path, capsys):
     assert err.startswith("mmjax: error:") and "context" in err and "\n" not in err
 
 
+@pytest.mark.slow
+def test_eval_writes_the_caption_sheet_beside_its_numbers(trained, capsys):
+    # `mmjax eval` of a captioning workdir: the contrastive numbers and a PNG of its captions of 8 test images.
+    assert cli.main(["eval", "--config", CONFIG, "--workdir", trained, *TINY]) == 0
+    steps = [int(n[:-5]) for n in os.listdir(os.path.join(trained, "eval")) if n[:-5].isdigit()]
+    sheet = os.path.join(trained, "eval", f"captions_{max(steps)}.png")
+    image = Image.open(sheet)
+    assert image.size[0] > 400 and image.size[1] > 200  # 2 rows of 4 images with their captions
+    assert "zeroshot/top1" in json.load(open(os.path.join(trained, "eval", f"{max(steps)}.json")))
+
+
 # A tiny open_clip CoCa: vision 32x32 / 8 (pooler: 1 + 5 queries, 2 heads), text and multimodal width 32.
 TINY_COCA = {"embed_dim": 32, "custom_text": True,
              "vision_cfg": {"image_size": 32, "layers": 2, "width": 48, "patch_size": 8, "head_width": 16,

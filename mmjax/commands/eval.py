@@ -3,7 +3,8 @@
 For each evaluated step it writes `W/eval/<step>.json` (flat keys: zeroshot/top1, zeroshot/top5,
 retrieval/i2t/r1|r5|r10, retrieval/t2i/r1|r5|r10, linear_probe/top1, plus linear_probe/l2), prints a
 table, and writes PNGs to `W/eval/`: `curves.png` (loss and eval metrics vs step),
-`confusion_<step>.png` (zero-shot) and `retrieval_<step>.png` (top-5 images for a few text queries).
+`confusion_<step>.png` (zero-shot), `retrieval_<step>.png` (top-5 images for a few text queries) and, for a
+captioning model (task 'coca'), `captions_<step>.png` (its greedy captions of the first 8 test images).
 A model with an audio tower also gets zeroshot/audio/top1|top5 on the held-out voices' clips (the same figures
 `mmjax train` logs); without an image tower that is its whole evaluation (zeroshot/top1 is then the audio's).
 
@@ -115,6 +116,11 @@ def run(config, workdir: str, step: int | None = None, all_steps: bool = False, 
         _write_json(storage.join(eval_dir, f"{s}.json"), {"step": s, **metrics})
         if plots and extras["zeroshot_preds"] is not None:  # the image plots
             _write_plots(eval_dir, s, data, extras)
+        if plots and model.config.task == "coca":  # what the model writes about the first test images
+            first = data["test"]["image"][:8]
+            plots_lib.caption_sheet(first, model.caption(first, preprocessed=True),
+                                    storage.join(eval_dir, f"captions_{s}.png"),
+                                    [data["class_names"][int(l)] for l in data["test"]["label"][:8]])
     if plots and results:
         plots_lib.training_curves(read_metrics(workdir, log=out), read_eval_results(workdir, log=out),
                                   storage.join(eval_dir, "curves.png"))

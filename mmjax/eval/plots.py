@@ -158,3 +158,26 @@ def contact_sheet(queries: Sequence[str], images: np.ndarray, top_idx: np.ndarra
     _save(fig, out)
     plt.close(fig)
     return out
+
+
+def caption_sheet(images: np.ndarray, captions: Sequence[str], out: str, labels: Sequence[str] | None = None,
+                  columns: int = 4) -> str:
+    """The generated caption under each image (images [N,H,W,C] preprocessed or uint8), with the image's label
+    (e.g. its class name) when given, `columns` per row."""
+    plt = _plt()
+    n = len(captions)
+    rows = -(-n // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.8 * columns, 3.4 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        img = _displayable(images[i])
+        ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
+        text = f"\u201c{captions[i]}\u201d" + (f"\n(label: {labels[i]})" if labels is not None else "")
+        ax.set_title(text, fontsize=8, wrap=True)
+    fig.suptitle("generated captions (greedy)", fontsize=11)
+    fig.tight_layout()
+    _save(fig, out)
+    plt.close(fig)
+    return out
