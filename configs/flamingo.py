@@ -1,6 +1,7 @@
 """A Flamingo-like model at real shapes (task 'flamingo', stage 'flamingo'), for `mmjax compile` on v5p-256.
 
-    mmjax compile --config configs/flamingo.py --topology v5p-256 --config.mesh.fsdp=-1 --config.mesh.tensor=4
+    mmjax compile --config configs/flamingo.py --topology v5p-256 --config.mesh.data=1 --config.mesh.fsdp=-1 \
+        --config.mesh.tensor=4
 
 Vision: ViT-L/14 at 224 px (frozen). Resampler: 64 latents x 6 layers (width 1024, 16 heads). LM: a 7B-shaped
 decoder (width 4096, 32 layers, 32 heads, MLP 11008, 32,000 ids + <image>, <|endofchunk|>), frozen, with a
