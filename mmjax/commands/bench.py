@@ -39,7 +39,7 @@ from mmjax.training.step import MAX_STEPS_IN_FLIGHT, jit_train_step
 
 
 def synthetic_batch(config, batch_size: int, seed: int = 0, start: int = 0) -> dict[str, np.ndarray]:
-    """Random host inputs of `config`'s train step (its task's `inputs`), shaped as its `dummy_batch`:
+    """Random host inputs of `config`'s train step (its task's `inputs`), shaped as its `step_batch`:
     'image' float32 [B, H, W, C] ~ N(0, 1); 'text' int32 [B, L], ids in [3, vocab) over a random length in
     [2, L] and pad (0) after it; 'audio' float32 [B, T] ~ N(0, 0.1); 'label' int32 [B] in [0, classes).
 
@@ -47,7 +47,7 @@ def synthetic_batch(config, batch_size: int, seed: int = 0, start: int = 0) -> d
     (seed, i), so a process that builds only its slice of a global batch gets the same rows as one process
     building it all."""
     task = get_task(config)
-    shapes = {k: v.shape[1:] for k, v in task.dummy_batch(config, 1).items()}
+    shapes = {k: v.shape[1:] for k, v in task.step_batch(config, 1).items()}
     rows = {key: [] for key in task.inputs(config)}
     for index in range(start, start + batch_size):
         rng = np.random.default_rng((seed, index))

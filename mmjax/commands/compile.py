@@ -31,7 +31,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding
@@ -211,7 +210,7 @@ def lower_train_step(config, mesh):
         factory.shardings)
     batch_sharding = shd.batch_sharding(mesh)
     b = config.train.batch_size
-    shapes = dict(get_task(config).dummy_batch(config, b), label=jax.ShapeDtypeStruct((b,), jnp.int32))
+    shapes = get_task(config).step_batch(config, b)
     batch = {k: jax.ShapeDtypeStruct(shapes[k].shape, shapes[k].dtype, sharding=batch_sharding)
              for k in train_lib.step_inputs(config)}
     step_fn = train_lib.jit_train_step(config, factory, mesh)  # the step exactly as training jits it

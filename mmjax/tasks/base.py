@@ -5,6 +5,7 @@ A task says
   - `inputs(config)`: the batch keys its step reads (the loader may carry more; batches keep only these);
   - `examples`: what the training stream's examples are ('captions', or 'pairs': image-caption matching pairs);
   - `build_model(model_config)`: its Flax module, and `dummy_batch(config, n)`: input shapes to initialise it;
+  - `step_batch(config, n)`: the shapes of a training batch as the loader delivers it (by default the same);
   - `objective(config, mesh)`: `(model, params, batch, step) -> (loss, metrics of scalars)`, optionally with its
     own `value_and_grad(model, params, batch, step, trainable=None)` (GradCache does);
   - `evaluate(config, model, params, mesh, rules, cache)`: its evaluators' metrics ({} if none);
@@ -98,6 +99,11 @@ class Task(abc.ABC):
 
     def dummy_batch(self, config, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         return dummy_batch(config, batch_size)
+
+    def step_batch(self, config, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes of one training batch of `batch_size` examples as the loader delivers it to the step (what
+        `mmjax compile` and `mmjax bench` feed it): `dummy_batch` plus 'label' int32 [B] by default."""
+        return dict(self.dummy_batch(config, batch_size), label=jax.ShapeDtypeStruct((batch_size,), jnp.int32))
 
     @abc.abstractmethod
     def objective(self, config, mesh: Mesh) -> Objective | Callable:

@@ -256,6 +256,15 @@ class FlamingoTask(Task):
             out['image'] = jax.ShapeDtypeStruct((batch_size, 1) + image.shape[1:], image.dtype)
         return out
 
+    def step_batch(self, config, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """The loader's batch: `batch_size` images [B,H,W,C] and their labels, which the objective packs into
+        sequences of model.flamingo.max_images (no images for stage 'lm')."""
+        shapes = dummy_batch(config, batch_size)
+        out = {'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+        if not text_only(config):
+            out['image'] = shapes['image']
+        return out
+
     def objective(self, config, mesh: Mesh):
         return flamingo_objective(config)
 
