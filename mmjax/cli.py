@@ -14,6 +14,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from jax._src import xla_bridge  # importing JAX starts no backend: the CPU flags can still be set
+
 from mmjax import config as config_lib
 from mmjax.commands import bench as bench_cmd
 from mmjax.commands import compile as compile_cmd
@@ -113,8 +115,6 @@ def _announce_cpu_defaults(args) -> None:
     JAX's backends exist (`cli.main` called again in one process, as tests and notebooks do) flags would no longer
     apply here and would only reach the processes this one starts, which would then compute differently from it:
     XLA_FLAGS is left as it is."""
-    from jax._src import xla_bridge  # jax is imported by now; its backends may not be
-
     defaults = [] if xla_bridge.backends_are_initialized() else list(cpu.tune_cpu_xla_flags())
     if cpu.CPU_MALLOC_TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":"):
         defaults.append(f"GLIBC_TUNABLES={cpu.CPU_MALLOC_TUNABLE}")  # in effect (the entry point set it)

@@ -25,6 +25,7 @@ from mmjax import inference, storage
 from mmjax.errors import NotAWorkdirError
 from mmjax.eval import plots as plots_lib
 from mmjax.eval.suite import evaluate_model, format_table, load_eval_data
+from mmjax.tasks import get_task
 from mmjax.training.checkpoint import Checkpointer, NoCheckpointError
 from mmjax.training.metrics import read_metrics
 
@@ -116,7 +117,7 @@ def run(config, workdir: str, step: int | None = None, all_steps: bool = False, 
         _write_json(storage.join(eval_dir, f"{s}.json"), {"step": s, **metrics})
         if plots and extras["zeroshot_preds"] is not None:  # the image plots
             _write_plots(eval_dir, s, data, extras)
-        if plots and model.config.task == "coca":  # what the model writes about the first test images
+        if plots and get_task(model.config).generates == "captions":  # what it writes about the first test images
             first = data["test"]["image"][:8]
             plots_lib.caption_sheet(first, model.caption(first, preprocessed=True),
                                     storage.join(eval_dir, f"captions_{s}.png"),

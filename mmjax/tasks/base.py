@@ -88,6 +88,7 @@ class Task(abc.ABC):
 
     name = ""
     examples = "captions"  # the training stream's examples (mmjax.data.pipeline.EXAMPLES)
+    generates = ""  # what its sampler writes: "captions" (mmjax eval draws them), "text", "images"; "" none
     init_examples_per_shard = 1  # rows per batch shard of the init batch (ITM mines negatives: needs 2)
 
     def inputs(self, config) -> tuple[str, ...]:

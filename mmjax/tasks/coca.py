@@ -103,6 +103,7 @@ def caption_evals(config, model: nn.Module, params, mesh: Mesh, rules, cache: di
 
 class CocaTask(Task):
     name = "coca"
+    generates = "captions"
 
     examples = "described"  # digits: captions from the pixels (mmjax.data.digit_captions); corpora: their own
 

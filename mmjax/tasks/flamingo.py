@@ -240,6 +240,7 @@ def flamingo_problems(config) -> list[str]:
 
 class FlamingoTask(Task):
     name = 'flamingo'
+    generates = "text"
 
     def inputs(self, config) -> tuple[str, ...]:
         return ('label',) if text_only(config) else ('image', 'label')

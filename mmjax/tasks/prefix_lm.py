@@ -223,6 +223,7 @@ def prefix_lm_flops_per_example(config) -> float:
 
 class PrefixLMTask(Task):
     name = 'prefix_lm'
+    generates = "text"
 
     def inputs(self, config) -> tuple[str, ...]:
         return ('image', 'label', 'audio') if 'audio' in config_lib.model_towers(config) else ('image', 'label')

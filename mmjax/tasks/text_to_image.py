@@ -319,6 +319,7 @@ def prepare(config, workdir: str, train_fn: Callable, log: Callable = print):
 
 class TextToImageTask(Task):
     name = "text_to_image"
+    generates = "images"
 
     def build_model(self, model_config) -> nn.Module:
         return build_text_to_image_model(model_config)
