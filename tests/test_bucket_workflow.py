@@ -70,9 +70,14 @@ def test_train_kill_resume_eval_load_all_on_gs(gs_bucket, gs_server, tmp_path, m
     # The three runs compared bit for bit run alike: each an `mmjax train` process of its own.
     train = [sys.executable, "-m", "mmjax", "train", "--workdir"]
     env = mmjax_env(devices=jax.device_count(), **gs_server.env_for_subprocess())
-    done = subprocess.run([*train, reference, *stream_args(spec, 6)], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+
+    def train_to_the_end(workdir) -> str:
+        done = subprocess.run([*train, workdir, *stream_args(spec, 6)], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout + done.stderr
+
+    train_to_the_end(reference)
 
     # The same run, SIGKILLed after its checkpoint 2 is on the bucket, then resumed from the bucket.
     proc = subprocess.Popen([*train, run, *stream_args(spec, 6)], cwd=tmp_path, env=env,
@@ -85,10 +90,7 @@ def test_train_kill_resume_eval_load_all_on_gs(gs_bucket, gs_server, tmp_path, m
     before = read_metrics(run)
     assert [r["step"] for r in before][:2] == [1, 2]
     # The lock of the killed run (same machine, its pid gone) is taken over at once.
-    done = subprocess.run([*train, run, *stream_args(spec, 6)], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "taking over the lock" in done.stdout + done.stderr
+    assert "taking over the lock" in train_to_the_end(run)
     for a, b in zip(params_of(reference), params_of(run), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # The metrics of both runs of the workdir read as one stream, none lost: the killed run's records, then the
