@@ -10,6 +10,12 @@ cores shared with other jobs (load 6-8), about a minute on 2 free cores (estimat
 pixel values [0, 1], `vq/mse` = 0.0013 (`vq/psnr` 28.7 dB) against `vq/baseline_mse` = 0.0491 (13.1 dB) for
 predicting every image by the train split's per-pixel mean (`vq/mse_vs_baseline` 0.027), `vq/usage` = 1.0 (all 128
 codes used) and `vq/perplexity` = 87.5, written to /tmp/vq1/metrics.jsonl. docs/generative.md has the details.
+
+The independent classifier (logistic regression on pixels, fitted on the real training images; the one the
+text-to-image evaluation uses) on the held-out images (measured 2026-12-05,
+`mmjax train --config configs/vq_digits.py --workdir /tmp/vq_h`: 1 min 12 s wall, 72 CPU-seconds at load 1-3,
+the same mse / usage / perplexity as above): `vq/classifier_accuracy_original` = 0.958,
+`vq/classifier_accuracy_reconstructed` = 0.961 (`vq/classifier_accuracy_gap` = -0.003: within the issue's 2 points).
 """
 
 from mmjax.config import base_config

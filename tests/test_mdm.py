@@ -2,7 +2,8 @@
 gradients, outputs independent of the other experts), BEiT's block masking hits its ratio with rectangles, and
 masked data modelling on the digits trains through `mmjax train`'s code path (the CLI's `main`) after a VQ
 tokenizer trained first by the same command: the masked losses fall, the masked accuracies beat the most frequent target, the
-dual encoder is evaluated, and the run resumes."""
+dual encoder is evaluated (with the linear probe next to the same probe at random init, in training's evaluation and
+in `mmjax eval`), and the run resumes."""
 
 import json
 import os
@@ -15,8 +16,12 @@ import pytest
 import mmjax
 from mmjax import cli, tasks
 from mmjax import config as config_lib
+from mmjax.commands import eval as eval_cmd
 from mmjax.config import base_config
 from mmjax.errors import ConfigError
+from mmjax.eval.encoder import TowerEncoder
+from mmjax.eval.linear_probe import linear_probe_eval
+from mmjax.eval.suite import load_eval_data
 from mmjax.models.layers import strip_boxes
 from mmjax.models.multiway import MultiwayBlock
 from mmjax.runtime import sharding as shd
@@ -197,6 +202,7 @@ def test_masked_data_modelling_trains_beats_the_baselines_and_resumes(tmp_path, 
         assert late["acc"] > late["baseline_acc"] + 0.05, (part, late)
     final = records[-1]
     assert final["step"] == STEPS and "zeroshot/top1" in final  # the dual encoder went through zero-shot
+    _check_random_init_probe(workdir, final)
     for part in ("mim", "mlm", "pair_mlm"):  # held-out test split, fixed masks
         assert final[f"mdm/{part}_acc"] > final[f"mdm/{part}_baseline_acc"], final
     model = mmjax.load(str(workdir))  # the dual encoder for inference; the tokenizer is the VQ run's, frozen
@@ -211,6 +217,23 @@ def test_masked_data_modelling_trains_beats_the_baselines_and_resumes(tmp_path, 
     not_a_tokenizer.image_tokenizer.workdir = str(workdir)  # a task 'mdm' workdir
     with pytest.raises(ConfigError, match="is a task 'mdm' workdir, not an image tokenizer"):
         MdmTask().prepare(not_a_tokenizer, str(tmp_path / "other"), train_fn=None)
+
+
+def _check_random_init_probe(workdir, final):
+    """The final record's linear_probe/random_init/top1 is the probe on the run's fresh params (StateFactory.init
+    with the run's seed, as training starts, before init_from); `mmjax eval` reports the same next to the
+    pretrained probe."""
+    assert {"linear_probe/top1", "linear_probe/random_init/top1", "linear_probe/random_init/l2"} <= set(final)
+    config = config_lib.load_workdir_config(str(workdir))
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
+    factory = StateFactory(config, shd.make_mesh(config.mesh, jax.devices()[:1]))
+    data = load_eval_data(config)
+    fresh = TowerEncoder(factory.model, factory.init(int(config.seed)).params, factory.mesh, factory.rules)
+    probe = linear_probe_eval(fresh, data["train"], data["test"])[0]["linear_probe/top1"]
+    assert abs(final["linear_probe/random_init/top1"] - probe) <= 2 / 360, (final, probe)  # up to float ties
+    evaluated = eval_cmd.run(config, str(workdir), progress=False, plots=False, out=lambda _: None)[STEPS]
+    for key in ("linear_probe/top1", "linear_probe/random_init/top1"):
+        assert abs(evaluated[key] - final[key]) <= 2 / 360, (key, evaluated, final)
 
 
 def _vq_params(workdir):

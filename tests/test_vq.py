@@ -1,6 +1,7 @@
 """Task 'vq', the image tokenizer: the straight-through estimator, the cosine lookup, the dead-code restart, and
 training through `mmjax train`'s code path (the CLI's `main`): it beats the per-pixel-mean baseline, uses the
-codebook, round-trips images through `encode_tokens` / `decode_tokens`, and resumes exactly."""
+codebook, round-trips images through `encode_tokens` / `decode_tokens`, and resumes exactly; the independent
+classifier of the generation evaluation judges the reconstructions."""
 
 import os
 
@@ -15,11 +16,12 @@ from mmjax import cli, tasks
 from mmjax import config as config_lib
 from mmjax.data import pipeline
 from mmjax.errors import ConfigError
+from mmjax.eval.generation import PixelClassifier
 from mmjax.losses import vq as vq_losses
 from mmjax.models.layers import strip_boxes
 from mmjax.models.vq import VectorQuantizer, VQAutoencoder, l2_normalize
 from mmjax.runtime import sharding as shd
-from mmjax.tasks.vq import to_pixels
+from mmjax.tasks.vq import real_eval_images, to_pixels
 from mmjax.training.checkpoint import Checkpointer
 from mmjax.training.metrics import read_metrics
 from mmjax.training.state import StateFactory
@@ -27,6 +29,7 @@ from mmjax.training.state import StateFactory
 ROOT = os.path.dirname(os.path.dirname(__file__))
 CONFIG = os.path.join(ROOT, "configs", "vq_digits.py")
 STEPS, HALF = 60, 30
+RECON_GAP = 0.15  # the tiny 60-step tokenizer's reconstructions: at most this much below the originals
 # A small tokenizer: 8x8 digits -> 4x4 codes of a 32-entry codebook; checkpoints at HALF and STEPS.
 TINY_VQ = ["--quiet", "--config.model.vq.widths=(16, 32)", "--config.model.vq.codebook_size=32",
            "--config.train.batch_size=64", f"--config.train.steps={STEPS}", "--config.train.log_every=5",
@@ -99,6 +102,26 @@ def test_config_checks_name_the_key():
         tasks.validate(config, 1)
     text = "\n".join(e.value.problems)
     assert "model.image.image_size=6 is not divisible by" in text and "model.vq.recon_loss: 'l3'" in text
+
+
+def test_the_independent_classifier_tells_an_untrained_tokenizer_from_the_originals(data_dir):
+    config = config_lib.load_config_file(CONFIG)
+    config.data.data_dir = data_dir
+    config.model.vq.widths, config.model.vq.codebook_size = (16, 32), 32
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
+    factory = StateFactory(config, shd.make_mesh(config.mesh, jax.devices()[:1]))
+    cache = {}
+    out = tasks.get_task(config).evaluate(config, factory.model, factory.init(0).params, factory.mesh,
+                                          factory.rules, cache)
+    data = real_eval_images(config, cache)
+    assert data["classifier"] is real_eval_images(config, cache)["classifier"]  # fitted once per cache
+    fresh = PixelClassifier(data["train"]["pixels"], data["train"]["label"])  # the held-out accuracy, refitted
+    assert out["vq/classifier_accuracy_original"] == fresh.accuracy(data["test"]["pixels"], data["test"]["label"])
+    assert out["vq/classifier_accuracy_original"] > 0.9, out
+    # an untrained tokenizer's reconstructions carry no digit: the classifier is near chance (0.1) on them
+    assert out["vq/classifier_accuracy_reconstructed"] < 0.3, out
+    assert out["vq/classifier_accuracy_gap"] == pytest.approx(
+        out["vq/classifier_accuracy_original"] - out["vq/classifier_accuracy_reconstructed"])
 
 
 def _revive(restart_weight: float, steps: int = 100) -> tuple[int, int]:
@@ -205,6 +228,9 @@ def test_training_beats_the_mean_baseline_and_uses_the_codebook(trained):
     assert final["vq/mse"] < 0.3 * final["vq/baseline_mse"], final  # held-out images, test split
     assert final["vq/psnr"] > final["vq/baseline_psnr"] + 5
     assert final["vq/usage"] * 32 >= 12 and final["vq/perplexity"] > 8, final
+    # the independent classifier reads the digit from the reconstructions, almost as well as from the originals
+    assert final["vq/classifier_accuracy_original"] > 0.9, final
+    assert final["vq/classifier_accuracy_reconstructed"] > final["vq/classifier_accuracy_original"] - RECON_GAP, final
 
 
 def test_encode_decode_tokens_roundtrip_beats_the_baseline(trained, data_dir):

@@ -1,7 +1,8 @@
 """`mmjax eval --config C --workdir W [--step N | --all]`: evaluates checkpoints of a training workdir.
 
 For each evaluated step it writes `W/eval/<step>.json` (flat keys: zeroshot/top1, zeroshot/top5,
-retrieval/i2t/r1|r5|r10, retrieval/t2i/r1|r5|r10, linear_probe/top1, plus linear_probe/l2), prints a
+retrieval/i2t/r1|r5|r10, retrieval/t2i/r1|r5|r10, linear_probe/top1, plus linear_probe/l2, and the task's
+reference figures, `Task.reference_evals`: for task 'mdm' linear_probe/random_init/top1|l2), prints a
 table, and writes PNGs to `W/eval/`: `curves.png` (loss and eval metrics vs step),
 `confusion_<step>.png` (zero-shot), `retrieval_<step>.png` (top-5 images for a few text queries) and, for a
 captioning model (task 'coca'), `captions_<step>.png` (its greedy captions of the first 8 test images).
@@ -97,7 +98,7 @@ def run(config, workdir: str, step: int | None = None, all_steps: bool = False, 
     steps = _steps(workdir, step, all_steps)
     eval_dir = storage.join(workdir, "eval")
     storage.makedirs(eval_dir)
-    data, results = None, {}
+    data, reference, results = None, None, {}
     for s in steps:
         try:
             model = inference.load(workdir, s)
@@ -113,6 +114,11 @@ def run(config, workdir: str, step: int | None = None, all_steps: bool = False, 
         if progress:
             out(f"mmjax: evaluating checkpoint {s} of {workdir}")
         metrics, extras = evaluate_model(model, data, progress)
+        if reference is None:  # the reference model does not depend on the checkpoint: once per run
+            enc = model.encoder
+            reference = get_task(model.config).reference_evals(model.config, enc.model, enc.mesh, enc.rules, data,
+                                                               enc.batch_size)
+        metrics.update(reference)
         results[s] = metrics
         _write_json(storage.join(eval_dir, f"{s}.json"), {"step": s, **metrics})
         if plots and extras["zeroshot_preds"] is not None:  # the image plots

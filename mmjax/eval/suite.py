@@ -24,7 +24,8 @@ CAPTION_SEED = 0
 NUM_QUERIES = 4
 KEY_ORDER = ("zeroshot/top1", "zeroshot/top5", "zeroshot/audio/top1", "zeroshot/audio/top5",
              "retrieval/i2t/r1", "retrieval/i2t/r5", "retrieval/i2t/r10",
-             "retrieval/t2i/r1", "retrieval/t2i/r5", "retrieval/t2i/r10", "linear_probe/top1")
+             "retrieval/t2i/r1", "retrieval/t2i/r5", "retrieval/t2i/r10", "linear_probe/top1",
+             "linear_probe/random_init/top1")
 
 
 

@@ -9,6 +9,9 @@ A task says
   - `objective(config, mesh)`: `(model, params, batch, step) -> (loss, metrics of scalars)`, optionally with its
     own `value_and_grad(model, params, batch, step, trainable=None)` (GradCache does);
   - `evaluate(config, model, params, mesh, rules, cache)`: its evaluators' metrics ({} if none);
+  - `reference_evals(config, model, mesh, rules, data, batch_size)`: evaluators of a reference model its
+    figures are compared against (task 'mdm': the linear probe at random init), which training's evaluation and
+    `mmjax eval` both report ({} if none);
   - `config_problems(config)`: what it checks in the config on top of `mmjax.config.validate` (no I/O);
   - `sampler(config, model, n)`: for generative tasks, the program that generates (a `Sampler`, which
     `mmjax compile` compiles for a pod next to the train step); None for the others.
@@ -111,6 +114,13 @@ class Task(abc.ABC):
         """The loss the train step differentiates (see `Objective`)."""
 
     def evaluate(self, config, model: nn.Module, params, mesh: Mesh, rules, cache: dict) -> dict[str, float]:
+        return {}
+
+    def reference_evals(self, config, model: nn.Module, mesh: Mesh, rules, data: dict,
+                        batch_size: int) -> dict[str, float]:
+        """Metrics of a reference model (not the trained params) on the contrastive evaluators' data
+        (`mmjax.eval.suite.load_eval_data`), reported next to the model's by training's evaluation and by
+        `mmjax eval`; {} by default."""
         return {}
 
     def config_problems(self, config) -> list[str]:

@@ -19,8 +19,10 @@ freeze them, training a tokenizer first in <workdir>/tokenizer when `image_token
 checks run before compiling (`config_problems`), and every checkpoint carries the tokenizer.
 
 Evaluation: the dual encoder (vision-only and language-only paths, `encode_image` / `encode_text`) through the
-contrastive evaluators enabled in `config.eval`, and held-out masked accuracy of the three parts on the test
-split with fixed masks against the best constant predictor of those targets ('mdm/...').
+contrastive evaluators enabled in `config.eval`; with the linear probe, the same probe on the same architecture at
+random init (`random_init_probe`, 'linear_probe/random_init/...', also in `mmjax eval`); and held-out masked
+accuracy of the three parts on the test split with fixed masks against the best constant predictor of those
+targets ('mdm/...').
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from mmjax.config import SPECIAL_TOKEN_IDS, validation
 from mmjax.data import pipeline
 from mmjax.data.tokenizers import get_tokenizer
 from mmjax.errors import ConfigError
-from mmjax.eval.encoder import batched_apply
+from mmjax.eval.encoder import TowerEncoder, batched_apply
+from mmjax.eval.linear_probe import linear_probe_eval
 from mmjax.losses import contrastive as contrastive_losses
 from mmjax.losses import fusion as objectives
 from mmjax.models.multiway import build_multiway_model
@@ -243,6 +246,25 @@ def masked_eval(config, model: nn.Module, params, mesh: Mesh, rules, cache: dict
     return results
 
 
+def random_init_params(config, model: nn.Module, mesh: Mesh, rules):
+    """The parameters a run of `config` starts from before `init_from` loads anything: `model.init` with
+    key(config.seed) on the task's dummy batch, as `mmjax.training.state.StateFactory.init` draws them."""
+    shards = int(mesh.shape["data"]) * int(mesh.shape["fsdp"])
+    batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in MdmTask().dummy_batch(config, shards).items()}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return jax.jit(lambda r: nn.unbox(model.init(r, batch)["params"]))(jax.random.key(int(config.seed)))
+
+
+def random_init_probe(config, model: nn.Module, mesh: Mesh, rules, data: dict, batch_size: int) -> dict[str, float]:
+    """The linear probe (`mmjax.eval.linear_probe.linear_probe_eval`, fitted on data['train'], scored on
+    data['test'], each {'image' [N, H, W, C], 'label' [N]}) on the image features of the same architecture at
+    random init (`random_init_params`): {'linear_probe/random_init/top1', 'linear_probe/random_init/l2'}, what
+    pretraining's 'linear_probe/top1' is compared against."""
+    encoder = TowerEncoder(model, random_init_params(config, model, mesh, rules), mesh, rules, batch_size)
+    probe, info = linear_probe_eval(encoder, data["train"], data["test"])
+    return {"linear_probe/random_init/top1": probe["linear_probe/top1"], "linear_probe/random_init/l2": info["l2"]}
+
+
 def _fullmatches_all(patterns, names) -> bool:
     return all(any(re.fullmatch(p, n) for p in patterns) for n in names)
 
@@ -349,8 +371,17 @@ class MdmTask(Task):
 
     def evaluate(self, config, model, params, mesh, rules, cache):
         results = contrastive_evals(config, model, params, mesh, rules, cache)
+        if config.eval.linear_probe and "data" in cache:  # the random-init probe does not change: computed once
+            if "random_init_probe" not in cache:
+                cache["random_init_probe"] = self.reference_evals(config, model, mesh, rules, cache["data"],
+                                                                  int(config.eval.batch_size))
+            results.update(cache["random_init_probe"])
         results.update(masked_eval(config, model, params, mesh, rules, cache))
         return results
+
+    def reference_evals(self, config, model, mesh, rules, data, batch_size):
+        """The linear probe at random init (`random_init_probe`)."""
+        return random_init_probe(config, model, mesh, rules, data, batch_size)
 
     def prepare(self, config, workdir: str, train_fn: Callable, log: Callable = print):
         return prepare_tokenizer(config, workdir, train_fn, log)

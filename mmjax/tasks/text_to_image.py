@@ -40,7 +40,7 @@ from mmjax.models.text_to_image import build_text_to_image_model, sample_codes
 from mmjax.models.vq import vq_flops_per_example
 from mmjax.runtime.flops import train_flops_per_example
 from mmjax.tasks.base import Sampler, Task
-from mmjax.tasks.vq import to_pixels, use_image_tokenizer, vq_problems
+from mmjax.tasks.vq import real_eval_images, to_pixels, use_image_tokenizer, vq_problems
 
 # The tokenizer's parameters in the model: init_from loads them from the tokenizer's workdir, freeze_rules freeze them.
 TOKENIZER_REGEX = r"(encoder|quantizer|decoder)/.*"
@@ -199,16 +199,9 @@ def generate_to_folder(loaded_model, prompts: Sequence[str], num: int, guidance:
 
 
 def _eval_data(config, model, params, mesh, rules, cache: dict) -> dict:
-    """The real images (pixels, uint8-rounded), labels, codes and the independent classifier, computed once."""
-    if "t2i" not in cache:
-        data = {}
-        for split in ("train", "test"):
-            raw = pipeline.load_eval_split(config, split)
-            data[split] = {"pixels": gen_metrics.to_uint8(to_pixels(raw["image"], config)) / 255.0,
-                           "image": raw["image"], "label": raw["label"]}
-        data["classifier"] = gen_metrics.PixelClassifier(data["train"]["pixels"], data["train"]["label"])
-        cache["t2i"] = data
-    data = cache["t2i"]
+    """The real images (`mmjax.tasks.vq.real_eval_images`: pixels, labels and the independent classifier, computed
+    once) with their codes under the current params: data[split]['codes'] int [N, h * w]."""
+    data = real_eval_images(config, cache)
     encode = jax.jit(lambda p, b: {"codes": model.apply({"params": p}, b["image"], method="encode")})
     for split in ("train", "test"):  # the tokenizer is frozen, but evaluate may see other params
         data[split]["codes"] = batched_apply(encode, params, {"image": data[split]["image"]}, mesh, rules,

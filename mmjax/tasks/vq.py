@@ -8,8 +8,10 @@ only, so there is no EMA codebook. Step metrics: 'recon_loss', 'mse', 'baseline_
 'dead_codes', the codebook/commitment/dead-code losses.
 
 Evaluation (`vq_eval`, held-out split of the labelled datasets): reconstruction MSE and PSNR in pixel values
-[0, 1], against the trivial baseline of predicting every test image by the train split's per-pixel mean, and
-codebook usage / perplexity over all the test images' codes ('vq/...').
+[0, 1], against the trivial baseline of predicting every test image by the train split's per-pixel mean, codebook
+usage / perplexity over all the test images' codes, and the independent classifier of the generation evaluation
+(`real_eval_images`: `mmjax.eval.generation.PixelClassifier` fitted on the real training images) on the test
+images and on their reconstructions ('vq/...').
 
 Inference: `VQTokenizer` (`encode_tokens(images) -> codes`, `decode_tokens(codes) -> images`), which
 `VQTask.inference_methods` hands to `mmjax.load`.
@@ -31,6 +33,7 @@ from mmjax import storage
 from mmjax.data import pipeline
 from mmjax.data.image import preprocess_images
 from mmjax.errors import ConfigError
+from mmjax.eval import generation as gen_metrics
 from mmjax.eval.encoder import batched_apply, round_batch
 from mmjax.losses import vq as vq_losses
 from mmjax.models.vq import build_vq_model, vq_flops_per_example
@@ -67,27 +70,51 @@ def _reconstruct_fn(model: nn.Module) -> Callable:
     return jax.jit(lambda p, b: model.apply({"params": p}, b["image"], method="reconstruct"))
 
 
+def real_eval_images(config, cache: dict) -> dict:
+    """The labelled dataset's real images as the image evaluators see them, and the independent classifier,
+    computed once per `cache` (shared by task 'vq' and task 'text_to_image'): {'train' | 'test': {'image':
+    normalised float32 [N, H, W, C] (as the model sees them), 'pixels': pixel values [N, H, W, C] in [0, 1],
+    uint8-rounded, 'label': int [N]}, 'classifier': `mmjax.eval.generation.PixelClassifier` fitted on the train
+    split's pixels}."""
+    if "real_images" not in cache:
+        data = {}
+        for split in ("train", "test"):
+            raw = pipeline.load_eval_split(config, split)
+            data[split] = {"pixels": gen_metrics.to_uint8(to_pixels(raw["image"], config)) / 255.0,
+                           "image": raw["image"], "label": raw["label"]}
+        data["classifier"] = gen_metrics.PixelClassifier(data["train"]["pixels"], data["train"]["label"])
+        cache["real_images"] = data
+    return cache["real_images"]
+
+
 def vq_eval(config, model: nn.Module, params, mesh: Mesh, rules, cache: dict) -> dict[str, float]:
     """Held-out reconstruction of the test split: 'vq/mse' and 'vq/psnr' (pixel values in [0, 1]),
     'vq/baseline_mse' and 'vq/baseline_psnr' (every image predicted by the train split's per-pixel mean),
     'vq/mse_vs_baseline' (their ratio: < 1 beats the baseline), 'vq/usage' (fraction of the codebook used by
-    the test images' codes), 'vq/perplexity', 'vq/num_images'. {} for caption corpora (no held-out split)."""
+    the test images' codes), 'vq/perplexity', 'vq/num_images'; the independent classifier (`real_eval_images`)
+    on the test images, 'vq/classifier_accuracy_original', and on their reconstructions (uint8-rounded, as
+    generated images are judged), 'vq/classifier_accuracy_reconstructed', and 'vq/classifier_accuracy_gap'
+    (original - reconstructed). {} for caption corpora (no held-out split)."""
     if pipeline.is_captioned(config):
         return {}
-    if "vq_test" not in cache:
-        cache["vq_test"] = pipeline.load_eval_split(config, "test")["image"]
-        cache["vq_mean"] = to_pixels(pipeline.load_eval_split(config, "train")["image"], config).mean(axis=0)
-    test = cache["vq_test"]
+    data = real_eval_images(config, cache)
+    if "vq_mean" not in cache:
+        cache["vq_mean"] = to_pixels(data["train"]["image"], config).mean(axis=0)
+    test, labels = data["test"]["image"], data["test"]["label"]
     out = batched_apply(_reconstruct_fn(model), params, {"image": test}, mesh, rules,
                         round_batch(int(config.eval.batch_size), mesh))
-    truth = to_pixels(test, config)
-    mse = float(np.mean(np.square(to_pixels(out["reconstruction"], config) - truth)))
+    truth, recon = to_pixels(test, config), to_pixels(out["reconstruction"], config)
+    mse = float(np.mean(np.square(recon - truth)))
     baseline = float(np.mean(np.square(cache["vq_mean"][None] - truth)))
     counts = vq_losses.code_counts(jnp.asarray(out["codes"]), int(config.model.vq.codebook_size))
     usage, perplexity = jax.device_get(vq_losses.usage_and_perplexity(counts))
+    original = data["classifier"].accuracy(data["test"]["pixels"], labels)
+    reconstructed = data["classifier"].accuracy(gen_metrics.to_uint8(recon) / 255.0, labels)
     return {"vq/mse": mse, "vq/psnr": psnr(mse), "vq/baseline_mse": baseline, "vq/baseline_psnr": psnr(baseline),
             "vq/mse_vs_baseline": mse / max(baseline, 1e-12), "vq/usage": float(usage),
-            "vq/perplexity": float(perplexity), "vq/num_images": float(len(test))}
+            "vq/perplexity": float(perplexity), "vq/num_images": float(len(test)),
+            "vq/classifier_accuracy_original": original, "vq/classifier_accuracy_reconstructed": reconstructed,
+            "vq/classifier_accuracy_gap": original - reconstructed}
 
 
 def tokenizer_config(config):
