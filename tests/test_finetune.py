@@ -257,6 +257,49 @@ def test_init_from_shape_mismatch_names_the_parameter(tmp_path):
         init_from.start(cfg, factory, factory.init(0), log=lambda *a: None)
 
 
+def test_init_from_two_sources_with_renames_and_a_parameter_loaded_twice_is_an_error(tmp_path):
+    """One source gives the text tower, a second gives its image tower under other names (swapped into 'text'
+    and 'image' here by a rename); the same parameter from both sources is refused."""
+    source_cfg = _config("none")
+    source, _ = _factory(source_cfg)
+    a, b = source.init(1), source.init(2)
+    _save_workdir(str(tmp_path / "a"), source_cfg, a)
+    _save_workdir(str(tmp_path / "b"), source_cfg, b)
+    cfg = _config("none")
+    cfg.unlock()
+    cfg.init_from.path, cfg.init_from.include = str(tmp_path / "a"), "text/.*"
+    cfg.init_from.more = (dict(path=str(tmp_path / "b"), include="image/.*",
+                               rename=((r"image/encoder/(.*)", r"image/encoder/\1"),)),)
+    cfg.lock()
+    preflight.check(cfg, 1)
+    factory, _ = _factory(cfg)
+    fresh = factory.init(0)
+    lines = []
+    state = init_from.start(cfg, factory, fresh, log=lines.append)
+    got, fa, fb, init = _flat(state.params), _flat(a.params), _flat(b.params), _flat(fresh.params)
+    for n in got:
+        want = fa[n] if n.startswith("text/") else fb[n] if n.startswith("image/") else init[n]
+        np.testing.assert_array_equal(got[n], want, err_msg=n)
+    assert sum("mmjax: init_from" in line for line in lines) == 2
+
+    assert init_from.rename_params(["image/encoder/cls", "logit_scale"], ((r"image/encoder/(.*)", r"vision/\1"),)
+                                   ) == {"image/encoder/cls": "vision/cls", "logit_scale": "logit_scale"}
+    cfg.unlock()
+    cfg.init_from.more = (dict(path=str(tmp_path / "b"), include="(text|image)/.*"),)
+    cfg.lock()
+    with pytest.raises(config_lib.ConfigError, match=r"parameter 'text/.*' is loaded from both .*/a/.* and .*/b/"):
+        init_from.start(cfg, factory, fresh, log=lambda *a: None)
+    cfg.unlock()
+    cfg.init_from.more = (dict(path=str(tmp_path / "nowhere")), dict(pth="x"))
+    cfg.init_from.rename = (("image/(", "x"),)
+    cfg.lock()
+    with pytest.raises(config_lib.ConfigError) as err:
+        preflight.check(cfg, 1)
+    for expected in ("init_from.more[0].path", "does not exist", "init_from.more[1]: each extra source",
+                     "init_from.rename: invalid regex 'image/('"):
+        assert expected in str(err.value)
+
+
 def test_config_rejects_modes_that_freeze_everything_and_bad_keys(tmp_path):
     cfg = _config("linear_probe")
     cfg.unlock()

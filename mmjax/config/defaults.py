@@ -233,6 +233,8 @@ def _eval_and_finetune_defaults(c: ml_collections.ConfigDict) -> None:
     """eval, finetune, init_from."""
     c.eval = ml_collections.ConfigDict()
     c.eval.zeroshot = True  # zero-shot top-1/top-5 against the dataset's class prompts
+    # Zero-shot prompt templates ('{}' = the class name), e.g. phrased like the training captions; () = the dataset's.
+    c.eval.zeroshot_templates = ()
     c.eval.retrieval = False  # image<->text R@1/5/10 (during training; `mmjax eval` always runs it)
     c.eval.linear_probe = False  # logistic regression on frozen image features (idem)
     c.eval.every_steps = 0  # also evaluate every this many steps during training (0: only at the end)
@@ -255,6 +257,10 @@ def _eval_and_finetune_defaults(c: ml_collections.ConfigDict) -> None:
     c.init_from.path = ""  # a workdir (with config.json and checkpoints/), or its checkpoints/ folder
     c.init_from.step = ml_collections.FieldReference(None, field_type=int)  # None: the latest
     c.init_from.include = ".*"  # regex of parameter paths to load; the others keep their fresh init
+    # ((regex, replacement), ...): checkpoint parameter names -> the model's (first fullmatch; re.Match.expand)
+    c.init_from.rename = ()
+    # More sources, loaded after init_from.path: dicts with path and optional step, include, rename
+    c.init_from.more = ()
 
     # The image tokenizer (a task 'vq' workdir) of the generative tasks; '' = train one in <workdir>/tokenizer.
     # Training one (config.model.vq, image, data of the generator's config): steps, batch_size, lr.

@@ -150,6 +150,10 @@ def _run_problems(config) -> list[str]:
                        ("checkpoint.keep", config.checkpoint.keep)):
         if value <= 0:
             problems.append(f"{key} must be positive, got {value}")
+    for template in tuple(config.eval.get("zeroshot_templates", ()) or ()):
+        if not isinstance(template, str) or template.count("{}") != 1:
+            problems.append(f"eval.zeroshot_templates: each template needs exactly one '{{}}' for the class name; "
+                            f"got {template!r}")
     if config.eval.every_steps < 0:
         problems.append(f"eval.every_steps must be >= 0 (0: evaluate only at the end), got "
                         f"{config.eval.every_steps}")
@@ -273,6 +277,40 @@ def _finetune_problems(config) -> list[str]:
                         f"it needs data.name='digits' (got {config.data.name!r})")
     if config.init_from.step is not None and config.init_from.step < 0:
         problems.append(f"init_from.step must be >= 0 or None (latest), got {config.init_from.step}")
+    problems += _init_from_source_problems(config.init_from)
+    return problems
+
+
+def _rename_problems(key: str, rename) -> list[str]:
+    problems = []
+    for pair in tuple(rename or ()):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            problems.append(f"{key}: each entry is a (regex, replacement) pair of strings; got {pair!r}")
+            continue
+        try:
+            re.compile(pair[0])
+        except re.error as e:
+            problems.append(f"{key}: invalid regex {pair[0]!r}: {e}")
+    return problems
+
+
+def _init_from_source_problems(f) -> list[str]:
+    """init_from.rename and each init_from.more source (a dict: path, and optional step, include, rename)."""
+    problems = _rename_problems("init_from.rename", f.get("rename", ()))
+    for i, more in enumerate(tuple(f.get("more", ()) or ())):
+        key = f"init_from.more[{i}]"
+        if not hasattr(more, "keys") or not more.get("path"):
+            problems.append(f"{key}: each extra source is a dict with a 'path' (and optional 'step', 'include', "
+                            f"'rename'); got {more!r}")
+            continue
+        unknown = sorted(set(more.keys()) - {"path", "step", "include", "rename"})
+        if unknown:
+            problems.append(f"{key}: unknown keys {unknown}; use path, step, include, rename")
+        try:
+            re.compile(more.get("include", ".*"))
+        except re.error as e:
+            problems.append(f"{key}.include: invalid regex {more.get('include')!r}: {e}")
+        problems += _rename_problems(f"{key}.rename", more.get("rename", ()))
     return problems
 
 

@@ -1,5 +1,11 @@
-"""`config.init_from`: a fresh run starts from another run's parameters (all, or those matching
+"""`config.init_from`: a fresh run starts from other runs' parameters (all, or those matching
 `init_from.include`), and says what was loaded, newly initialised and ignored.
+
+Sources: `init_from.path` (with `step`, `include`, `rename`), then each of `init_from.more`, a dict with the same
+keys (e.g. Flamingo: the LM from a text-only run, the vision tower from a contrastive run). `rename` maps a
+checkpoint's parameter names onto the model's: ((regex, replacement), ...), the first regex that fullmatches a
+name gives its new name (`re.Match.expand`), e.g. ('image/encoder/(.*)', r'vision/\1'); `include` matches the
+model's names. A parameter that two sources would load is an error.
 
 `start(config, factory, state)` is what a fresh training run calls; it also reports the trainable fraction
 under a fine-tuning mode or freeze rules.
@@ -29,15 +35,34 @@ def _flat(tree: Any) -> dict[str, Any]:
     return {param_path(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def merge_params(target: Any, source: Any, include: str = '.*') -> tuple[Any, dict[str, list[str]]]:
-    """Copies into `target` every parameter of `source` whose path fullmatches `include` and exists in both.
+def rename_params(names: Any, rename: Any = ()) -> dict[str, str]:
+    """{checkpoint name: model name} for `names` under `rename` ((regex, replacement) pairs; the first regex
+    that fullmatches a name renames it; names no regex matches keep theirs)."""
+    rules = [(re.compile(pattern), replacement) for pattern, replacement in rename]
 
-    Returns (params like `target`, report) with report = {'loaded': paths copied, 'initialised': target paths
-    kept as they were (absent from the source or not included), 'ignored': source paths not used}. Copied
-    arrays take the target's dtype and sharding. Raises ConfigError naming a parameter whose shapes differ.
+    def renamed(name: str) -> str:
+        for regex, replacement in rules:
+            match = regex.fullmatch(name)
+            if match:
+                return match.expand(replacement)
+        return name
+    return {name: renamed(name) for name in names}
+
+
+def merge_params(target: Any, source: Any, include: str = '.*', rename: Any = ()
+                 ) -> tuple[Any, dict[str, list[str]]]:
+    """Copies into `target` every parameter of `source` whose (renamed, see `rename_params`) path fullmatches
+    `include` and exists in both.
+
+    Returns (params like `target`, report) with report = {'loaded': paths copied (the model's names),
+    'initialised': target paths kept as they were (absent from the source or not included), 'ignored': source
+    paths not used (the checkpoint's names)}. Copied arrays take the target's dtype and sharding. Raises
+    ConfigError naming a parameter whose shapes differ.
     """
     pattern = re.compile(include)
-    src = _flat(source)
+    names = rename_params(_flat(source), rename)
+    src = {names[k]: v for k, v in _flat(source).items()}
+    checkpoint_name = {v: k for k, v in names.items()}
     report: dict[str, list[str]] = {'loaded': [], 'initialised': [], 'ignored': []}
 
     def pick(path, leaf):
@@ -57,7 +82,7 @@ def merge_params(target: Any, source: Any, include: str = '.*') -> tuple[Any, di
 
     params = jax.tree_util.tree_map_with_path(pick, target)
     used = set(report['loaded'])
-    report['ignored'] = sorted(n for n in src if n not in used)
+    report['ignored'] = sorted(checkpoint_name[n] for n in src if n not in used)
     return params, report
 
 
@@ -123,15 +148,24 @@ def resolve_source(path: str, step: int | None) -> tuple[str, str, int]:
         ckpt.close()
 
 
-def load_source_params(config, mesh) -> tuple[Any, str]:
-    """Restores the parameters of `config.init_from` onto `mesh`: (params, 'where (step N)')."""
-    workdir, directory, step = resolve_source(config.init_from.path, config.init_from.step)
+def sources(config) -> list[dict[str, Any]]:
+    """The init_from sources of `config`, in load order: dicts with path, step, include, rename."""
+    f = config.init_from
+    first = [dict(path=f.path, step=f.step, include=f.include, rename=tuple(f.get('rename', ())))] if f.path else []
+    return first + [dict(dict(step=None, include='.*', rename=()), **dict(more)) for more in f.get('more', ())]
+
+
+def load_source_params(source: dict[str, Any], mesh) -> tuple[Any, str]:
+    """Restores the parameters of one init_from source (see `sources`) onto `mesh`: (params, 'where (step N)')."""
+    workdir, directory, step = resolve_source(source['path'], source['step'])
     ckpt = Checkpointer(directory, async_save=False, read_only=True)
     try:
         saved = None if storage.exists(storage.join(workdir, 'config.json')) else ckpt.restore_config(step)
         source_config = config_lib.load_workdir_config(workdir, saved)  # unlocked
         source_config.mesh.update({axis: int(size) for axis, size in mesh.shape.items()})
         source_config.init_from.path = ''
+        if 'more' in source_config.init_from:
+            source_config.init_from.more = ()
         source_config.lock()
         factory = StateFactory(source_config, mesh)
         state = ckpt.restore(step, factory.abstract)
@@ -149,10 +183,15 @@ def start(config, factory, state, log: Callable[[str], Any] = print):
         trainable, total = count_trainable(config, state.params)
         log(f'mmjax: finetune.mode={config.finetune.mode!r}: training {trainable} of {total} parameter values '
             f'({100.0 * trainable / total:.2f}%)')
-    if not config.init_from.path:
-        return state
-    source, where = load_source_params(config, factory.mesh)
-    params, report = merge_params(state.params, source, config.init_from.include)
-    sizes = {n: int(np.prod(leaf.shape)) for n, leaf in _flat(params).items()}
-    log(format_report(report, where, sizes))
+    params, loaded_by = state.params, {}
+    for source in sources(config):
+        source_params, where = load_source_params(source, factory.mesh)
+        params, report = merge_params(params, source_params, source['include'], source['rename'])
+        for name in report['loaded']:
+            if name in loaded_by:
+                raise ConfigError([f'init_from: parameter {name!r} is loaded from both {loaded_by[name]} and '
+                                   f'{where}; narrow one source\'s include'])
+            loaded_by[name] = where
+        sizes = {n: int(np.prod(leaf.shape)) for n, leaf in _flat(params).items()}
+        log(format_report(report, where, sizes))
     return state.replace(params=params)

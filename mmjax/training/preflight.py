@@ -51,7 +51,9 @@ def storage_problems(config, workdir: str = "") -> list[str]:
     credentials, no network): the workdir, data.data_dir, the tokenizer file and init_from.path."""
     paths = {"workdir": workdir, "data.data_dir": config.data.data_dir,
              "model.text.tokenizer_path": config.model.text.get("tokenizer_path", ""),
-             "init_from.path": config.init_from.path}
+             "init_from.path": config.init_from.path,
+             **{f"init_from.more[{i}].path": dict(m).get("path", "")
+                for i, m in enumerate(config.init_from.get("more", ()))}}
     problems = []
     for key, path in paths.items():
         try:
@@ -75,10 +77,10 @@ def _audio_rate_problems(config) -> list[str]:
 
 
 def _init_from_problems(config) -> list[str]:
-    path = config.init_from.path
-    if path and not storage.exists(storage.absolute(path)):
-        return [f"init_from.path: {path!r} does not exist"]
-    return []
+    keys = ["init_from.path"] + [f"init_from.more[{i}].path" for i in range(len(config.init_from.get("more", ())))]
+    paths = [config.init_from.path] + [dict(m).get("path", "") for m in config.init_from.get("more", ())]
+    return [f"{key}: {path!r} does not exist" for key, path in zip(keys, paths)
+            if path and not storage.exists(storage.absolute(path))]
 
 
 def abstract_params(config) -> Any:
