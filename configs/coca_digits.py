@@ -16,6 +16,7 @@ zeroshot/top1 0.9389 (below the 0.95 target), zeroshot/top5 1.0. With captioning
 """
 
 from mmjax.config import base_config
+from mmjax.data import digit_captions
 
 
 def get_config(arg=None):
@@ -37,6 +38,9 @@ def get_config(arg=None):
     c.optim.warmup_steps = 50
     c.optim.decay = "cosine"
     c.optim.weight_decay = 0.05
+
+    # Zero-shot prompts phrased as the training captions are, averaged over the attribute words (18 per class).
+    c.eval.zeroshot_templates = digit_captions.zeroshot_templates()
 
     c.train.steps = 1000
     c.train.batch_size = 128

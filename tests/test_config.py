@@ -103,3 +103,16 @@ def test_workdir_config_finds_files_inside_a_moved_workdir(tmp_path, monkeypatch
     assert config_lib.load_workdir_config("moved", config.to_dict()).model.text.tokenizer_path == "elsewhere/tok.model"
     with pytest.raises(FileNotFoundError, match="'nowhere' is not an mmjax workdir"):
         config_lib.load_workdir_config("nowhere")
+
+
+def test_zeroshot_templates_replace_the_datasets_and_need_one_placeholder():
+    from mmjax.data import pipeline
+
+    c = tiny()
+    names, default = pipeline.zeroshot_prompts(c)
+    c.eval.zeroshot_templates = ("a handwritten {}", "the number {} written by hand")
+    assert pipeline.zeroshot_prompts(c) == (names, ["a handwritten {}", "the number {} written by hand"])
+    assert default != ["a handwritten {}", "the number {} written by hand"]
+    c.eval.zeroshot_templates = ("a handwritten digit",)
+    with pytest.raises(ConfigError, match=r"eval.zeroshot_templates.*'a handwritten digit'"):
+        preflight.check(c, num_devices=1)

@@ -16,6 +16,7 @@ pixels to score well, and the most frequent caption scores low.
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 from typing import NamedTuple
 
@@ -75,6 +76,20 @@ def references(label: int, image: np.ndarray) -> list[str]:
     """Every template filled for this image: its reference captions (len(TEMPLATES) strings)."""
     a = attributes(label, image)
     return [t.format(word=NUMBER_WORDS[int(label)], **a._asdict()) for t in TEMPLATES]
+
+
+ATTRIBUTE_VALUES = Attributes(('thick', 'thin'), ('leaning right', 'leaning left'), ('wide', 'narrow'))
+
+
+def zeroshot_templates() -> tuple[str, ...]:
+    """Zero-shot prompt templates phrased as the described captions are ('{}' = the number word): every template
+    filled with every combination of attribute values (18 distinct prompts per class), so a class's embedding
+    averages over the attributes, as CLIP averages over its prompt ensemble (`config.eval.zeroshot_templates`)."""
+    out: dict[str, None] = {}
+    for stroke, slant, shape in itertools.product(*ATTRIBUTE_VALUES):
+        for t in TEMPLATES:
+            out[t.format(word='{}', stroke=stroke, slant=slant, shape=shape)] = None
+    return tuple(out)
 
 
 def caption(label: int, rng: np.random.Generator, image: np.ndarray) -> str:

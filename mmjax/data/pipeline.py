@@ -462,9 +462,12 @@ def caption_fn(config) -> Callable[[int, np.random.Generator], str]:
 
 def zeroshot_prompts(config) -> tuple[list[str], list[str]]:
     """(class_names, templates) of the configured dataset and caption style (`config.data.captions`);
-    prompts are template.format(class_name)."""
+    prompts are template.format(class_name). `config.eval.zeroshot_templates`, when set, replaces the templates."""
     style = config.data.get('captions', 'english') or 'english'
     if style != 'english':
-        return digits.prompts(style)
-    dataset = labelled_dataset(config)
-    return list(dataset.CLASS_NAMES), list(dataset.PROMPT_TEMPLATES)
+        names, templates = digits.prompts(style)
+    else:
+        dataset = labelled_dataset(config)
+        names, templates = list(dataset.CLASS_NAMES), list(dataset.PROMPT_TEMPLATES)
+    chosen = tuple(config.eval.get('zeroshot_templates', ()) or ())
+    return names, (list(chosen) if chosen else templates)
