@@ -18,11 +18,11 @@ def get_config(arg=None):
     c.data.name = "digits"
     c.model.text.update(vocab_size=384, max_len=64, width=64, depth=2, num_heads=4, mlp_dim=256,
                         tokenizer="bytes")
-    c.model.image.update(image_size=32, patch_size=4, channels=1, width=64, depth=1, num_heads=4, mlp_dim=128,
-                         pool="mean")
+    # The vision tower of stage 2: configs/demo.py's contrastive ViT (loaded from its workdir there).
+    c.model.image.update(image_size=32, patch_size=8, channels=3, width=64, depth=2, num_heads=4, mlp_dim=256,
+                         pool="cls")
     c.model.flamingo.update(num_latents=8, resampler_depth=2, resampler_heads=4, resampler_mlp_dim=256,
                             cross_attention_every=1, max_images=5)
-    c.data.image_mean, c.data.image_std = (0.5,), (0.5,)
     c.eval.zeroshot = False
     c.checkpoint.async_save = False
     c.model.flamingo.stage = "lm"

@@ -25,6 +25,7 @@ from mmjax.training.optim import param_path
 ROOT = os.path.dirname(os.path.dirname(__file__))
 LM_CONFIG = os.path.join(ROOT, "configs", "flamingo_lm_digits.py")
 CONFIG = os.path.join(ROOT, "configs", "flamingo_digits.py")
+DEMO_CONFIG = os.path.join(ROOT, "configs", "demo.py")
 TINY = dict(width=32, depth=2, num_heads=2, mlp_dim=64)
 
 
@@ -43,7 +44,7 @@ def models():
     model, lm = get_task(c).build_model(c.model), get_task(lm_c).build_model(lm_c.model)
     inter = interleaved.Interleaver(get_tokenizer(c.model.text))
     tokens = jnp.asarray([inter.prompt(["seven", "two"])])
-    images = jnp.zeros((1, 3, 16, 16, 1))
+    images = jnp.zeros((1, 3, 16, 16, 3))
     params = strip_boxes(model.init(jax.random.key(0), {"text": tokens, "image": images})["params"])
     lm_params = strip_boxes(lm.init(jax.random.key(1), {"text": tokens})["params"])
 
@@ -56,7 +57,7 @@ def _batch(inter, words_rows, n_images, seed=0):
     for i, words in enumerate(words_rows):
         ids = inter.prompt(words)
         tokens[i, :len(ids)] = ids
-    images = jax.random.normal(jax.random.key(seed), (len(words_rows), n_images, 16, 16, 1))
+    images = jax.random.normal(jax.random.key(seed), (len(words_rows), n_images, 16, 16, 3))
     return {"text": jnp.asarray(tokens), "image": images}
 
 
@@ -92,11 +93,11 @@ def test_a_text_token_cannot_see_a_later_image(models):
 def test_a_sequence_with_no_supervised_token_gives_a_finite_loss(models):
     c, model, params, *_ = models
     objective = flamingo_objective(c)
-    batch = {"image": jnp.zeros((5, 16, 16, 1)), "label": jnp.zeros((5,), jnp.int32)}
+    batch = {"image": jnp.zeros((5, 16, 16, 3)), "label": jnp.zeros((5,), jnp.int32)}
     loss, metrics = jax.jit(lambda p: objective(model, p, batch, 0))(params)
     assert np.isfinite(float(loss)) and float(metrics["tokens"]) > 0
     # a batch too small for one sequence: nothing to predict -> loss 0, gradients 0, not NaN
-    small = {"image": jnp.zeros((5, 16, 16, 1)), "label": jnp.zeros((5,), jnp.int32)}
+    small = {"image": jnp.zeros((5, 16, 16, 3)), "label": jnp.zeros((5,), jnp.int32)}
     c.unlock()
     c.model.flamingo.max_images = 6
     (loss, metrics), grads = jax.jit(jax.value_and_grad(
@@ -146,6 +147,7 @@ def _records(workdir):
 @pytest.mark.slow
 def test_two_stages_train_frozen_weights_stay_bit_identical_and_generate(tmp_path):
     data_dir, lm_dir, run_dir = tmp_path / "tfds", tmp_path / "lm", tmp_path / "flamingo"
+    clip_dir = tmp_path / "clip"  # the vision tower's source: a contrastive run's image encoder
     common = ["--quiet", f"--config.data.data_dir={data_dir}", "--config.train.log_every=1",
               "--config.model.text.width=32", "--config.model.text.mlp_dim=64", "--config.model.image.width=32",
               "--config.model.image.mlp_dim=64", "--config.model.flamingo.resampler_mlp_dim=32",
@@ -153,7 +155,9 @@ def test_two_stages_train_frozen_weights_stay_bit_identical_and_generate(tmp_pat
               "--config.optim.warmup_steps=1"]
     assert cli.main(["train", "--config", LM_CONFIG, "--workdir", str(lm_dir), "--config.train.steps=2",
                      "--config.checkpoint.every_steps=2", *common]) == 0
-    assert cli.main(["train", "--config", f"{CONFIG}:{lm_dir}", "--workdir", str(run_dir),
+    assert cli.main(["train", "--config", DEMO_CONFIG, "--workdir", str(clip_dir), "--config.train.steps=2",
+                     "--config.checkpoint.every_steps=2", "--config.eval.zeroshot=False", *common]) == 0
+    assert cli.main(["train", "--config", f"{CONFIG}:{lm_dir},{clip_dir}", "--workdir", str(run_dir),
                      "--config.train.steps=3", "--config.checkpoint.every_steps=1",
                      "--config.model.flamingo.eval_queries=8", *common]) == 0
     final = _records(run_dir)[-1]
@@ -165,6 +169,9 @@ def test_two_stages_train_frozen_weights_stay_bit_identical_and_generate(tmp_pat
         params = jax.device_get(mmjax.load(str(workdir), step=step).params)
         return {param_path(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
     lm, first, last = flat(lm_dir), flat(run_dir, 1), flat(run_dir)
+    clip = flat(clip_dir)
+    vision = [n for n in last if n.startswith("vision/")]
+    assert vision and all(np.array_equal(last[n], clip[n.replace("vision/", "image/encoder/", 1)]) for n in vision)
     image_id, eoc_id = interleaved.special_ids(get_tokenizer(_config().model.text))
     table = "lm/token_embed/embedding"
     for name, value in last.items():
