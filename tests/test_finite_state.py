@@ -16,10 +16,13 @@ from mmjax.commands.bench import synthetic_batch
 from mmjax.losses.gradcache import stop_frozen_gradients
 from mmjax.runtime import sharding as shd
 from mmjax.tasks import make_objective
+from mmjax.training import integrity, optim
+from mmjax.training.checkpoint import Checkpointer
 from mmjax.training.health import HealthMonitor, NonFiniteError
 from mmjax.training.loop import train
 from mmjax.training.metrics import read_metrics
-from mmjax.training.state import StateFactory, TrainState
+from mmjax.training.optim import BOUND_LIMIT, measure_bound
+from mmjax.training.state import StateFactory, TrainState, unknown_bound
 from mmjax.training.step import all_finite, jit_train_step
 
 
@@ -128,7 +131,7 @@ def test_a_normal_step_is_bit_identical_to_the_unchecked_step(setup):
             assert int(m_checked["skipped"]) == 0
             assert {k: np.asarray(v).tobytes() for k, v in m_checked.items()} == \
                 {k: np.asarray(v).tobytes() for k, v in m_unchecked.items()}
-    _assert_bit_identical(checked, unchecked)
+    _assert_bit_identical(checked.saved(), unchecked.saved())
 
 
 def test_the_monitor_names_a_state_skip_and_stops_after_k_in_a_row():
@@ -157,3 +160,75 @@ def test_training_from_a_nan_producing_optimizer_state_stops_and_checkpoints_onl
     assert skipped and all(s == 1 for s in skipped)
     params = jax.device_get(mmjax.load(str(tmp_path / "w")).encoder.params)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_the_carried_bound_holds_and_proves_the_updates(setup):
+    c, mesh, factory, batch = setup
+    assert factory.bound_rule is not None
+    step = jit_train_step(c, factory, mesh)
+    with jax.set_mesh(mesh):
+        state = factory.init(c.seed)
+        assert np.isinf(jax.device_get(state.bound)).all()  # unknown: the first update is checked exactly
+        for i in range(4):
+            state, metrics = step(state, batch)
+            assert int(metrics["skipped"]) == 0
+            bound, actual = jax.device_get((state.bound, jax.jit(measure_bound)(state.params, state.opt_state)))
+            assert np.isfinite(bound).all() and (actual <= bound).all(), (i, actual, bound)
+            assert bound.max() < BOUND_LIMIT
+
+
+def test_a_state_changed_by_hand_must_reset_its_bound(setup):
+    """The bound is trusted: a state whose values changed outside the step keeps its proof only if it is reset."""
+    c, mesh, factory, batch = setup
+    step = jit_train_step(c, factory, mesh)
+    with jax.set_mesh(mesh):
+        state, _ = step(factory.init(c.seed), batch)  # a state from the step: a known bound
+        poisoned = _poison(state, "mu", 3e38).replace(bound=unknown_bound())
+        before = jax.device_get(poisoned)
+        new, metrics = step(poisoned, batch)
+        assert int(metrics["skipped"]) == 1
+        _assert_bit_identical((new.params, new.opt_state), (before.params, before.opt_state))
+        assert np.isinf(jax.device_get(new.bound)).all()
+        # Not reset: the stale bound proves the update finite (no dry run), and it goes through.
+        stale, metrics = step(_poison(jax.device_put(before, factory.shardings).replace(bound=state.bound), "mu",
+                                      3e38), batch)
+        assert int(metrics["skipped"]) == 0
+
+
+def test_the_bound_proves_nothing_about_unknown_nan_negative_or_huge_bounds():
+    rule = optim.state_bound(optim.DEFAULTS, {"w": jnp.zeros((2,), jnp.float32)})
+    assert rule is not None
+    ok, new = rule.advance(jnp.array([10.0, 1.0, 1.0], jnp.float32), jnp.float32(0.5))
+    assert bool(ok) and (np.asarray(new) >= [10.0, 1.0, 1.0]).all()
+    for bound, norm in [([math.inf] * 3, 0.5), ([math.nan, 1, 1], 0.5), ([1, 1, -1], 0.5), ([1, 1e35, 1], 0.5),
+                        ([1e37, 1, 1], 0.5), ([1, 1, 1], math.inf), ([1, 1, 1], math.nan)]:
+        assert not bool(rule.advance(jnp.array(bound, jnp.float32), jnp.float32(norm))[0]), (bound, norm)
+    # Configurations it cannot bound: every update is then checked exactly.
+    for key, value in [("b1", 1.0), ("b2", 1.0), ("eps", 0.0), ("eps", 1e-30)]:
+        assert optim.state_bound(dict(optim.DEFAULTS, **{key: value}), {"w": jnp.zeros((2,))}) is None, key
+    assert optim.state_bound(optim.DEFAULTS, {"w": jnp.zeros((2,), jnp.bfloat16)}) is None
+
+
+def test_measure_bound_sees_negative_nu():
+    tx = optax.scale_by_adam()
+    params = {"w": jnp.array([1.0, -3.0])}
+    opt = tx.init(params)
+    opt = opt._replace(mu={"w": jnp.array([0.5, -2.0])}, nu={"w": jnp.array([4.0, 0.0])})
+    assert jax.device_get(measure_bound(params, opt)).tolist() == [3.0, 2.0, 4.0]
+    opt = opt._replace(nu={"w": jnp.array([4.0, -1e-30])})
+    assert np.isinf(jax.device_get(measure_bound(params, opt))[2])
+
+
+def test_the_bound_is_not_saved_and_a_restored_state_starts_unknown(setup, tmp_path):
+    c, mesh, factory, batch = setup
+    with jax.set_mesh(mesh):
+        state, _ = jit_train_step(c, factory, mesh)(factory.init(c.seed), batch)
+        assert np.isfinite(jax.device_get(state.bound)).all()
+        ckpt = Checkpointer(str(tmp_path / "ckpt"), async_save=False, log=lambda s: None)
+        ckpt.save(1, state, force=True)
+        assert "bound" not in integrity.leaf_paths(state)
+        restored = ckpt.restore(1, factory.abstract)
+        ckpt.close()
+    assert isinstance(restored, TrainState)
+    assert np.isinf(jax.device_get(restored.bound)).all()
+    _assert_bit_identical(restored.saved(), state.saved())

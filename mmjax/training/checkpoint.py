@@ -117,6 +117,19 @@ def _move_aside(directory: str, name: str, suffix: str = ".incomplete") -> str:
     return target
 
 
+def _with_unknown_bound(abstract_state, state):
+    """A restored state as `abstract_state` asks for it: a TrainState's carried bound (not saved) is the unknown
+    one (inf), on the bound's sharding, so that the first step checks its update exactly and measures the state."""
+    bound = getattr(abstract_state, "bound", None)
+    if bound is None or not hasattr(abstract_state, "saved"):
+        return state
+    sharding = getattr(bound, "sharding", None)
+    value = np.full(bound.shape, np.inf, bound.dtype)
+    placed = (jax.make_array_from_callback(value.shape, sharding, lambda index: value[index]) if sharding is not None
+              else jax.numpy.asarray(value))
+    return abstract_state.replace(step=state.step, params=state.params, opt_state=state.opt_state, bound=placed)
+
+
 def _iterator_text(item) -> str:
     """The data-iterator state as the JSON text written to `data/process_<i>-of-<n>.json`."""
     if isinstance(item, str):
@@ -270,6 +283,7 @@ class Checkpointer:
         self._finish_pending()
         if not force and not self.manager.should_save(step):
             return False
+        state = integrity.checkpointed(state)  # a TrainState's carried bound is not saved
         summary = integrity.summarize(state)
         bad = integrity.nonfinite(summary)
         if bad:
@@ -400,6 +414,7 @@ class Checkpointer:
         self.check_compatible(step, abstract_state, record)
         integrity.read_config(self.directory, step, record)
         data_text = integrity.read_data_text(self.directory, step, record)  # checked even if unused: all or nothing
+        wanted, abstract_state = abstract_state, integrity.checkpointed(abstract_state)
         args = ocp.args.PyTreeRestore(
             abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
         try:
@@ -416,7 +431,7 @@ class Checkpointer:
                      f"checksums; loaded unverified (checked for NaN/Inf only)")
         if data_iterator is not None and data_text is not None:
             _set_iterator_state(data_iterator, data_text)
-        return state
+        return _with_unknown_bound(wanted, state)
 
     def restore_latest(self, abstract_state, data_iterator=None, log=None):
         """Restores the newest checkpoint that verifies: (step, state), or (None, None) if there is none.

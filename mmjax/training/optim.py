@@ -238,3 +238,112 @@ def build_optimizer(optim_cfg: Any, params: Any, total_steps: int
             {_TRAINABLE: optimizer, _FROZEN: optax.set_to_zero()},
             lambda p: _freeze_labels(p, freeze_rules))
     return optimizer, schedule
+
+
+# ---------------------------------------------------------------------------------------- a carried state bound
+
+# The train step carries scalar bounds of its state (`TrainState.bound`, float32 [P, M, V]): every |param| <= P,
+# every |Adam mu| <= M, every Adam nu in [0, V]. From them and the gradient norm, `StateBound.advance` bounds every
+# intermediate of this module's AdamW update and the new state, without reading the state: when all those bounds
+# stay below BOUND_LIMIT the update is provably finite, and they are the new state's bounds. When they do not, or
+# the bound is unknown (inf: a state from `init`, a restore, or anything not produced by the step), the step checks
+# the update exactly and measures the new state (`measure_bound`).
+BOUND_LIMIT = 1e37  # float32's largest is 3.4e38: 34x headroom on top of the explicit rounding slack below
+UNKNOWN_BOUND = float("inf")
+_CARRY = 1 + 2.0 ** -19  # per-step slack on the carried bounds: >= 15 float32 ulps, however the product rounds
+_SLACK = 1 + 1e-5  # on quantities recomputed each step (a few float32 roundings, ~6e-8 each)
+
+
+class StateBound:
+    """The constants of `build_optimizer`'s AdamW that bound its update (see `advance` for the proof)."""
+
+    def __init__(self, lr_max: float, b1: float, b2: float, eps: float, decay_max: float, clip_norm: float | None):
+        self.lr_max, self.decay_max, self.clip_norm = lr_max * _SLACK, decay_max * _SLACK, clip_norm
+        # Adam's bias correction 1 - b**t (t >= 1) is >= 1 - b, less float32's rounding of b and of b**t (< 4e-7).
+        self.inv_bc1 = _SLACK / ((1 - b1) - 4e-7)
+        self.inv_bc2 = _SLACK / ((1 - b2) - 4e-7)
+        self.eps = eps
+
+    def advance(self, bound: jax.Array, grad_norm: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(ok, the new state's bound): ok when the update of a state within `bound`, with finite gradients of
+        global norm `grad_norm`, provably produces a finite state (and finite intermediates).
+
+        Proof, elementwise, with g a gradient, p, mu, nu the state, lr <= lr_max the schedule's value, w <= decay_max
+        the parameter's decay (weight_decay x its multiplier):
+          |g| <= grad_norm (1 + 2u): the norm's sum of squares is at least each term (u = 2**-24, float32's
+            rounding); clipping multiplies g by a factor <= 1, and then |g| <= clip_norm (1 + 4u) too.  -> G
+          mu' = (1-b1) g + b1 mu: |mu'| <= max(M, G) up to 3 roundings.                                -> M'
+          nu' = (1-b2) g**2 + b2 nu >= 0 (nu >= 0), <= max(V, G**2) up to 3 roundings.                  -> V'
+          mu_hat = mu' / (1 - b1**t), nu_hat = nu' / (1 - b2**t): <= M' inv_bc1, V' inv_bc2.
+          u = mu_hat / (sqrt(nu_hat) + eps): sqrt(nu_hat) >= 0, so |u| <= M' inv_bc1 / eps.             -> U
+          d = u + w p (weight decay): |d| <= U + decay_max P.                                          -> D
+          p' = p - lr d = p (1 - lr w) - lr u: |p'| <= P + lr_max U (lr_max decay_max <= 0.5 is required), up to
+            a relative 4 roundings on each term (< 5e-7: the slack _CARRY on P, _SLACK on U; _CARRY adds >= 8.9e-7
+            however this float32 product rounds).                                                      -> P'
+        Every quantity below BOUND_LIMIT (a comparison that fails for inf and NaN) leaves 34x headroom to float32's
+        largest finite value.
+        """
+        p, m, v = bound[0], bound[1], bound[2]
+        g = grad_norm.astype(jnp.float32) * _SLACK + 1e-18  # + 1e-18: a |g| whose square underflows
+        if self.clip_norm is not None:
+            g = jnp.minimum(g, jnp.float32(self.clip_norm * _SLACK))
+        m_new = jnp.maximum(m, g) * _CARRY
+        v_new = jnp.maximum(v, g * g * _SLACK) * _CARRY
+        u = m_new * jnp.float32(self.inv_bc1 * _SLACK / self.eps)
+        d = (u + p * jnp.float32(self.decay_max)) * _SLACK
+        p_new = p * jnp.float32(_CARRY) + u * jnp.float32(self.lr_max * _SLACK)
+        checked = jnp.stack([p_new, m_new, v_new, m_new * jnp.float32(self.inv_bc1),
+                             v_new * jnp.float32(self.inv_bc2), u, d, jnp.float32(self.lr_max) * d])
+        ok = jnp.all(checked < BOUND_LIMIT) & jnp.all(bound >= 0) & jnp.isfinite(grad_norm)
+        return ok, jnp.stack([p_new, m_new, v_new])
+
+
+def state_bound(optim_cfg: Any, params: Any) -> StateBound | None:
+    """The `StateBound` of the optimizer `build_optimizer(optim_cfg, params, ...)` builds; None when its update
+    cannot be bounded this way (b1 or b2 not in [0, 1 - 1e-6), eps too small for BOUND_LIMIT, lr x weight decay
+    above 0.5, or parameters that are not float32): the step then checks every update exactly."""
+    b1, b2, eps = float(_get(optim_cfg, 'b1')), float(_get(optim_cfg, 'b2')), float(_get(optim_cfg, 'eps'))
+    lr, end = float(_get(optim_cfg, 'lr')), float(_get(optim_cfg, 'end_lr_factor'))
+    clip = _get(optim_cfg, 'clip_norm')
+    wd = float(_get(optim_cfg, 'weight_decay'))
+    multipliers = [float(m) for _, m in _get(optim_cfg, 'wd_rules')]
+    leaves = jax.tree.leaves(params, is_leaf=_is_boxed)
+    dtypes = {jnp.dtype((x.value if _is_boxed(x) else x).dtype) for x in leaves}
+    decay_max = wd * max(multipliers + [0.0])
+    if (not (0 <= b1 < 1 - 1e-6 and 0 <= b2 < 1 - 1e-6 and eps > 0 and lr >= 0 and lr * max(1.0, end) * decay_max
+             <= 0.5) or dtypes - {jnp.dtype(jnp.float32)}):
+        return None
+    rule = StateBound(lr * max(1.0, end), b1, b2, eps, decay_max,
+                      None if clip is None else float(clip))
+    # A state with every bound at 1e6 must pass: with the configured constants the bound has room to grow.
+    ok, _ = rule.advance(jnp.full((3,), 1e6, jnp.float32), jnp.float32(1.0))
+    return rule if bool(ok) else None
+
+
+def adam_moments(opt_state: Any) -> tuple[list, list] | None:
+    """(mu leaves, nu leaves) of every `scale_by_adam` state in `opt_state`; None when `opt_state` holds floating
+    point leaves that are not Adam's moments (an optimizer `StateBound` does not describe)."""
+    adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
+    mu, nu, other = [], [], []
+    for node in jax.tree.leaves(opt_state, is_leaf=adam):
+        if adam(node):
+            mu += jax.tree.leaves(node.mu)
+            nu += jax.tree.leaves(node.nu)
+        elif jnp.issubdtype(jnp.result_type(node), jnp.floating):
+            other.append(node)
+    if other or not mu or any(jnp.result_type(x) != jnp.float32 for x in mu + nu):
+        return None
+    return mu, nu
+
+
+def measure_bound(params: Any, opt_state: Any) -> jax.Array:
+    """The bound [max |param|, max |mu|, max nu] of a finite state (`StateBound`); inf where some nu < 0."""
+    mu, nu = adam_moments(opt_state)
+
+    def most(xs, f):
+        return jnp.max(jnp.stack([jnp.max(f(x)).astype(jnp.float32) for x in xs])) if xs else jnp.float32(0)
+
+    floats = [x for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)]
+    v = most(nu, lambda x: x)
+    v = jnp.where(most(nu, lambda x: -x) > 0, jnp.float32(UNKNOWN_BOUND), v)  # a negative nu: no bound
+    return jnp.stack([most(floats, jnp.abs), most(mu, jnp.abs), v])

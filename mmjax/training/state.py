@@ -23,12 +23,39 @@ from mmjax.models.layers import strip_boxes
 from mmjax.runtime import sharding as shd
 from mmjax.tasks import Task, get_task
 from mmjax.training import finetune
-from mmjax.training.optim import build_optimizer
+from mmjax.training.optim import UNKNOWN_BOUND, build_optimizer, state_bound
+
+
+def unknown_bound() -> jax.Array:
+    """`TrainState.bound` of a state nothing is known about."""
+    return jnp.full((3,), UNKNOWN_BOUND, jnp.float32)
 
 
 @flax.struct.dataclass
 class TrainState:
-    """step: int32 scalar; params: model parameters; opt_state: the optax state."""
+    """step: int32 scalar; params: model parameters; opt_state: the optax state.
+
+    bound: float32 [3], bounds of the state's values that the train step carries from step to step (max |param|,
+    max |Adam mu|, max Adam nu; `mmjax.training.optim.StateBound`), so that it can prove an update finite without
+    reading the state again. Derived data, not part of a checkpoint (`saved`): a state that does not come out of
+    the step (from `StateFactory.init`, a restore, or built or changed by hand) must carry the unknown bound (inf,
+    the default), and the step then checks its first update exactly. Replacing params or opt_state of a state
+    from the step: `.replace(..., bound=unknown_bound())`.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    bound: Any = dataclasses.field(default_factory=unknown_bound)
+
+    def saved(self) -> SavedState:
+        """What a checkpoint holds of this state: all but the bound."""
+        return SavedState(step=self.step, params=self.params, opt_state=self.opt_state)
+
+
+@flax.struct.dataclass
+class SavedState:
+    """The part of a TrainState a checkpoint holds (laid out as TrainState was before it carried a bound)."""
 
     step: jax.Array
     params: Any
@@ -54,6 +81,7 @@ class StateFactory:
     shardings: Any = dataclasses.field(init=False)
     abstract: Any = dataclasses.field(init=False)
     trainable: Any = dataclasses.field(init=False)  # tree of bools like the params: False where frozen
+    bound_rule: Any = dataclasses.field(init=False)  # the optimizer's StateBound, or None (`TrainState.bound`)
 
     def __post_init__(self):
         self.rules = shd.logical_rules(self.config)
@@ -66,6 +94,7 @@ class StateFactory:
             optim_config, plain_params = finetune.optim_config(self.config), strip_boxes(abstract_params)
             self.tx, self.schedule = build_optimizer(optim_config, plain_params, self.config.train.steps)
             self.trainable = finetune.trainable_mask(plain_params, optim_config["freeze_rules"])
+            self.bound_rule = state_bound(optim_config, plain_params)
             boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
         self.shardings = shd.tree_shardings(boxed, self.mesh, self.rules)
         self.abstract = jax.tree.map(
