@@ -12,7 +12,8 @@ token rows of <image> and <|endofchunk|>. Sequences: '<image>seven.<|endofchunk|
 Evaluation on the 360 held-out test digits, support examples from the train split, greedy:
 fewshot/{0,2,4}shot/accuracy, and the 2-way made-up-label episodes fewshot/madeup/{0,2,4}shot/accuracy.
 
-Measured: see docs/generative.md, "Few-shot (task='flamingo')".
+Measured (docs/generative.md, "Few-shot (task='flamingo')"): fewshot/0shot 0.983, 2shot 0.983, 4shot 0.983;
+madeup 0/2/4 shot 0.000; 3 min 49 s wall on 2 shared cores (145 CPU-s).
 """
 
 import os
@@ -30,12 +31,13 @@ def get_config(arg=None):
     c.init_from.path = lm
     c.init_from.include = "lm/.*"
     c.init_from.more = (dict(path=vision, include="vision/.*", rename=((r"image/encoder/(.*)", r"vision/\1"),)),)
+    c.model.flamingo.max_images = 5
     c.optim.freeze_rules = FLAMINGO_FREEZE_RULES
     c.optim.lr = 2e-3
     c.optim.warmup_steps = 20
     c.optim.weight_decay = 0.01
-    c.train.steps = 300
+    c.train.steps = 400
     c.train.batch_size = 160  # 32 sequences of 5 digits
     c.train.log_every = 25
-    c.checkpoint.every_steps = 300
+    c.checkpoint.every_steps = 400
     return c

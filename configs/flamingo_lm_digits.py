@@ -2,8 +2,9 @@
 
     mmjax train --config configs/flamingo_lm_digits.py --workdir /tmp/flamingo_lm
 
-It reads sequences of number words without images (BOS 'seven. two. four. one. nine. '), so it knows the words
-and their format but cannot tell which digit comes next (its best loss is about ln 10 per word). Stage 2
+It reads sequences of 8 number words without images (BOS 'seven. two. four. one. nine. ...'), so it knows the words
+and their format but cannot tell which digit comes next (its best loss is about ln 10 per word; measured 0.387
+per token after 400 steps, 5 min 9 s wall on 2 shared cores, 103 CPU-s). Stage 2
 (configs/flamingo_digits.py) starts from this config (the same shapes), loads the LM with init_from and freezes
 it.
 """
@@ -29,8 +30,11 @@ def get_config(arg=None):
     c.optim.lr = 3e-3
     c.optim.warmup_steps = 10
     c.optim.weight_decay = 0.01
-    c.train.steps = 100
-    c.train.batch_size = 320  # digits: 64 sequences of 5 words
+    # 8 words per sequence (up to 57 byte positions): every position stage 2's sequences of 5 images reach
+    # (<image> and <|endofchunk|> make them longer: 41, and a few more while generating) is trained here.
+    c.model.flamingo.max_images = 8
+    c.train.steps = 400
+    c.train.batch_size = 320  # digits: 40 sequences of 8 words
     c.train.log_every = 20
-    c.checkpoint.every_steps = 100
+    c.checkpoint.every_steps = 400
     return c
