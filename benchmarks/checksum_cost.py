@@ -50,7 +50,7 @@ def build_state(config_arg: str):
     # Adam's moments start at zero; give them values so that the checksums read real data.
     key = jax.random.key(1)
     opt = jax.tree.map(lambda x: jax.random.normal(key, x.shape, x.dtype) if x.ndim else x, state.opt_state)
-    return factory, state.replace(opt_state=opt)
+    return factory, state.replace(opt_state=opt).saved()  # what a checkpoint holds (no TrainState.bound)
 
 
 def timed(fn, cpu: list | None = None):
