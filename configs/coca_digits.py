@@ -7,12 +7,11 @@ Run:
 Captions are 'described' (mmjax/data/digit_captions.py): the digit word and its stroke, slant and width measured
 from the pixels, five references per image (docs/generative.md, "Captioning (task='coca')").
 
-Measured (this config, held-out 360 digits; shared 2-core CPU at load 6-10 from other jobs: 17m48s wall, 466 s
-user + 152 s system CPU): caption/digit_accuracy 0.9889 (beam 4; greedy 0.9861), caption/cider 3.8891 (greedy
+Measured (this config, held-out 360 digits; shared 2-core CPU with 2-4 other trainings: 21m30s wall, 427 s
+user + 121 s system CPU): caption/digit_accuracy 0.9889 (beam 4; greedy 0.9861), caption/cider 3.8891 (greedy
 4.0215; most-frequent-caption baseline 0.3890), caption/bleu4 0.9743 (greedy 0.8969, baseline 0.4651),
 caption/rouge_l 0.9874 (greedy 0.9546, baseline 0.8240), caption/logprob -1.685 (greedy -1.930),
-zeroshot/top1 0.9389 (below the 0.95 target), zeroshot/top5 1.0. With captioning_weight 1.0: digit accuracy
-0.9694, zero-shot 0.9139, CIDEr 3.8079.
+zeroshot/top1 0.9722 (prompts phrased as the captions; 0.939 with the generic CLIP prompts), zeroshot/top5 1.0.
 """
 
 from mmjax.config import base_config
