@@ -272,3 +272,32 @@ def _coca_parity(cfg, tmp_path, n_images, seed=0, check_generate=True):
 
 def test_open_clip_coca_parity_tiny(tmp_path):
     _coca_parity(TINY_COCA, tmp_path, n_images=4)
+
+
+@pytest.mark.slow
+def test_coco_captions_train_and_evaluate_with_every_reference(tmp_path):
+    """A COCO-captions spec with a 'val' split: CoCa trains on it and its evaluation scores the captions of the
+    val images against all their references (2 per image here), next to the most-frequent-caption baseline."""
+    from mmjax.data import synthetic
+    from mmjax.training.metrics import read_metrics
+
+    synthetic.write_coco(str(tmp_path / "train"), 24, seed=0, min_side=40, max_side=80)
+    synthetic.write_coco(str(tmp_path / "val"), 8, seed=1, min_side=40, max_side=80)
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"name": "tiny_coco", "format": "coco",
+                                "splits": {"train": "train/captions.json", "val": "val/captions.json"}}))
+    corpus = ["--config.data.name=spec", f"--config.data.spec={spec}", f"--config.data.data_dir={tmp_path / 'tfds'}",
+              "--config.eval.caption_split=val"]
+    workdir = str(tmp_path / "W")
+    assert cli.main(["train", "--config", CONFIG, "--workdir", workdir, "--quiet", "--config.train.steps=3", *TINY,
+                     "--config.train.batch_size=8", "--config.optim.warmup_steps=1", *corpus]) == 0
+    final = [r for r in read_metrics(workdir) if "caption/cider" in r][-1]
+    for key in ("caption/cider", "caption/bleu4", "caption/rouge_l", "caption/greedy/cider", "caption/baseline/cider"):
+        assert np.isfinite(final[key]), key
+    assert "caption/digit_accuracy" not in final  # no classes in a caption corpus
+
+    data = captioning.corpus_caption_eval_data(_config(*TINY, *corpus), "val", 100)
+    assert data["image"].shape[0] == 8 and all(len(refs) == 2 for refs in data["references"])
+    assert data["references"][0][1] == "a picture of " + data["references"][0][0][2:]
+    with pytest.raises(Exception, match="eval.caption_split='test'"):
+        captioning.corpus_caption_eval_data(_config(*TINY, *corpus), "test", 100)

@@ -239,6 +239,10 @@ def _eval_and_finetune_defaults(c: ml_collections.ConfigDict) -> None:
     c.eval.linear_probe = False  # logistic regression on frozen image features (idem)
     c.eval.every_steps = 0  # also evaluate every this many steps during training (0: only at the end)
     c.eval.batch_size = 256
+    # Captioning evaluation on a caption corpus (task 'coca'): its split with every reference caption of an image
+    # (e.g. 'val' of a COCO-captions spec), at most caption_examples images; '' = none (the digits use their own).
+    c.eval.caption_split = ""
+    c.eval.caption_examples = 1000
 
     # Fine-tuning (mmjax/training/finetune.py): the mode adds modules to the towers and freezes parameters by regex.
     c.finetune = ml_collections.ConfigDict()

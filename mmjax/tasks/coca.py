@@ -80,11 +80,14 @@ def max_new_tokens(config, prompt_len: int = 1) -> int:
 
 def caption_evals(config, model: nn.Module, params, mesh: Mesh, rules, cache: dict) -> dict[str, float]:
     """Captioning of the held-out split: beam (model.coca.eval_beam), greedy and the baseline (see the module
-    docstring). {} for caption corpora (no labelled held-out split)."""
-    if pipeline.is_captioned(config):
+    docstring). On a caption corpus: its `eval.caption_split` with every reference of an image (no digit
+    accuracy); {} when that is unset."""
+    split = str(config.eval.get("caption_split", "") or "")
+    if pipeline.is_captioned(config) and not split:
         return {}
     if "captions" not in cache:
-        cache["captions"] = captioning.caption_eval_data(config)
+        cache["captions"] = (captioning.corpus_caption_eval_data(config, split, int(config.eval.caption_examples))
+                             if pipeline.is_captioned(config) else captioning.caption_eval_data(config))
     data = cache["captions"]
     tokenizer = get_tokenizer(config.model.text)
     results = captioning.baseline_metrics(data)
