@@ -7,6 +7,7 @@ in `mmjax eval`), and the run resumes."""
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,7 @@ from mmjax import cli, tasks
 from mmjax import config as config_lib
 from mmjax.commands import eval as eval_cmd
 from mmjax.config import base_config
+from mmjax.data import digits
 from mmjax.errors import ConfigError
 from mmjax.eval.encoder import TowerEncoder
 from mmjax.eval.linear_probe import linear_probe_eval
@@ -25,7 +27,15 @@ from mmjax.eval.suite import load_eval_data
 from mmjax.models.layers import strip_boxes
 from mmjax.models.multiway import MultiwayBlock
 from mmjax.runtime import sharding as shd
-from mmjax.tasks.mdm import MdmTask, block_mask, mask_inputs, mdm_loss
+from mmjax.tasks.mdm import (
+    MdmTask,
+    block_mask,
+    digit_word_inputs,
+    keywords_of,
+    mask_inputs,
+    mdm_loss,
+    whole_word_mask,
+)
 from mmjax.training.checkpoint import Checkpointer
 from mmjax.training.state import StateFactory
 
@@ -161,6 +171,106 @@ def test_block_masking_hits_the_ratio_with_rectangles(side, target, min_block):
     assert _neighbours(masks, side) > 1.3 * _neighbours(shuffled, side)  # clumped, unlike the same count at random
 
 
+def _decode(row):
+    """Token ids of the bytes tokenizer -> str, '#' for objectives.mask_id (259), specials dropped."""
+    return "".join("#" if t == 259 else chr(t - 3) for t in row if t > 2)
+
+
+def _caption_config():
+    c = _tiny_config()
+    c.data.name = "digits"
+    c.model.text.update(vocab_size=384, max_len=40, tokenizer="bytes")
+    return c
+
+
+def test_the_digit_word_eval_masks_every_byte_of_the_number_word():
+    config, labels = _caption_config(), np.arange(40) % 10
+    inputs = digit_word_inputs(config, labels)
+    names = digits.CLASS_NAMES
+    text, targets, weights = (inputs[k].reshape(40, 10, -1) for k in ("text", "targets", "weights"))
+    for i, label in enumerate(labels):
+        caption = _decode(targets[i, label])
+        assert re.search(rf"\b{names[label]}\b", caption), caption  # the example's own caption names its class
+        for k, name in enumerate(names):
+            masked = weights[i, k] > 0
+            assert _decode(targets[i, k][masked]) == name  # the masked bytes are exactly the candidate word
+            assert np.all(text[i, k][masked] == 259) and np.all(text[i, k][~masked] == targets[i, k][~masked])
+        assert names[label] not in _decode(text[i, label]).replace(",", " ").replace(".", " ").split()
+        # the candidates' inputs depend on the caption's template only, not on the class of the example
+        same = [j for j in range(40) if labels[j] != label and
+                _decode(targets[j, 0]) == _decode(targets[i, 0])]
+        for j in same:
+            np.testing.assert_array_equal(text[i], text[j])
+
+
+def test_whole_word_masking_masks_whole_words_at_about_the_ratio():
+    captions = [digits.caption(i % 10, np.random.default_rng(i)) for i in range(64)]
+    tokens = np.zeros((64, 40), np.int32)
+    for i, c in enumerate(captions):
+        row = [1] + [b + 3 for b in c.encode()] + [2]
+        tokens[i, :len(row)] = row
+    keys = jax.random.split(jax.random.key(0), (4, 64))
+    one = jax.jit(jax.vmap(lambda k, t: whole_word_mask(k, t, 0.5, 259, 384, True)))
+    masked_share, word_share = [], []
+    for key in keys:
+        masked, tgt, w = jax.device_get(one(key, jnp.asarray(tokens)))
+        for i, c in enumerate(captions):
+            chosen = w[i, 1:1 + len(c)] > 0
+            for m in re.finditer(r"[A-Za-z0-9]+", c):  # a word is masked entirely or not at all
+                assert chosen[m.start():m.end()].all() or not chosen[m.start():m.end()].any(), c
+            assert not any(chosen[j] for j, ch in enumerate(c) if not ch.isalnum())  # spaces, punctuation
+            np.testing.assert_array_equal(tgt[i][w[i] > 0], tokens[i][w[i] > 0])
+            masked_share.append(chosen.mean())
+            word_share.append(np.mean([chosen[m.start()] for m in re.finditer(r"[A-Za-z0-9]+", c)]))
+    assert abs(np.mean(masked_share) - 0.5) < 0.05, np.mean(masked_share)  # about the ratio of the caption's bytes
+    assert 0.5 < np.mean(word_share) < 0.75  # each word with p = ratio x bytes / word bytes
+
+
+def test_whole_word_masking_always_hides_the_number_word():
+    config = _caption_config()
+    captions = ["someone wrote the number one", "a sketch of the numeral seven.", "handwritten 7",
+                "digit: 0", "a sevens 77 oneone"]
+    tokens = np.zeros((len(captions), 40), np.int32)
+    for i, c in enumerate(captions):
+        row = [1] + [b + 3 for b in c.encode()] + [2]
+        tokens[i, :len(row)] = row
+    one = jax.jit(jax.vmap(lambda k, t: whole_word_mask(k, t, 0.5, 259, 384, True, keywords_of(config))))
+    expected = [{"one"}, {"seven"}, {"7"}, {"0"}, set()]  # not inside 'someone', 'sevens', '77', 'oneone'
+    for seed in range(4):
+        _, _, w = jax.device_get(one(jax.random.split(jax.random.key(seed), len(captions)), jnp.asarray(tokens)))
+        for i, c in enumerate(captions):
+            chosen = w[i, 1:1 + len(c)] > 0
+            for m in re.finditer(r"[A-Za-z0-9]+", c):
+                if m.group() in expected[i]:
+                    assert chosen[m.start():m.end()].all(), (c, m.group())
+
+
+@pytest.mark.parametrize("word_prob", [None, 0.5, 0.0])
+def test_pair_masking_masks_whole_words_in_the_configured_share_of_captions(word_prob):
+    config = _caption_config()
+    if word_prob is not None:  # None: the default
+        config.model.mdm.pair_word_mask_prob = word_prob
+    share = config.model.mdm.pair_word_mask_prob
+    captions = [digits.caption(i % 10, np.random.default_rng(i)) for i in range(128)]
+    text = np.zeros((128, 40), np.int32)
+    for i, c in enumerate(captions):
+        row = [1] + [b + 3 for b in c.encode()] + [2]
+        text[i, :len(row)] = row
+    batch = {"image": jnp.zeros((128, 8, 8, 1)), "text": jnp.asarray(text)}
+    _, targets = jax.device_get(mask_inputs(config, batch, jax.random.key(1), ("pair",)))
+    weights = targets["pair"][1]
+    whole = 0
+    for i, c in enumerate(captions):
+        chosen = weights[i, 1:1 + len(c)] > 0
+        spans = [chosen[m.start():m.end()] for m in re.finditer(r"[A-Za-z0-9]+", c)]
+        split = any(s.any() and not s.all() for s in spans) or any(
+            chosen[j] for j, ch in enumerate(c) if not ch.isalnum())
+        whole += not split
+    # whole-word masked captions never split a word nor mask a space; token-masked ones almost always do
+    assert abs(whole / 128 - share) < 0.1, whole
+    assert abs(weights[:, 1:].sum() / (text > 2).sum() - 0.5) < 0.06  # pair_text_mask_ratio either way
+
+
 def _train(config, workdir, data_dir, *extra):
     return cli.main(["train", "--config", config, "--workdir", str(workdir), f"--config.data.data_dir={data_dir}",
                      *extra])
@@ -205,6 +315,9 @@ def test_masked_data_modelling_trains_beats_the_baselines_and_resumes(tmp_path, 
     _check_random_init_probe(workdir, final)
     for part in ("mim", "mlm", "pair_mlm"):  # held-out test split, fixed masks
         assert final[f"mdm/{part}_acc"] > final[f"mdm/{part}_baseline_acc"], final
+    # the whole number word masked: without the image the prediction cannot depend on the class (about the prior)
+    assert final["mdm/digit_word_text_only_acc"] <= final["mdm/digit_word_prior"] + 0.05, final
+    assert 0 <= final["mdm/digit_word_acc"] <= 1 and "mdm/digit_word_spelled_acc" in final
     model = mmjax.load(str(workdir))  # the dual encoder for inference; the tokenizer is the VQ run's, frozen
     vq = _vq_params(workdir / "tokenizer")
     for name in ("encoder", "quantizer"):

@@ -153,10 +153,11 @@ def _model_defaults(c: ml_collections.ConfigDict) -> None:
     # freezes it, training one first when its workdir is empty). Blockwise image masking (blocks >= min_block_patches),
     # BERT text masking (objectives.mask_id). loss = image_weight * MIM + text_weight * MLM + pair_weight * pair MLM
     # (+ contrastive_weight * CLIP loss of the image and text passes, unmasked when their weight is 0).
+    # pair_word_mask_prob: the share of pair captions masked by whole words (number words always among them).
     m.mdm = ml_collections.ConfigDict(
         dict(width=64, depth=4, num_heads=4, mlp_dim=256, vl_layers=2, image_mask_ratio=0.4, min_block_patches=4,
-             text_mask_ratio=0.15, pair_text_mask_ratio=0.5, image_weight=1.0, text_weight=1.0, pair_weight=1.0,
-             contrastive_weight=0.0))
+             text_mask_ratio=0.15, pair_text_mask_ratio=0.5, pair_word_mask_prob=1.0, image_weight=1.0,
+             text_weight=1.0, pair_weight=1.0, contrastive_weight=0.0))
     # task 'prefix_lm' (PaLI-style, mmjax/models/pali.py, mmjax/tasks/prefix_lm.py): model.image (and model.audio
     # when 'audio' is in model.towers) tokens, then a task prefix, one TextDecoder (width, depth, ..., max_len
     # positions; vocabulary model.text.vocab_size) writes the answer. prompt_len / answer_len: text slots (the
