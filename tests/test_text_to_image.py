@@ -215,3 +215,24 @@ def test_sampling_benchmark_cached_and_recomputed_greedy_codes_agree(tmp_path):
     r = json.loads(out.read_text())
     assert r["codes_agree"] == 1.0 and r["shape"]["image_tokens"] == 64
     assert r["cached"]["images_per_s"] == pytest.approx(2 / r["cached"]["median_s"])
+
+
+@pytest.mark.slow
+def test_reranked_samples_are_judged_by_accuracy_realism_and_diversity(tiny, tmp_path):
+    config, factory, params = tiny
+    config = config_lib.apply_overrides(config.copy_and_resolve_references(), [
+        f"config.data.data_dir={tmp_path / 'tfds'}", "config.model.text_to_image.eval_samples=4",
+        "config.model.text_to_image.eval_guidance=()", "config.eval.zeroshot_templates=('{}',)"])  # fits 10 ids
+
+    class Brightest:  # scores a candidate by its mean pixel value, whatever the prompt
+        def encode_image(self, x):
+            return np.stack([np.asarray(x, float).reshape(len(x), -1).mean(1), np.ones(len(x))], 1)
+
+        def encode_text(self, prompts):
+            return np.tile([1.0, 0.0], (len(prompts), 1))
+
+    out = t2i.generation_eval(config, factory.model, params, factory.mesh, factory.rules, {}, rerank_with=Brightest())
+    for key in ("gen/prompt_accuracy_reranked", "gen/discriminator_accuracy_reranked",
+                "gen/distinct_fraction_reranked"):
+        assert 0.0 <= out[key] <= 1.0, (key, out)
+    assert out["gen/distinct_fraction_reranked"] > 0.5  # 4 kept of 16 different candidates

@@ -229,7 +229,8 @@ def generation_eval(config, model, params, mesh, rules, cache: dict, rerank_with
     eval_guidance, discriminator_accuracy (real held-out vs generated; and discriminator_accuracy_reconstructed,
     real vs the tokenizer's own reconstructions), nll_bits_per_token and nll_baseline_bits_per_token,
     distinct_fraction / training_copies / unique_fraction of eval_samples per prompt; with `rerank_with` (a
-    loaded contrastive model) also prompt_accuracy_reranked. {} for caption corpora."""
+    loaded contrastive model) also prompt_accuracy_reranked, discriminator_accuracy_reranked and
+    distinct_fraction_reranked of the kept samples. {} for caption corpora."""
     if pipeline.is_captioned(config):
         return {}
     o, data = config.model.text_to_image, _eval_data(config, model, params, mesh, rules, cache)
@@ -261,9 +262,13 @@ def generation_eval(config, model, params, mesh, rules, cache: dict, rerank_with
                                                                                          recon)
     unique = gen_metrics.uniqueness(codes[:, :n].reshape(len(prompts), n, -1), data["train"]["codes"])
     out.update({f"gen/{k}": v for k, v in unique.items()})
-    if rerank_with is not None:
-        images = gen.generate_images(prompts, n, float(o.guidance), seed=0, rerank_with=rerank_with) / 255.0
-        out["gen/prompt_accuracy_reranked"] = accuracy(images)
+    if rerank_with is not None:  # judged as the others: accuracy, realism and diversity of the kept samples
+        kept = gen.generate_images(prompts, n, float(o.guidance), seed=0, rerank_with=rerank_with)  # uint8
+        out["gen/prompt_accuracy_reranked"] = accuracy(kept / 255.0)
+        out["gen/discriminator_accuracy_reranked"] = gen_metrics.discriminator_accuracy(
+            data["test"]["pixels"], kept.reshape((-1,) + kept.shape[2:]) / 255.0)
+        out["gen/distinct_fraction_reranked"] = float(np.mean(
+            [len({row.tobytes() for row in prompt}) / len(prompt) for prompt in kept]))
     return out
 
 
