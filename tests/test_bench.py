@@ -48,22 +48,23 @@ def test_synthetic_batch_has_the_step_inputs_shapes_and_valid_values():
 
 
 def test_report_figures_agree_with_each_other_and_with_xla():
-    # Batch 16: XLA's count includes the optimizer update twice (the step's finite-state dry run and the update),
-    # work the analytic model FLOPs leave out; 8 examples per device keep it a small part of the step.
-    c = config_lib.apply_overrides(tiny(), ["config.mesh.data=2", "config.train.batch_size=16"])
+    # Batch 32: XLA's count includes every branch of the step's conditionals (the proven update, the exact check's
+    # dry run and update, the bound's measurement), optimizer work the analytic model FLOPs leave out; 16 examples
+    # per device keep it a small part of the step.
+    c = config_lib.apply_overrides(tiny(), ["config.mesh.data=2", "config.train.batch_size=32"])
     lines = []
     r = bench.measure(c, steps=3, warmup=1, devices=jax.devices()[:2], log=lines.append)
-    assert r["devices"] == 2 and r["mesh"]["data"] == 2 and r["global_batch"] == 16
+    assert r["devices"] == 2 and r["mesh"]["data"] == 2 and r["global_batch"] == 32
     assert len(r["step_seconds"]) == 3 and r["median_step_seconds"] == sorted(r["step_seconds"])[1]
-    assert r["samples_per_second"] == pytest.approx(16 / r["median_step_seconds"])
+    assert r["samples_per_second"] == pytest.approx(32 / r["median_step_seconds"])
     assert r["tflops_per_device"] * 1e12 == pytest.approx(
         r["model_flops_per_example"] * r["samples_per_second"] / 2)
     assert r["mfu"] == pytest.approx(r["tflops_per_device"] * 1e12 / r["peak_flops_per_device"])
     # the analytic count of the step's work per device agrees with what XLA compiled (unscanned model)
     assert abs(r["xla_flops_per_device"] / r["model_flops_per_device"] - 1) < 0.15, r
     assert r["memory_bytes_per_device"]["temp"] > 0 and r["memory_bytes_per_device"]["argument"] > 0
-    # real training steps ran: 4 steps on the one fixed batch take InfoNCE below chance, log(16)
-    assert 0 < r["loss"] < np.log(16)
+    # real training steps ran: 4 steps on the one fixed batch take InfoNCE below chance, log(32)
+    assert 0 < r["loss"] < np.log(32)
     assert "compiled in" in lines[0] and "mesh {'data': 2" in lines[0]
     text = bench.format_report(r)
     assert "samples/s" in text and "MFU" in text and "temporaries" in text

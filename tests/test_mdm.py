@@ -27,15 +27,8 @@ from mmjax.eval.suite import load_eval_data
 from mmjax.models.layers import strip_boxes
 from mmjax.models.multiway import MultiwayBlock
 from mmjax.runtime import sharding as shd
-from mmjax.tasks.mdm import (
-    MdmTask,
-    block_mask,
-    digit_word_inputs,
-    keywords_of,
-    mask_inputs,
-    mdm_loss,
-    whole_word_mask,
-)
+from mmjax.tasks.mdm import MdmTask, block_mask, mask_inputs, mdm_loss
+from mmjax.tasks.mdm_words import digit_word_inputs, keywords_of, whole_word_mask
 from mmjax.training.checkpoint import Checkpointer
 from mmjax.training.state import StateFactory
 

@@ -469,5 +469,5 @@ def zeroshot_prompts(config) -> tuple[list[str], list[str]]:
     else:
         dataset = labelled_dataset(config)
         names, templates = list(dataset.CLASS_NAMES), list(dataset.PROMPT_TEMPLATES)
-    chosen = tuple(config.eval.get('zeroshot_templates', ()) or ())
+    chosen = tuple((config.get('eval') or {}).get('zeroshot_templates', ()) or ())
     return names, (list(chosen) if chosen else templates)

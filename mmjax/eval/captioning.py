@@ -14,6 +14,7 @@ over the same references (the most-frequent-caption baseline is scored on them t
 from __future__ import annotations
 
 import collections
+import io
 import re
 from collections.abc import Callable, Sequence
 
@@ -21,12 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
+from PIL import Image
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
-from mmjax.data import digit_captions, pipeline
+from mmjax.data import digit_captions, pipeline, sources
 from mmjax.data.image import preprocess_images
+from mmjax.errors import ConfigError
 from mmjax.eval.encoder import batched_apply
 from mmjax.models import decoding
 
@@ -90,13 +93,6 @@ def corpus_caption_eval_data(config, split: str, limit: int) -> dict:
     JSON keeps 5 per image), and the most frequent caption of the first `limit` train records as the baseline:
     {'image': float32 [N,H,W,C] preprocessed, 'label': None (no classes), 'references': [[str]], 'baseline': str}.
     Raises ConfigError naming `eval.caption_split` when the split cannot be opened."""
-    import io
-
-    from PIL import Image
-
-    from mmjax.data import sources
-    from mmjax.errors import ConfigError
-
     member = sources.members(config)[0]
 
     def records(which: str) -> list[dict]:

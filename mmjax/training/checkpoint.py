@@ -4,15 +4,14 @@ Layout of `W/checkpoints/<step>/`:
   state/      the TrainState (step, params, opt_state), sharded arrays, restorable onto any mesh
   data/       the grain iterator state, one JSON file per process
   config/     the run's config as JSON
-  integrity/  the checksums of all of the above (`mmjax.training.integrity`); the SHA-256 of this record is in
-              the checkpoint's own `_CHECKPOINT_METADATA`, so a damaged record is told from damaged arrays
+  integrity/  the checksums of all of the above (`mmjax.training.integrity`), the record's SHA-256 in the
+              checkpoint's `_CHECKPOINT_METADATA` (a damaged record is told from damaged arrays)
 
 A save refuses a state holding NaN or Inf. A restore checks the metadata, recomputes every leaf's checksums and
 compares; a checkpoint that fails (wrong values, unreadable or missing files, damaged metadata) is never loaded:
 `restore` raises CheckpointDamagedError naming the step and the leaves, and `restore_latest` sets it aside
-(`<directory>.damaged/`) and falls back to the previous one. Checkpoints written before checksums existed load
-unverified, with a note. Old checkpoints are deleted (keep-N) only once the newest save is durable and its
-metadata checks out, never the newest.
+(`<directory>.damaged/`) and falls back to the previous one. Pre-checksum checkpoints load unverified, with a
+note. Old checkpoints are deleted (keep-N) only once the newest save is durable and its metadata checks out.
 """
 
 from __future__ import annotations

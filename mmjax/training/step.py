@@ -74,66 +74,70 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
         else:
             (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grad_norm = optax.global_norm(grads)  # frozen parameters' gradients are zeros here
-        bounded = (bound_rule is not None and state.bound is not None and adam_moments(state.opt_state) is not None
-                   and all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params)
-                           if jnp.issubdtype(x.dtype, jnp.floating)))
 
         def update(params, opt_state, grads):
             updates, opt_state = tx.update(grads, opt_state, params, **norm_args(grad_norm))
             return optax.apply_updates(params, updates), opt_state
 
-        def keep(params, opt_state, grads):
-            return params, opt_state
-
-        def checked_update(params, opt_state, grads):
-            ok = all_finite(update(params, opt_state, grads))  # a dry run: reads the state, writes nothing
-            return jax.lax.cond(ok, update, keep, params, opt_state, grads) + (ok,)
-
-        # The update is applied only when the loss, the gradient norm AND the state it would produce are finite;
-        # otherwise params and optimizer state stay as they were, bit for bit.
-        #
-        # Proven finite (`bound_rule`, AdamW): the state carries bounds of its values (`TrainState.bound`); from
-        # them and the gradient norm, a few scalar operations bound every intermediate and the new state
-        # (`StateBound.advance`). When all stay far below float32's largest value the update cannot produce inf
-        # or NaN: it is applied unchecked, and the new bounds go with the new state. Nothing reads the state for
-        # this: its cost is that of a dozen scalars.
-        #
-        # Checked exactly (no bound, an unknown one, one that no longer proves it, or no `bound_rule`): a dry run
-        # of the update fused into `all_finite`'s reductions, then a conditional that computes the update again,
-        # in place over the donated state. Checking the computed update instead keeps old and new state alive
-        # together and copies one of them into the output (measured on ViT-B/32's update on the CPU: 2.2 GB more
-        # temporaries, 4-6x the update's time); the dry run adds no temporaries and costs about one more update
-        # (docs/reliability.md, "Non-finite state"). Conditionals rather than elementwise selects for the same
-        # reason (0.75 s against 0.44 s). A state updated this way is then measured (one more read) for its bound.
-        #
-        # Both leave the rest of the step compiled as before: a finite step is bit-identical to one without the
-        # check.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        if bounded:
-            proven, next_bound = bound_rule.advance(state.bound, grad_norm)
-            fast, slow = finite & proven, finite & ~proven
-            # Three conditionals in a row, each over the state in place. Nesting the proven update and the exact
-            # check in one conditional (or a three-way switch), or measuring inside the check's, made XLA copy the
-            # whole state (measured on ViT-B/32: +0.6 CPU-s a step, more than the dry run it replaces).
-            params, opt_state = jax.lax.cond(fast, update, keep, state.params, state.opt_state, grads)
-            params, opt_state, checked = jax.lax.cond(slow, checked_update, lambda *a: keep(*a) + (jnp.bool_(False),),
-                                                      params, opt_state, grads)
-            # The checked and updated state is measured; one that was skipped stays unknown (it may hold NaN or a
-            # negative nu); a state skipped for its loss or gradient keeps its bound.
-            bound = jax.lax.cond(slow & checked, measure_bound,
-                                 lambda *a: jnp.where(fast, next_bound, jnp.where(slow, unknown_bound(), state.bound)),
-                                 params, opt_state)
-            finite = fast | checked
-        else:
-            params, opt_state, finite = jax.lax.cond(
-                finite, checked_update, lambda *a: keep(*a) + (jnp.bool_(False),),
-                state.params, state.opt_state, grads)
-            bound = state.bound
+        params, opt_state, bound, finite = guarded_update(state, grads, grad_norm, finite, update, bound_rule)
         metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
                        skipped=(~finite).astype(jnp.int32))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, bound=bound), metrics
 
     return train_step
+
+
+def guarded_update(state: TrainState, grads: Any, grad_norm: jax.Array, finite: jax.Array, update,
+                   bound_rule: StateBound | None):
+    """`update(params, opt_state, grads) -> (params, opt_state)` applied to `state` only when `finite` (the loss
+    and gradient norm are) AND the state it would produce is finite; otherwise params and optimizer state stay as
+    they were, bit for bit. Returns (params, opt_state, the new `TrainState.bound`, whether it was applied).
+
+    Proven finite (`bound_rule`, AdamW): the state carries bounds of its values (`TrainState.bound`); from them and
+    the gradient norm, a few scalar operations bound every intermediate and the new state (`StateBound.advance`).
+    When all stay far below float32's largest value the update cannot produce inf or NaN: it is applied
+    unchecked, and the new bounds go with the new state. Nothing reads the state for this: its cost is that of a
+    dozen scalars.
+
+    Checked exactly (no bound, an unknown one, one that no longer proves it, or no `bound_rule`): a dry run of the
+    update fused into `all_finite`'s reductions, then a conditional that computes the update again, in place over
+    the donated state. Checking the computed update instead keeps old and new state alive together and copies one
+    of them into the output (measured on ViT-B/32's update on the CPU: 2.2 GB more temporaries, 4-6x the update's
+    time); the dry run adds no temporaries and costs about one more update (docs/reliability.md, "Non-finite
+    state"). Conditionals rather than elementwise selects for the same reason (0.75 s against 0.44 s). A state
+    updated this way is then measured (one more read) for its bound.
+
+    Both leave the rest of the step compiled as before: a finite step is bit-identical to one without the check.
+    """
+    def keep(params, opt_state, grads):
+        return params, opt_state
+
+    def checked_update(params, opt_state, grads):
+        ok = all_finite(update(params, opt_state, grads))  # a dry run: reads the state, writes nothing
+        return jax.lax.cond(ok, update, keep, params, opt_state, grads) + (ok,)
+
+    bounded = (bound_rule is not None and state.bound is not None and adam_moments(state.opt_state) is not None
+               and all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params)
+                       if jnp.issubdtype(x.dtype, jnp.floating)))
+    if not bounded:
+        params, opt_state, finite = jax.lax.cond(finite, checked_update, lambda *a: keep(*a) + (jnp.bool_(False),),
+                                                 state.params, state.opt_state, grads)
+        return params, opt_state, state.bound, finite
+    proven, next_bound = bound_rule.advance(state.bound, grad_norm)
+    fast, slow = finite & proven, finite & ~proven
+    # Three conditionals in a row, each over the state in place. Nesting the proven update and the exact check in
+    # one conditional (or a three-way switch), or measuring inside the check's, made XLA copy the whole state
+    # (measured on ViT-B/32: +0.6 CPU-s a step, more than the dry run it replaces).
+    params, opt_state = jax.lax.cond(fast, update, keep, state.params, state.opt_state, grads)
+    params, opt_state, checked = jax.lax.cond(slow, checked_update, lambda *a: keep(*a) + (jnp.bool_(False),),
+                                              params, opt_state, grads)
+    # The checked and updated state is measured; one that was skipped stays unknown (it may hold NaN or a negative
+    # nu); a state skipped for its loss or gradient keeps its bound.
+    bound = jax.lax.cond(slow & checked, measure_bound,
+                         lambda *a: jnp.where(fast, next_bound, jnp.where(slow, unknown_bound(), state.bound)),
+                         params, opt_state)
+    return params, opt_state, bound, fast | checked
 
 
 def jit_train_step(config, factory: StateFactory, mesh):
