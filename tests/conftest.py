@@ -21,7 +21,10 @@ os.environ.setdefault("MMJAX_CACHE_DIR", os.path.join(os.environ.get("TMPDIR", "
 # JAX's persistent compilation cache compiles each once per machine. The env vars reach the subprocesses.
 # Every program is cached, however quick its compile: at -O0 most take under the 0.5 s this used to require,
 # and caching them all took tests/test_train.py + test_reliability.py from 299 to 242 s.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["MMJAX_CACHE_DIR"], "jax"))
+# One cache per pytest-xdist worker (shared by the processes that worker starts): a worker segfaulted reading an
+# entry of a cache both workers were writing (2026-12-05, in JAX's compilation_cache.get_executable_and_time).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["MMJAX_CACHE_DIR"], "jax",
+                                                                os.environ.get("PYTEST_XDIST_WORKER", "main")))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402  (after the flags above)
