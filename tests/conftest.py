@@ -23,8 +23,9 @@ os.environ.setdefault("MMJAX_CACHE_DIR", os.path.join(os.environ.get("TMPDIR", "
 # and caching them all took tests/test_train.py + test_reliability.py from 299 to 242 s.
 # One cache per pytest-xdist worker (shared by the processes that worker starts): a worker segfaulted reading an
 # entry of a cache both workers were writing (2026-12-05, in JAX's compilation_cache.get_executable_and_time).
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["MMJAX_CACHE_DIR"], "jax",
-                                                                os.environ.get("PYTEST_XDIST_WORKER", "main")))
+_JAX_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["MMJAX_CACHE_DIR"], "jax"))
+if os.environ.get("PYTEST_XDIST_WORKER") and not _JAX_CACHE.endswith(os.environ["PYTEST_XDIST_WORKER"]):
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_JAX_CACHE, os.environ["PYTEST_XDIST_WORKER"])
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402  (after the flags above)
