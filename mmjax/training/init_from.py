@@ -60,8 +60,9 @@ def merge_params(target: Any, source: Any, include: str = '.*', rename: Any = ()
     ConfigError naming a parameter whose shapes differ.
     """
     pattern = re.compile(include)
-    names = rename_params(_flat(source), rename)
-    src = {names[k]: v for k, v in _flat(source).items()}
+    flat = _flat(source)
+    names = rename_params(flat, rename)
+    src = {names[k]: v for k, v in flat.items()}
     checkpoint_name = {v: k for k, v in names.items()}
     report: dict[str, list[str]] = {'loaded': [], 'initialised': [], 'ignored': []}
 
