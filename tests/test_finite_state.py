@@ -17,7 +17,7 @@ from mmjax.losses.gradcache import stop_frozen_gradients
 from mmjax.runtime import sharding as shd
 from mmjax.tasks import make_objective
 from mmjax.training import integrity, optim
-from mmjax.training.checkpoint import Checkpointer
+from mmjax.training.checkpoint import Checkpointer, NonFiniteStateError
 from mmjax.training.health import HealthMonitor, NonFiniteError
 from mmjax.training.loop import train
 from mmjax.training.metrics import read_metrics
@@ -232,3 +232,26 @@ def test_the_bound_is_not_saved_and_a_restored_state_starts_unknown(setup, tmp_p
     assert isinstance(restored, TrainState)
     assert np.isinf(jax.device_get(restored.bound)).all()
     _assert_bit_identical(restored.saved(), state.saved())
+
+
+def test_a_save_skips_the_nan_read_only_for_a_state_its_bound_proves_finite(setup, tmp_path):
+    """A save reads the state for NaN/Inf unless the step's carried bound proves it finite; the checksums are the
+    same either way, and a restore always reads (a state poisoned by hand behind a stale bound is refused there)."""
+    c, mesh, factory, batch = setup
+    with jax.set_mesh(mesh):
+        fresh = factory.init(c.seed)
+        assert not fresh.proven_finite()
+        state, _ = jit_train_step(c, factory, mesh)(fresh, batch)
+        assert state.proven_finite()
+        read, trusted = integrity.summarize(state), integrity.summarize(state, known_finite=True)
+        assert read == trusted and all(leaf["finite"] for leaf in read.values())
+        ckpt = Checkpointer(str(tmp_path / "ckpt"), async_save=False, log=lambda s: None)
+        ckpt.save(1, state, force=True)
+        restored = ckpt.restore(1, factory.abstract)
+        assert not restored.proven_finite()
+        with pytest.raises(NonFiniteStateError):  # unknown bound: read, and refused
+            ckpt.save(2, _poison(state, "nu", math.nan).replace(bound=unknown_bound()), force=True)
+        ckpt.save(3, _poison(state, "nu", math.nan), force=True)  # the stale bound is trusted (TrainState's contract)
+        with pytest.raises(integrity.CheckpointDamagedError, match="NaN"):
+            ckpt.restore(3, factory.abstract)
+        ckpt.close()

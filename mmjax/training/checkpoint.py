@@ -23,6 +23,7 @@ from typing import Any
 
 import grain.python as grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -78,11 +79,9 @@ def check_location(directory: str) -> None:
 
 
 def is_incomplete(directory: str, name: str) -> bool:
-    """Whether `directory/name` is a checkpoint folder a crash left half-written.
-
-    On a disk Orbax writes into `<step>.orbax-checkpoint-tmp*` and renames it to `<step>` once complete. On
-    gs:// (no atomic folder rename) it writes `<step>` in place and adds `commit_success.txt` last, so a step
-    folder without that file is unfinished."""
+    """Whether `directory/name` is a checkpoint folder a crash left half-written. On a disk Orbax writes into
+    `<step>.orbax-checkpoint-tmp*` and renames it to `<step>` once complete. On gs:// (no atomic folder rename) it
+    writes `<step>` in place and adds `commit_success.txt` last, so a step folder without that file is unfinished."""
     if TMP_MARKER in name:
         return True
     return (storage.scheme(directory) == "gs" and name.isdigit()
@@ -90,8 +89,8 @@ def is_incomplete(directory: str, name: str) -> bool:
 
 
 def set_aside_incomplete(directory: str, log=print) -> list[str]:
-    """Moves checkpoint folders that a crash left half-written (`is_incomplete`) out of the way, to
-    `<directory>.incomplete/` (kept for inspection, never loaded), and reports them. Returns the moved names."""
+    """Moves half-written checkpoint folders (`is_incomplete`) to `<directory>.incomplete/` (kept, never loaded)
+    and reports them. Returns the moved names."""
     moved = []
     for name in storage.listdir(directory):
         if is_incomplete(directory, name):
@@ -124,8 +123,7 @@ def _with_unknown_bound(abstract_state, state):
         return state
     sharding = getattr(bound, "sharding", None)
     value = np.full(bound.shape, np.inf, bound.dtype)
-    placed = (jax.make_array_from_callback(value.shape, sharding, lambda index: value[index]) if sharding is not None
-              else jax.numpy.asarray(value))
+    placed = jax.make_array_from_callback(value.shape, sharding, lambda i: value[i]) if sharding else jnp.array(value)
     return abstract_state.replace(step=state.step, params=state.params, opt_state=state.opt_state, bound=placed)
 
 
@@ -161,10 +159,9 @@ def _set_iterator_state(item, text: str):
 class DataIteratorHandler(grain.PyGrainCheckpointHandler):
     """grain's iterator handler, restorable on another process count, saving a text prepared in advance.
 
-    mmjax's data-iterator state is the position in the global example stream, the same on every
-    process, so when `process_<i>-of-<n>.json` for the current topology is absent, any saved
-    process's file is used. `save` takes the iterator or its state's text (`_iterator_text`), so the text
-    checksummed is the text written.
+    mmjax's data-iterator state is the position in the global example stream, the same on every process, so when
+    `process_<i>-of-<n>.json` for the current topology is absent, any saved process's file is used. `save` takes
+    the iterator or its state's text (`_iterator_text`), so the text checksummed is the text written.
     """
 
     def save(self, directory, item=None, args=None):
@@ -276,14 +273,16 @@ class Checkpointer:
              force: bool = False) -> bool:
         """Starts an (async) save of `state` at `step` with its checksums; returns whether a save was started.
 
-        Raises NonFiniteStateError (nothing written) if `state` holds NaN or Inf, CheckpointWriteError (naming
-        the step whose save failed) if this save, or the previous async one, failed.
+        Raises NonFiniteStateError (nothing written) if `state` holds NaN or Inf (read, unless the train step's
+        carried bound proves it finite: `TrainState.proven_finite`), CheckpointWriteError (naming the step whose
+        save failed) if this save, or the previous async one, failed.
         """
         self._finish_pending()
         if not force and not self.manager.should_save(step):
             return False
+        known_finite = bool(getattr(state, "proven_finite", lambda: False)())  # the step's bound proves it finite
         state = integrity.checkpointed(state)  # a TrainState's carried bound is not saved
-        summary = integrity.summarize(state)
+        summary = integrity.summarize(state, known_finite=known_finite)
         bad = integrity.nonfinite(summary)
         if bad:
             kept = sorted(self.all_steps())

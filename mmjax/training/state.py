@@ -23,7 +23,7 @@ from mmjax.models.layers import strip_boxes
 from mmjax.runtime import sharding as shd
 from mmjax.tasks import Task, get_task
 from mmjax.training import finetune
-from mmjax.training.optim import UNKNOWN_BOUND, build_optimizer, state_bound
+from mmjax.training.optim import UNKNOWN_BOUND, adam_moments, build_optimizer, state_bound
 
 
 def unknown_bound() -> jax.Array:
@@ -47,6 +47,15 @@ class TrainState:
     params: Any
     opt_state: Any
     bound: Any = dataclasses.field(default_factory=unknown_bound)
+
+    def proven_finite(self) -> bool:
+        """Whether the carried bound proves every floating-point value of the state finite, without reading the
+        state: a finite bound covers every float leaf when those are float32 parameters and Adam's moments."""
+        if self.bound is None or adam_moments(self.opt_state) is None or any(
+                jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != jnp.float32 for x in jax.tree.leaves(self.params)):
+            return False
+        bound = self.bound.addressable_data(0) if isinstance(self.bound, jax.Array) else self.bound
+        return bool(np.all(np.isfinite(np.asarray(bound))))
 
     def saved(self) -> SavedState:
         """What a checkpoint holds of this state: all but the bound."""
