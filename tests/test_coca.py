@@ -107,6 +107,9 @@ def test_captioning_metrics_on_hand_made_examples():
     assert captioning.digit_accuracy(wrong, [7, 2, 9]) == 0.0
     assert captioning.digit_accuracy(["a 7 or a one", "two", ""], [7, 2, 0]) == pytest.approx(1 / 3)
     assert captioning.most_frequent_caption(["B.", "a", "b", "A", "b!"]) == "b"
+    assert captioning.reference_match(perfect, refs) == 1.0 and captioning.reference_match(wrong, refs) == 0.0
+    # Right but for one attribute word: not a match (BLEU-4 and CIDEr-D would still give it most of the credit).
+    assert captioning.reference_match(["a thick seven leaning left", *perfect[1:]], refs) == pytest.approx(2 / 3)
 
 
 def test_digit_references_follow_the_pixels():
@@ -292,7 +295,8 @@ def test_coco_captions_train_and_evaluate_with_every_reference(tmp_path):
     assert cli.main(["train", "--config", CONFIG, "--workdir", workdir, "--quiet", "--config.train.steps=3", *TINY,
                      "--config.train.batch_size=8", "--config.optim.warmup_steps=1", *corpus]) == 0
     final = [r for r in read_metrics(workdir) if "caption/cider" in r][-1]
-    for key in ("caption/cider", "caption/bleu4", "caption/rouge_l", "caption/greedy/cider", "caption/baseline/cider"):
+    for key in ("caption/cider", "caption/bleu4", "caption/rouge_l", "caption/reference_match", "caption/greedy/cider",
+                "caption/baseline/cider"):
         assert np.isfinite(final[key]), key
     assert "caption/digit_accuracy" not in final  # no classes in a caption corpus
 
