@@ -80,6 +80,29 @@ def test_the_loss_reads_only_the_image_tokens(tiny):
     assert not np.allclose(logits, other)
 
 
+def test_input_noise_corrupts_what_the_generator_reads_not_what_it_predicts(tiny):
+    config, factory, params = tiny
+    codes = jnp.asarray(np.random.default_rng(0).integers(0, 32, (64, 16)), jnp.int32)
+    key = jax.random.key(3)
+    assert (t2i.noisy_codes(codes, key, 0.0, 32) == codes).all()
+    noisy = np.asarray(t2i.noisy_codes(codes, key, 0.5, 32))
+    changed = np.mean(noisy != np.asarray(codes))  # replaced by a uniform code: changed with p * (1 - 1/K)
+    assert abs(changed - 0.5 * 31 / 32) < 0.05 and noisy.min() >= 0 and noisy.max() < 32
+    batch = {"image": jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (4, 8, 8, 1)), jnp.float32),
+             "text": jnp.asarray(np.random.default_rng(2).integers(3, 300, (4, 12)), jnp.int32)}
+    clean = _config(input_noise=0.0, caption_dropout=0.0)
+    plain = t2i.text_to_image_objective(clean)(factory.model, params, batch, 0)
+    out = factory.model.apply({"params": params}, batch, train=True)
+    assert float(plain[0]) == float(t2i.image_token_loss(out["logits"], out["codes"])[0])
+    noised = t2i.text_to_image_objective(_config(input_noise=0.5, caption_dropout=0.0))(
+        factory.model, params, batch, 0)
+    # The targets are the true codes: with the inputs corrupted the loss changes, but stays a finite CE over K.
+    assert float(noised[0]) != float(plain[0]) and np.isfinite(float(noised[0]))
+    config = _config(input_noise=1.0)
+    with pytest.raises(ConfigError, match="input_noise must be in"):
+        tasks.validate(config, 1)
+
+
 def test_guidance_scale_1_is_the_conditional_and_0_the_unconditional(tiny):
     config, factory, params = tiny
     model, t, b = factory.model, config.model.text.max_len, 2

@@ -297,11 +297,13 @@ def _text_to_image_defaults(c: ml_collections.ConfigDict) -> None:
     """model.text_to_image: task 'text_to_image'."""
     # task 'text_to_image' (mmjax/models/text_to_image.py, mmjax/tasks/text_to_image.py): one decoder (width, depth,
     # num_heads, mlp_dim) over the caption (model.text) then the image_vocab codes of the image_tokenizer; loss: CE on
-    # image tokens only; captions blanked with probability caption_dropout (classifier-free guidance). Sampling:
+    # image tokens only; captions blanked with probability caption_dropout (classifier-free guidance); input_noise:
+    # the share of teacher-forced input codes replaced by random ones (targets unchanged). Sampling:
     # temperature, top_k (0: off), top_p; guidance: the scale eval and generate_images default to. Eval:
     # eval_samples per prompt (uniqueness, accuracy), eval_guidance (accuracy vs scale), rerank_factor x candidates.
     c.model.text_to_image = ml_collections.ConfigDict(
-        dict(width=128, depth=4, num_heads=4, mlp_dim=512, image_vocab=128, caption_dropout=0.1, guidance=3.0,
+        dict(width=128, depth=4, num_heads=4, mlp_dim=512, image_vocab=128, caption_dropout=0.1, input_noise=0.0,
+             guidance=3.0,
              temperature=1.0, top_k=0, top_p=1.0, eval_samples=16, eval_guidance=(0.0, 1.0, 2.0, 3.0),
              rerank_factor=4))
 

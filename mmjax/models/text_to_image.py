@@ -85,7 +85,7 @@ class TextToImageModel(nn.Module):
 
     def image_logits(self, text: jax.Array, codes: jax.Array) -> jax.Array:
         """text int32 [B,T], codes int32 [B,N] -> float32 [B,N,K]: the logits of code j after the caption and
-        codes 0..j-1 (prefix-LM over the T caption slots)."""
+        codes 0..j-1 (prefix-LM over the T caption slots; code N-1 is never read)."""
         tokens = jnp.concatenate([text, codes[:, :-1] + self.text_vocab], axis=1)
         prefix = jnp.full((text.shape[0],), text.shape[1], jnp.int32)
         logits = self.generator(tokens, prefix_len=prefix)

@@ -63,15 +63,29 @@ def blank_captions(text: jax.Array, key: jax.Array, probability: float) -> jax.A
     return jnp.where(drop[:, None], PAD_ID, text)
 
 
+def noisy_codes(codes: jax.Array, key: jax.Array, probability: float, vocab: int) -> jax.Array:
+    """codes int [B,N] -> the same with each code replaced by a uniformly drawn one with `probability`."""
+    replace = jax.random.bernoulli(key, probability, codes.shape)
+    return jnp.where(replace, jax.random.randint(jax.random.fold_in(key, 1), codes.shape, 0, vocab), codes)
+
+
 def text_to_image_objective(config):
-    """objective(model, params, batch, step) -> (image-token CE, metrics), captions dropped per step."""
-    probability, seed = float(config.model.text_to_image.caption_dropout), int(config.seed)
+    """objective(model, params, batch, step) -> (image-token CE, metrics): captions dropped per step, and with
+    model.text_to_image.input_noise > 0 the codes the generator reads (teacher forcing) replaced at random while
+    the targets stay the true codes (a regulariser against memorising the few training images)."""
+    o, seed = config.model.text_to_image, int(config.seed)
+    probability, noise, vocab = float(o.caption_dropout), float(o.input_noise), int(o.image_vocab)
 
     def objective(model, params, batch, step):
         key = jax.random.fold_in(jax.random.key(seed), step)
         text = blank_captions(batch["text"], key, probability) if probability > 0 else batch["text"]
-        out = model.apply({"params": params}, {"image": batch["image"], "text": text}, train=True)
-        return image_token_loss(out["logits"], out["codes"])
+        if noise <= 0:
+            out = model.apply({"params": params}, {"image": batch["image"], "text": text}, train=True)
+            return image_token_loss(out["logits"], out["codes"])
+        codes = jax.lax.stop_gradient(model.apply({"params": params}, batch["image"], method="encode"))
+        codes = codes.reshape(codes.shape[0], -1)
+        inputs = noisy_codes(codes, jax.random.fold_in(key, 2), noise, vocab)
+        return image_token_loss(model.apply({"params": params}, text, inputs, method="image_logits"), codes)
 
     return objective
 
@@ -280,8 +294,9 @@ def text_to_image_problems(config) -> list[str]:
     if int(config.model.vq.codebook_size) != int(o.image_vocab):
         problems.append(f"model.text_to_image.image_vocab={o.image_vocab} differs from the tokenizer's codebook "
                         f"size model.vq.codebook_size={config.model.vq.codebook_size}")
-    if not 0.0 <= float(o.caption_dropout) < 1.0:
-        problems.append(f"model.text_to_image.caption_dropout must be in [0, 1), got {o.caption_dropout}")
+    for key in ("caption_dropout", "input_noise"):
+        if not 0.0 <= float(o[key]) < 1.0:
+            problems.append(f"model.text_to_image.{key} must be in [0, 1), got {o[key]}")
     for key in ("width", "depth", "num_heads", "mlp_dim", "eval_samples", "rerank_factor"):
         if int(o[key]) < 1:
             problems.append(f"model.text_to_image.{key} must be >= 1, got {o[key]}")
