@@ -19,6 +19,7 @@ from mmjax.config.defaults import (
                                    EVAL_FIELDS,
                                    EVALUATOR_NEEDS,
                                    FINETUNE_MODES,
+                                   FUSION_BACKBONES,
                                    FUSION_MODES,
                                    MESH_AXES,
                                    MODALITIES,
@@ -35,7 +36,7 @@ from mmjax.errors import ConfigError
 
 __all__ = [
     "ACTIVATIONS", "AUDIO_DATASETS", "BOS_ID", "DEFAULT_RULES", "EOT_ID", "PAD_ID", "DTYPES", "EVAL_FIELDS", "EVALUATOR_NEEDS", "FINETUNE_MODES",
-    "FUSION_MODES", "MESH_AXES", "MODALITIES", "SPECIAL_TOKEN_IDS", "ConfigError", "apply_overrides", "base_config",
+    "FUSION_BACKBONES", "FUSION_MODES", "MESH_AXES", "MODALITIES", "SPECIAL_TOKEN_IDS", "ConfigError", "apply_overrides", "base_config",
     "conform", "data_dir", "default_data_dir", "load_config_file", "load_workdir_config", "model_towers", "resolve_mesh_shape",
     "split_overrides", "validate",
 ]

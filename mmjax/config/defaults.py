@@ -14,6 +14,11 @@ import ml_collections
 from mmjax import storage
 
 FUSION_MODES = ("concat", "weighted", "gated", "xattn")  # models.fusion builds one module per mode
+# model.fusion.backbone of task 'classification': 'towers' = FusionClassifier (model.image / model.text towers,
+# co-attention, a fusion module, an MLP head); 'multiway' = BEiT-3's stack as the fusion encoder
+# (mmjax/models/multiway_classifier.py: model.mdm shapes, its image CLS and text BOS tokens into the MLP head; init_from
+# a task 'mdm' workdir loads the stack), which reads only num_classes and hidden of model.fusion.
+FUSION_BACKBONES = ("towers", "multiway")
 PAD_ID, BOS_ID, EOT_ID = 0, 1, 2  # every tokenizer's pad, BOS (= CLS) and EOT ids; models mask PAD_ID
 SPECIAL_TOKEN_IDS = (PAD_ID, BOS_ID, EOT_ID)
 
@@ -132,9 +137,9 @@ def _model_defaults(c: ml_collections.ConfigDict) -> None:
         dict(sample_rate=16000, n_fft=400, hop=160, n_mels=32, max_frames=88, patch_time=8, patch_freq=8,
              width=64, depth=2, num_heads=4, mlp_dim=256, pool="cls", mel_scale="slaney", f_min=0.0,
              f_max=ml_collections.FieldReference(None, field_type=float), input_mean=-37.0, input_std=22.0))
-    # task 'classification': FusionClassifier (co-attention layers, a fusion module, an MLP head).
+    # task 'classification': FusionClassifier, or with backbone='multiway' BEiT-3's stack (see FUSION_BACKBONES).
     m.fusion = ml_collections.ConfigDict(
-        dict(mode="concat", num_layers=1, num_heads=4, mlp_dim=256, hidden=128, num_classes=2,
+        dict(backbone="towers", mode="concat", num_layers=1, num_heads=4, mlp_dim=256, hidden=128, num_classes=2,
              proj_dim=ml_collections.FieldReference(None, field_type=int), per_feature=True,
              contrastive_weight=0.0))  # > 0: + weight * CLIP loss on the towers' embeddings of matching pairs
     # task 'itm_mlm': ContrastiveModel + image-conditioned text layers with ITM and MLM heads.

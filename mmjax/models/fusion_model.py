@@ -166,7 +166,7 @@ class FusionClassifier(nn.Module):
 
 FUSION_KEYS = {'mode': None, 'num_layers': None, 'num_heads': None, 'mlp_dim': None, 'hidden': None,
                'num_classes': None, 'proj_dim': 'optional', 'per_feature': 'optional',
-               'contrastive_weight': 'optional'}
+               'contrastive_weight': 'optional', 'backbone': 'optional'}
 
 
 def _section(model_cfg: ml_collections.ConfigDict, name: str, keys: dict[str, Any]) -> dict[str, Any]:
@@ -186,11 +186,15 @@ def _section(model_cfg: ml_collections.ConfigDict, name: str, keys: dict[str, An
 
 def build_fusion_classifier(model_cfg: ml_collections.ConfigDict) -> FusionClassifier:
     """`config.model` with sections image, text and fusion {mode, num_layers, num_heads, mlp_dim, hidden,
-    num_classes, proj_dim (optional), per_feature (optional), contrastive_weight (optional)} -> FusionClassifier.
+    num_classes, proj_dim (optional), per_feature (optional), contrastive_weight (optional), backbone (optional,
+    'towers'; 'multiway' is `mmjax.models.multiway_classifier.build_multiway_classifier`'s)} -> FusionClassifier.
 
     contrastive_weight > 0 adds the contrastive projection heads (model.embed_dim wide) and the temperature
     (model.logit_scale_init / logit_scale_max)."""
     fusion = _section(model_cfg, 'fusion', FUSION_KEYS)
+    backbone = fusion.pop('backbone', 'towers')
+    if backbone != 'towers':
+        raise ValueError(f"build_fusion_classifier builds model.fusion.backbone='towers'; got {backbone!r}")
     if fusion['mode'] not in FUSION_MODES:
         raise ValueError(f'config model.fusion.mode must be one of {FUSION_MODES}; got {fusion["mode"]!r}')
     if float(fusion.pop('contrastive_weight', 0.0)) > 0:

@@ -67,9 +67,9 @@ def dummy_batch(config, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     return shapes
 
 
-def image_text_only_problems(config, task: str) -> list[str]:
+def image_text_only_problems(config, task: str, finetune_mode: bool = True) -> list[str]:
     """The checks shared by tasks built on exactly the image and text towers, without fine-tuning modes, gradient
-    accumulation or the chunked loss."""
+    accumulation or the chunked loss (`finetune_mode=False`: the caller checks finetune.mode itself)."""
     m, problems = config.model, []
     if tuple(m.towers) != ("image", "text") or tuple(tuple(p) for p in m.pairs) != (("image", "text", 1.0),):
         problems.append(f"model.towers / model.pairs: task {task!r} uses the image and text towers only; keep "
@@ -80,7 +80,7 @@ def image_text_only_problems(config, task: str) -> list[str]:
     if config.train.micro_batches > 1:
         problems.append(f"train.micro_batches={config.train.micro_batches}: gradient accumulation is implemented "
                         f"for task 'contrastive' only; set it to 1 for task {task!r}")
-    if config.finetune.mode != "none":
+    if finetune_mode and config.finetune.mode != "none":
         problems.append(f"finetune.mode={config.finetune.mode!r} is only supported with task 'contrastive' "
                         f"(got task {task!r}); use finetune.mode='none'")
     return problems

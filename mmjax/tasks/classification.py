@@ -1,8 +1,12 @@
-"""Task 'classification': does this caption describe this image? A FusionClassifier (co-attention layers, a
-fusion module, an MLP head) trained on image-caption matching pairs of the labelled digits.
+"""Task 'classification': does this caption describe this image? A classifier trained on image-caption matching
+pairs of the labelled digits, on one of two backbones (`model.fusion.backbone`):
+  - 'towers': a FusionClassifier (ViT and text towers, co-attention layers, a fusion module, an MLP head);
+  - 'multiway': BEiT-3's multiway stack as the fusion encoder (`mmjax.models.multiway_classifier`, shapes from
+    model.mdm), whose parameters `init_from` loads from a task 'mdm' workdir; full fine-tuning only
+    (finetune.mode='none'; `optim.freeze_rules` may freeze the stack for a head-only fine-tune).
 
-Objective: softmax cross-entropy on the pair's label, plus `model.fusion.contrastive_weight` × the CLIP loss on
-the towers' embeddings of the matching pairs. Evaluation: held-out pair accuracy ('classify/accuracy').
+Objective: softmax cross-entropy on the pair's label, plus (towers only) `model.fusion.contrastive_weight` × the
+CLIP loss on the towers' embeddings of the matching pairs. Evaluation: held-out pair accuracy ('classify/accuracy').
 """
 
 from __future__ import annotations
@@ -10,11 +14,14 @@ from __future__ import annotations
 import flax.linen as nn
 from jax.sharding import Mesh
 
-from mmjax.config import FUSION_MODES
+from mmjax.config import FUSION_BACKBONES, FUSION_MODES
 from mmjax.eval.pairs import classification_eval
 from mmjax.losses import fusion as objectives
 from mmjax.models import build_fusion_classifier
+from mmjax.models.multiway_classifier import build_multiway_classifier
+from mmjax.runtime.flops import encoder_forward_flops
 from mmjax.tasks.base import Task, image_text_only_problems
+from mmjax.tasks.mdm import multiway_shape_problems
 
 
 def classification_objective(contrastive_weight: float):
@@ -41,6 +48,8 @@ class ClassificationTask(Task):
         return ("image", "text", "label")
 
     def build_model(self, model_config) -> nn.Module:
+        if backbone_of(model_config) == "multiway":
+            return build_multiway_classifier(model_config)
         return build_fusion_classifier(model_config)
 
     def objective(self, config, mesh: Mesh):
@@ -50,22 +59,72 @@ class ClassificationTask(Task):
         return classification_eval(config, model, params, mesh, rules)
 
     def config_problems(self, config) -> list[str]:
-        problems = image_text_only_problems(config, self.name) + _fusion_problems(config.model)
+        backbone = backbone_of(config.model)
+        if backbone == "multiway":
+            problems = image_text_only_problems(config, self.name, finetune_mode=False) + _multiway_problems(config)
+        elif backbone == "towers":
+            problems = image_text_only_problems(config, self.name) + _fusion_problems(config.model)
+        else:
+            problems = [f"model.fusion.backbone={backbone!r}: choose one of {FUSION_BACKBONES}"]
         if config.data.name != "digits":
             problems.append(f"data.name={config.data.name!r}: task 'classification' needs the labelled digits "
                             f"(data.name='digits')")
         return problems
 
+    def flops_per_example(self, config) -> float:
+        if backbone_of(config.model) == "multiway":
+            return multiway_flops_per_example(config)
+        return super().flops_per_example(config)
+
+
+def backbone_of(model_config) -> str:
+    """`model.fusion.backbone`: 'towers' (FusionClassifier) or 'multiway' (MultiwayClassifier)."""
+    return str(model_config.fusion.get("backbone", "towers"))
+
+
+def multiway_flops_per_example(config) -> float:
+    """Model FLOPs of one training example of the multiway classifier: 3 x the forward of the patch embedding, the
+    stack on the 1 + N + L image-text sequence and the head."""
+    d, img, f = config.model.mdm, config.model.image, config.model.fusion
+    w, n = int(d.width), (int(img.image_size) // int(img.patch_size)) ** 2
+    patch_embed = 2.0 * n * int(img.patch_size) ** 2 * int(img.channels) * w
+    stack = encoder_forward_flops(1 + n + int(config.model.text.max_len), w, int(d.depth), int(d.mlp_dim))
+    head = 2.0 * int(f.hidden) * (2 * w + int(f.num_classes))
+    return 3.0 * (patch_embed + stack + head)
+
+
+def _num_classes_problems(f) -> list[str]:
+    if f.num_classes <= 0:
+        return [f"model.fusion.num_classes must be positive, got {f.num_classes}"]
+    if f.num_classes < 2:
+        return [f"model.fusion.num_classes={f.num_classes}: the image-caption pairs have labels 0/1; use >= 2"]
+    return []
+
+
+def _multiway_problems(config) -> list[str]:
+    """model.fusion.backbone='multiway': the head's keys, what the backbone does not have, the stack's shapes."""
+    f, problems = config.model.fusion, _num_classes_problems(config.model.fusion)
+    if f.hidden < 1:
+        problems.append(f"model.fusion.hidden must be positive, got {f.hidden}")
+    if f.contrastive_weight != 0:
+        problems.append(f"model.fusion.contrastive_weight={f.contrastive_weight}: the multiway backbone has no "
+                        f"contrastive towers in task 'classification'; set it to 0 (BEiT-3's contrastive fine-tuning "
+                        f"is task 'mdm' with model.mdm.contrastive_weight)")
+    if f.mode != "concat":
+        problems.append(f"model.fusion.mode={f.mode!r}: the multiway backbone fuses in its vision-language blocks and "
+                        f"classifies their image CLS and text BOS tokens concatenated; use model.fusion.mode='concat'")
+    if config.finetune.mode != "none":
+        problems.append(f"finetune.mode={config.finetune.mode!r}: the multiway backbone supports full fine-tuning "
+                        f"only (finetune.mode='none'; freeze the stack with optim.freeze_rules for a head-only "
+                        f"fine-tune): MultiwayBlock has no adapter / LoRA / prompt fields (adapter_dim, lora_rank, "
+                        f"num_prompts live on EncoderOptions / EncoderBlock of the towers)")
+    return problems + multiway_shape_problems(config)
+
 
 def _fusion_problems(m) -> list[str]:
-    f, problems = m.fusion, []
-    if f.mode not in FUSION_MODES:
-        problems.append(f"model.fusion.mode: {f.mode!r}; choose one of {FUSION_MODES}")
-    if f.num_classes <= 0:
-        problems.append(f"model.fusion.num_classes must be positive, got {f.num_classes}")
-    elif f.num_classes < 2:
-        problems.append(f"model.fusion.num_classes={f.num_classes}: the image-caption pairs have labels 0/1; "
-                        f"use >= 2")
+    f = m.fusion
+    problems = [f"model.fusion.mode: {f.mode!r}; choose one of {FUSION_MODES}"] if f.mode not in FUSION_MODES else []
+    problems += _num_classes_problems(f)
     for key in ("num_layers", "hidden", "mlp_dim", "num_heads"):
         if f[key] < (0 if key == "num_layers" else 1):
             problems.append(f"model.fusion.{key} must be positive, got {f[key]}")

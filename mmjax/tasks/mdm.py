@@ -335,10 +335,11 @@ def prepare_tokenizer(config, workdir: str, train_fn: Callable, log: Callable = 
     return c
 
 
-def mdm_problems(config) -> list[str]:
-    """model.mdm's shapes, ratios and weights against the image grid, the vocabulary and the mesh."""
-    d, m, o, problems = config.model.mdm, config.model, config.objectives, []
-    for key in ("width", "depth", "num_heads", "mlp_dim", "min_block_patches"):
+def multiway_shape_problems(config) -> list[str]:
+    """The multiway stack's shapes (model.mdm) against the image grid: what every model on it needs (task 'mdm',
+    and task 'classification' with model.fusion.backbone='multiway')."""
+    d, m, problems = config.model.mdm, config.model, []
+    for key in ("width", "depth", "num_heads", "mlp_dim"):
         if d[key] < 1:
             problems.append(f"model.mdm.{key} must be positive, got {d[key]}")
     if d.num_heads >= 1 and d.width % d.num_heads:
@@ -348,6 +349,15 @@ def mdm_problems(config) -> list[str]:
     if m.image.image_size % m.image.patch_size:
         problems.append(f"model.image.image_size={m.image.image_size} is not divisible by "
                         f"model.image.patch_size={m.image.patch_size}")
+    return problems
+
+
+def mdm_problems(config) -> list[str]:
+    """model.mdm's shapes, ratios and weights against the image grid, the vocabulary and the mesh."""
+    d, m, o = config.model.mdm, config.model, config.objectives
+    problems = multiway_shape_problems(config)
+    if d.min_block_patches < 1:
+        problems.append(f"model.mdm.min_block_patches must be positive, got {d.min_block_patches}")
     if not 0.0 < d.image_mask_ratio < 1.0:
         problems.append(f"model.mdm.image_mask_ratio must be in (0, 1), got {d.image_mask_ratio}")
     for key in ("text_mask_ratio", "pair_text_mask_ratio"):

@@ -1,0 +1,80 @@
+"""BEiT-3 as a fusion encoder: `MultiwayClassifier`, the image-text classifier of task 'classification' with
+`model.fusion.backbone='multiway'`.
+
+    image [B,H,W,C], text int32 [B,L] -> MultiwayModel.fuse (the vision-language path: [image CLS, patches; text],
+    the vision / language experts below the top `vl_layers` blocks, the vision-language expert in them, the
+    shared final LN) -> concat(image CLS token, text BOS token) [B, 2*width] -> ClassifierHead ('head': LN,
+    Dense(hidden), GELU, Dense(num_classes)) -> logits float32 [B, num_classes]
+
+Its stack is `MultiwayModel`'s under the same parameter names ('patch_embed', 'image_cls', 'image_pos', 'text',
+'multiway', 'ln_final'), so `init_from` with a task 'mdm' workdir loads every one of them by name; 'head' is new.
+It has none of the pretraining parameters the vision-language path does not read (the masked-image token
+'mask_token', the 'mim_head' / 'mlm_head', the dual encoder's projections and 'logit_scale', the image tokenizer
+'encoder' / 'quantizer', and the vision and language experts of the top `vl_layers` blocks, which only the
+monomodal paths route to): init_from reports those as ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.models.fusion_model import ClassifierHead
+from mmjax.models.layers import ACT_POOLED, constrain, dense, layer_norm, partitioned
+from mmjax.models.multiway import MultiwayEncoder, MultiwayModel, TextInput
+
+
+class MultiwayClassifier(MultiwayModel):
+    """`MultiwayModel`'s embeddings, stack and final LN, with a classifier head on the vision-language path (module
+    docstring). Of `MultiwayModel`'s methods it serves `embed_image` (without `image_mask`), `vision`, `language`
+    and `fuse`; the pretraining heads and the tokenizer are not part of it. `embed_dim` and `vq` are unused."""
+    dual_encoder: ClassVar[bool] = False  # no embeddings of its own: `mmjax eval` runs the task's evaluation
+    embed_dim: int = 0
+    vq: tuple[tuple[str, Any], ...] = ()
+    num_classes: int = 2
+    hidden: int = 128
+
+    def setup(self):
+        # The names and initialisers of MultiwayModel.setup (what init_from matches a task 'mdm' checkpoint by).
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        w, grid = self.width, self.image_size // self.patch_size
+        self.patch_embed = dense(w, ('patch', 'embed'), **kw)
+        self.image_cls = self.param('image_cls', partitioned(nn.initializers.normal(0.02), ('embed',)), (w,),
+                                    self.param_dtype)
+        self.image_pos = self.param('image_pos', partitioned(nn.initializers.normal(0.02), ('length', 'embed')),
+                                    (1 + grid * grid, w), self.param_dtype)
+        self.text = TextInput(self.vocab_size, self.max_len, w, self.vocab_multiple, **kw)
+        self.multiway = MultiwayEncoder(self.depth, self.num_heads, self.mlp_dim, self.vl_layers, self.remat,
+                                        self.activation, **kw)
+        self.ln_final = layer_norm(**kw)
+        self.head = ClassifierHead(self.hidden, self.num_classes, **kw)
+
+    def pooled(self, images: jax.Array, tokens: jax.Array) -> jax.Array:
+        """images [B,H,W,C], tokens int32 [B,L] -> [B, 2*width]: the fused sequence's image CLS token and text BOS
+        token (position 0 of each part of `fuse`), concatenated."""
+        image, text = self.fuse(images, tokens)
+        return constrain(jnp.concatenate([image[:, 0], text[:, 0]], axis=-1), ACT_POOLED)
+
+    def __call__(self, batch: dict[str, jax.Array], train: bool = False) -> jax.Array:
+        """batch {'image': float [B,H,W,C], 'text': int32 [B,L] (pad 0)} -> logits float32 [B, num_classes].
+        `train` is accepted for the task's call contract (no dropout)."""
+        del train
+        return self.head(self.pooled(batch['image'], batch['text']))
+
+
+def build_multiway_classifier(model_cfg) -> MultiwayClassifier:
+    """`config.model` -> MultiwayClassifier: the stack from `model.mdm` (width, depth, num_heads, mlp_dim,
+    vl_layers), the image geometry from `model.image` (image_size, patch_size, channels), the text from
+    `model.text` (vocab_size, max_len), the head from `model.fusion` (num_classes, hidden)."""
+    d, img, txt, f = model_cfg.mdm, model_cfg.image, model_cfg.text, model_cfg.fusion
+    return MultiwayClassifier(
+        image_size=int(img.image_size), patch_size=int(img.patch_size), channels=int(img.channels),
+        vocab_size=int(txt.vocab_size), max_len=int(txt.max_len), width=int(d.width), depth=int(d.depth),
+        num_heads=int(d.num_heads), mlp_dim=int(d.mlp_dim), vl_layers=int(d.vl_layers),
+        num_classes=int(f.num_classes), hidden=int(f.hidden), remat=str(model_cfg.get('remat', 'none')),
+        activation=str(model_cfg.get('activation', 'gelu') or 'gelu'),
+        dtype=jnp.dtype(model_cfg.get('dtype', 'float32')),
+        param_dtype=jnp.dtype(model_cfg.get('param_dtype', 'float32')))
