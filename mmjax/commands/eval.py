@@ -13,6 +13,10 @@ Read-only on the checkpoints (safe while training is still writing them): the mo
 `mmjax.load(W, step)`, i.e. the workdir's own config.json; `--config` (with `--config.KEY=VALUE`
 overrides) supplies the data settings (data.name, data.data_dir, ...) and eval.batch_size.
 
+A model that does not embed images and texts apart (`dual_encoder`: the fusion classifiers of task
+'classification', VQ, text-to-image, PaLI, Flamingo) is scored by its task's own evaluation instead, the figures
+training logs (classify/accuracy, vq/..., gen/..., vqa/..., fewshot/...), written to the same `W/eval/<step>.json`.
+
 The evaluators and the data they need live in `mmjax.eval.suite`.
 """
 
@@ -89,6 +93,13 @@ def _write_plots(eval_dir: str, s: int, data: dict, extras: dict) -> None:
                             storage.join(eval_dir, f"retrieval_{s}.png"), extras["top_correct"])
 
 
+def dual_encoder(model) -> bool:
+    """Whether a `mmjax.load`ed model embeds images and texts apart (`encode_image` / `encode_text`: contrastive,
+    CoCa, BEiT-3's dual encoder), so that zero-shot, retrieval and the linear probe apply to it. The others (the
+    fusion classifiers, VQ, text-to-image, PaLI, Flamingo) are evaluated by their task's `evaluate`."""
+    return bool(getattr(model.encoder.model, "dual_encoder", False))
+
+
 def run(config, workdir: str, step: int | None = None, all_steps: bool = False, progress: bool = True,
         plots: bool = True, out=print) -> dict[int, dict]:
     """Evaluates the newest verified checkpoint of `workdir` (or `step`, or every one); returns {step: metrics}.
@@ -98,7 +109,7 @@ def run(config, workdir: str, step: int | None = None, all_steps: bool = False, 
     steps = _steps(workdir, step, all_steps)
     eval_dir = storage.join(workdir, "eval")
     storage.makedirs(eval_dir)
-    data, reference, results = None, None, {}
+    data, reference, results, task_cache = None, None, {}, {}
     for s in steps:
         try:
             model = inference.load(workdir, s)
@@ -109,10 +120,16 @@ def run(config, workdir: str, step: int | None = None, all_steps: bool = False, 
             continue
         s = model.step
         model.encoder.batch_size = max(1, int(config.eval.batch_size))  # 1 device: no shard rounding
-        if data is None:
-            data = load_eval_data(_data_config(model.config, config))
         if progress:
             out(f"mmjax: evaluating checkpoint {s} of {workdir}")
+        if not dual_encoder(model):  # the task's own evaluation, as training logs it (classify/..., gen/..., vq/...)
+            enc = model.encoder
+            results[s] = get_task(model.config).evaluate(model.config, enc.model, enc.params, enc.mesh, enc.rules,
+                                                         task_cache)
+            _write_json(storage.join(eval_dir, f"{s}.json"), {"step": s, **results[s]})
+            continue
+        if data is None:
+            data = load_eval_data(_data_config(model.config, config))
         metrics, extras = evaluate_model(model, data, progress)
         if reference is None:  # the reference model does not depend on the checkpoint: once per run
             enc = model.encoder

@@ -80,6 +80,8 @@ def evaluate_model(model, data: dict, progress: bool = False) -> tuple[dict, dic
 
 def format_table(results: dict[int, dict]) -> str:
     keys = [k for k in KEY_ORDER if any(k in m for m in results.values())]
+    keys += sorted({k for m in results.values() for k, v in m.items()
+                    if k not in keys and k != "step" and isinstance(v, (int, float))})
     short = [k.replace("retrieval/", "").replace("zeroshot/", "zs/").replace("linear_probe/", "lp/")
              for k in keys]
     widths = [max(6, len(s)) for s in short]

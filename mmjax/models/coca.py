@@ -27,7 +27,7 @@ and `coca_logits_fn`, the `logits_fn` of `mmjax.models.decoding`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -126,6 +126,7 @@ class CocaModel(nn.Module):
     blocks (width = the text width), `cross_attention_every` k: cross-attention in every k-th of them.
     embed_dim E, logit_scale_init / logit_scale_max: as `ContrastiveModel`.
     """
+    dual_encoder: ClassVar[bool] = True  # encode_image / encode_text: the dual-encoder evaluators apply
     image_kwargs: tuple[tuple[str, Any], ...]
     text_kwargs: tuple[tuple[str, Any], ...]
     embed_dim: int

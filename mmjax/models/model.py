@@ -7,7 +7,7 @@ Towers are built by name from config sections (`model.image`, `model.text`, ...)
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -60,6 +60,7 @@ class ContrastiveModel(nn.Module):
       logit_scale_init / logit_scale_max: log-space temperature init and clip (None: no clip).
       logit_bias_init: None, or the init of a learned 'logit_bias' scalar (SigLIP).
     """
+    dual_encoder: ClassVar[bool] = True  # encode_image / encode_text: the dual-encoder evaluators apply
     towers: tuple[tuple[str, type[nn.Module], tuple[tuple[str, Any], ...]], ...]
     embed_dim: int
     logit_scale_init: float

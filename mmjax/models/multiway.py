@@ -19,7 +19,7 @@ task 'vq' workdir, 'encoder/...' and 'quantizer/embedding', so `init_from` loads
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -151,6 +151,7 @@ class MultiwayModel(nn.Module):
     the image-text sequence their concatenation (1 + N + L). `vq` holds VQAutoencoder's fields (widths,
     res_blocks, code_dim, codebook_size, codebook_init_norm) as sorted (key, value) pairs.
     """
+    dual_encoder: ClassVar[bool] = True  # encode_image / encode_text: the dual-encoder evaluators apply
     image_size: int
     patch_size: int
     channels: int
