@@ -172,19 +172,27 @@ class MultiwayModel(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    def setup(self):
+    def setup_stack(self, mask_token: bool = True) -> dict[str, Any]:
+        """Called in `setup`: the embeddings (with `mask_token`, the masked-patch token), the multiway stack and
+        the final LN, what every path reads (all that `MultiwayClassifier` keeps, under these names), created in
+        this order (each parameter's initial value depends on it). Returns the dtype keywords."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         w, grid = self.width, self.image_size // self.patch_size
         init = partitioned(nn.initializers.normal(0.02), ('embed',))
         self.patch_embed = dense(w, ('patch', 'embed'), **kw)
         self.image_cls = self.param('image_cls', init, (w,), self.param_dtype)
-        self.mask_token = self.param('mask_token', init, (w,), self.param_dtype)
+        if mask_token:
+            self.mask_token = self.param('mask_token', init, (w,), self.param_dtype)
         self.image_pos = self.param('image_pos', partitioned(nn.initializers.normal(0.02), ('length', 'embed')),
                                     (1 + grid * grid, w), self.param_dtype)
         self.text = TextInput(self.vocab_size, self.max_len, w, self.vocab_multiple, **kw)
         self.multiway = MultiwayEncoder(self.depth, self.num_heads, self.mlp_dim, self.vl_layers, self.remat,
                                         self.activation, **kw)
         self.ln_final = layer_norm(**kw)
+        return kw
+
+    def setup(self):
+        kw = self.setup_stack()
         vq = dict(self.vq)
         self.mim_head = dense(int(vq['codebook_size']), ('embed', 'vocab'), **kw)
         self.mlm_head = dense(-(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple, ('embed', 'vocab'),

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from mmjax.models.fusion_model import ClassifierHead
-from mmjax.models.layers import ACT_POOLED, constrain, dense, layer_norm, partitioned
-from mmjax.models.multiway import MultiwayEncoder, MultiwayModel, TextInput
+from mmjax.models.layers import ACT_POOLED, constrain
+from mmjax.models.multiway import MultiwayModel
 
 
 class MultiwayClassifier(MultiwayModel):
@@ -38,18 +37,7 @@ class MultiwayClassifier(MultiwayModel):
     hidden: int = 128
 
     def setup(self):
-        # The names and initialisers of MultiwayModel.setup (what init_from matches a task 'mdm' checkpoint by).
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        w, grid = self.width, self.image_size // self.patch_size
-        self.patch_embed = dense(w, ('patch', 'embed'), **kw)
-        self.image_cls = self.param('image_cls', partitioned(nn.initializers.normal(0.02), ('embed',)), (w,),
-                                    self.param_dtype)
-        self.image_pos = self.param('image_pos', partitioned(nn.initializers.normal(0.02), ('length', 'embed')),
-                                    (1 + grid * grid, w), self.param_dtype)
-        self.text = TextInput(self.vocab_size, self.max_len, w, self.vocab_multiple, **kw)
-        self.multiway = MultiwayEncoder(self.depth, self.num_heads, self.mlp_dim, self.vl_layers, self.remat,
-                                        self.activation, **kw)
-        self.ln_final = layer_norm(**kw)
+        kw = self.setup_stack(mask_token=False)  # MultiwayModel's names: what init_from matches a checkpoint by
         self.head = ClassifierHead(self.hidden, self.num_classes, **kw)
 
     def pooled(self, images: jax.Array, tokens: jax.Array) -> jax.Array:
