@@ -310,22 +310,28 @@ class MultiwayModel(nn.Module):
         return out
 
 
-def build_multiway_model(model_cfg) -> MultiwayModel:
-    """`config.model` -> MultiwayModel: the stack from `model.mdm` (width, depth, num_heads, mlp_dim, vl_layers),
-    the image geometry from `model.image` (image_size, patch_size, channels), the text from `model.text`
-    (vocab_size, max_len), the tokenizer from `model.vq`, the dual encoder from `model.embed_dim` and
-    `model.logit_scale_init` / `logit_scale_max`."""
-    d, img, txt, v = model_cfg.mdm, model_cfg.image, model_cfg.text, model_cfg.vq
-    scale_max = model_cfg.get('logit_scale_max', None)
-    vq = dict(widths=tuple(int(w) for w in v.widths), res_blocks=int(v.res_blocks), code_dim=int(v.code_dim),
-              codebook_size=int(v.codebook_size), codebook_init_norm=float(v.codebook_init_norm))
-    return MultiwayModel(
+def stack_fields(model_cfg) -> dict[str, Any]:
+    """`config.model` -> the fields `setup_stack` builds from, shared by `MultiwayModel` and `MultiwayClassifier`:
+    the stack from `model.mdm` (width, depth, num_heads, mlp_dim, vl_layers), the image geometry from `model.image`
+    (image_size, patch_size, channels), the text from `model.text` (vocab_size, max_len), remat, activation and
+    dtypes."""
+    d, img, txt = model_cfg.mdm, model_cfg.image, model_cfg.text
+    return dict(
         image_size=int(img.image_size), patch_size=int(img.patch_size), channels=int(img.channels),
         vocab_size=int(txt.vocab_size), max_len=int(txt.max_len), width=int(d.width), depth=int(d.depth),
         num_heads=int(d.num_heads), mlp_dim=int(d.mlp_dim), vl_layers=int(d.vl_layers),
-        embed_dim=int(model_cfg.embed_dim), vq=tuple(sorted(vq.items())),
-        logit_scale_init=float(model_cfg.logit_scale_init),
-        logit_scale_max=None if scale_max is None else float(scale_max),
         remat=str(model_cfg.get('remat', 'none')), activation=str(model_cfg.get('activation', 'gelu') or 'gelu'),
         dtype=jnp.dtype(model_cfg.get('dtype', 'float32')), param_dtype=jnp.dtype(model_cfg.get('param_dtype', 'float32')))
+
+
+def build_multiway_model(model_cfg) -> MultiwayModel:
+    """`config.model` -> MultiwayModel: the stack as `stack_fields`, the tokenizer from `model.vq`, the dual
+    encoder from `model.embed_dim` and `model.logit_scale_init` / `logit_scale_max`."""
+    v, scale_max = model_cfg.vq, model_cfg.get('logit_scale_max', None)
+    vq = dict(widths=tuple(int(w) for w in v.widths), res_blocks=int(v.res_blocks), code_dim=int(v.code_dim),
+              codebook_size=int(v.codebook_size), codebook_init_norm=float(v.codebook_init_norm))
+    return MultiwayModel(
+        **stack_fields(model_cfg), embed_dim=int(model_cfg.embed_dim), vq=tuple(sorted(vq.items())),
+        logit_scale_init=float(model_cfg.logit_scale_init),
+        logit_scale_max=None if scale_max is None else float(scale_max))
 

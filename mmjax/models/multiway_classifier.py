@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from mmjax.models.fusion_model import ClassifierHead
 from mmjax.models.layers import ACT_POOLED, constrain
-from mmjax.models.multiway import MultiwayModel
+from mmjax.models.multiway import MultiwayModel, stack_fields
 
 
 class MultiwayClassifier(MultiwayModel):
@@ -54,15 +54,7 @@ class MultiwayClassifier(MultiwayModel):
 
 
 def build_multiway_classifier(model_cfg) -> MultiwayClassifier:
-    """`config.model` -> MultiwayClassifier: the stack from `model.mdm` (width, depth, num_heads, mlp_dim,
-    vl_layers), the image geometry from `model.image` (image_size, patch_size, channels), the text from
-    `model.text` (vocab_size, max_len), the head from `model.fusion` (num_classes, hidden)."""
-    d, img, txt, f = model_cfg.mdm, model_cfg.image, model_cfg.text, model_cfg.fusion
-    return MultiwayClassifier(
-        image_size=int(img.image_size), patch_size=int(img.patch_size), channels=int(img.channels),
-        vocab_size=int(txt.vocab_size), max_len=int(txt.max_len), width=int(d.width), depth=int(d.depth),
-        num_heads=int(d.num_heads), mlp_dim=int(d.mlp_dim), vl_layers=int(d.vl_layers),
-        num_classes=int(f.num_classes), hidden=int(f.hidden), remat=str(model_cfg.get('remat', 'none')),
-        activation=str(model_cfg.get('activation', 'gelu') or 'gelu'),
-        dtype=jnp.dtype(model_cfg.get('dtype', 'float32')),
-        param_dtype=jnp.dtype(model_cfg.get('param_dtype', 'float32')))
+    """`config.model` -> MultiwayClassifier: the stack as `MultiwayModel`'s (`multiway.stack_fields`), the head
+    from `model.fusion` (num_classes, hidden)."""
+    f = model_cfg.fusion
+    return MultiwayClassifier(**stack_fields(model_cfg), num_classes=int(f.num_classes), hidden=int(f.hidden))

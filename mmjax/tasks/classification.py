@@ -19,9 +19,8 @@ from mmjax.eval.pairs import classification_eval
 from mmjax.losses import fusion as objectives
 from mmjax.models import build_fusion_classifier
 from mmjax.models.multiway_classifier import build_multiway_classifier
-from mmjax.runtime.flops import encoder_forward_flops
 from mmjax.tasks.base import Task, image_text_only_problems
-from mmjax.tasks.mdm import multiway_shape_problems
+from mmjax.tasks.mdm import fused_forward_flops, multiway_shape_problems
 
 
 def classification_objective(contrastive_weight: float):
@@ -83,14 +82,10 @@ def backbone_of(model_config) -> str:
 
 
 def multiway_flops_per_example(config) -> float:
-    """Model FLOPs of one training example of the multiway classifier: 3 x the forward of the patch embedding, the
-    stack on the 1 + N + L image-text sequence and the head."""
-    d, img, f = config.model.mdm, config.model.image, config.model.fusion
-    w, n = int(d.width), (int(img.image_size) // int(img.patch_size)) ** 2
-    patch_embed = 2.0 * n * int(img.patch_size) ** 2 * int(img.channels) * w
-    stack = encoder_forward_flops(1 + n + int(config.model.text.max_len), w, int(d.depth), int(d.mlp_dim))
-    head = 2.0 * int(f.hidden) * (2 * w + int(f.num_classes))
-    return 3.0 * (patch_embed + stack + head)
+    """Model FLOPs of one training example of the multiway classifier: 3 x the forward of the vision-language path
+    (`mdm.fused_forward_flops`) and the head."""
+    f, w = config.model.fusion, int(config.model.mdm.width)
+    return 3.0 * (fused_forward_flops(config) + 2.0 * int(f.hidden) * (2 * w + int(f.num_classes)))
 
 
 def _num_classes_problems(f) -> list[str]:

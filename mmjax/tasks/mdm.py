@@ -146,12 +146,6 @@ def active_parts(mdm) -> tuple[str, ...]:
     return tuple(p for p in ("image", "text", "pair") if p in loss_parts(mdm) + extra)
 
 
-def pair_word_mask_prob(mdm) -> float:
-    """The share of image-text pairs whose caption is masked by whole words (`whole_word_mask`) rather than by
-    tokens: `model.mdm.pair_word_mask_prob`."""
-    return float(mdm.pair_word_mask_prob)
-
-
 def mask_inputs(config, batch: dict, key: jax.Array, parts: tuple[str, ...]) -> tuple[dict, dict]:
     """The model inputs with the masks of the passes `parts` drawn from `key`, one key per example: (inputs,
     targets) with targets {'image_mask' bool [B,N], 'text' / 'pair': (targets int32 [B,L], weights float32 [B,L])}.
@@ -174,7 +168,7 @@ def mask_inputs(config, batch: dict, key: jax.Array, parts: tuple[str, ...]) -> 
         inputs["mlm_text"], targets["text"] = bert(keys[1], d.text_mask_ratio)
     if "pair" in parts:
         masked, (tgt, w) = bert(keys[2], d.pair_text_mask_ratio)
-        word_prob = pair_word_mask_prob(d)
+        word_prob = float(d.pair_word_mask_prob)
         if word_prob > 0:
             bytes_text, keywords = str(config.model.text.tokenizer) == "bytes", keywords_of(config)
             one = lambda k, t: whole_word_mask(k, t, float(d.pair_text_mask_ratio), int(o.mask_id), vocab,  # noqa: E731
@@ -380,6 +374,15 @@ def mdm_problems(config) -> list[str]:
     return problems
 
 
+def fused_forward_flops(config) -> float:
+    """FLOPs of the vision-language path's forward on one image-text pair, without heads: the patch embedding and
+    the stack on the 1 + N + L sequence (the pair pass here, `MultiwayClassifier` in task 'classification')."""
+    d, img, n = config.model.mdm, config.model.image, grid_side(config) ** 2
+    patch_embed = 2.0 * n * int(img.patch_size) ** 2 * int(img.channels) * int(d.width)
+    return patch_embed + encoder_forward_flops(1 + n + int(config.model.text.max_len), int(d.width), int(d.depth),
+                                               int(d.mlp_dim))
+
+
 def mdm_flops_per_example(config) -> float:
     """Model FLOPs of one training example: 3 x the forward of the active passes (patch embedding, the stack,
     the heads). The frozen tokenizer's forward is not counted."""
@@ -390,7 +393,7 @@ def mdm_flops_per_example(config) -> float:
     patch_embed = 2.0 * n * int(img.patch_size) ** 2 * int(img.channels) * w
     forward = {"image": patch_embed + encoder_forward_flops(1 + n, w, depth, mlp) + 2.0 * n * w * codes,
                "text": encoder_forward_flops(length, w, depth, mlp) + 2.0 * length * w * vocab,
-               "pair": patch_embed + encoder_forward_flops(1 + n + length, w, depth, mlp) + 2.0 * length * w * vocab}
+               "pair": fused_forward_flops(config) + 2.0 * length * w * vocab}
     return 3.0 * sum(forward[p] for p in parts)
 
 
