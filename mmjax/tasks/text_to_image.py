@@ -79,12 +79,9 @@ def text_to_image_objective(config):
     def objective(model, params, batch, step):
         key = jax.random.fold_in(jax.random.key(seed), step)
         text = blank_captions(batch["text"], key, probability) if probability > 0 else batch["text"]
-        if noise <= 0:
-            out = model.apply({"params": params}, {"image": batch["image"], "text": text}, train=True)
-            return image_token_loss(out["logits"], out["codes"])
         codes = jax.lax.stop_gradient(model.apply({"params": params}, batch["image"], method="encode"))
         codes = codes.reshape(codes.shape[0], -1)
-        inputs = noisy_codes(codes, jax.random.fold_in(key, 2), noise, vocab)
+        inputs = noisy_codes(codes, jax.random.fold_in(key, 2), noise, vocab) if noise > 0 else codes
         return image_token_loss(model.apply({"params": params}, text, inputs, method="image_logits"), codes)
 
     return objective
