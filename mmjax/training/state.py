@@ -48,11 +48,16 @@ class TrainState:
     opt_state: Any
     bound: Any = dataclasses.field(default_factory=unknown_bound)
 
+    def bound_covers_state(self) -> bool:
+        """Whether `bound` describes every floating-point value of the state: it is carried, and those values are
+        float32 parameters and Adam's moments (what `StateBound` bounds). Static: shapes and dtypes only."""
+        return self.bound is not None and adam_moments(self.opt_state) is not None and all(
+            x.dtype == jnp.float32 for x in jax.tree.leaves(self.params) if jnp.issubdtype(x.dtype, jnp.floating))
+
     def proven_finite(self) -> bool:
         """Whether the carried bound proves every floating-point value of the state finite, without reading the
-        state: a finite bound covers every float leaf when those are float32 parameters and Adam's moments."""
-        if self.bound is None or adam_moments(self.opt_state) is None or any(
-                jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != jnp.float32 for x in jax.tree.leaves(self.params)):
+        state: it covers the state (`bound_covers_state`) and is finite."""
+        if not self.bound_covers_state():
             return False
         bound = self.bound.addressable_data(0) if isinstance(self.bound, jax.Array) else self.bound
         return bool(np.all(np.isfinite(np.asarray(bound))))

@@ -15,7 +15,7 @@ import optax
 from mmjax.losses.gradcache import stop_frozen_gradients
 from mmjax.runtime import sharding as shd
 from mmjax.tasks import get_task
-from mmjax.training.optim import StateBound, adam_moments, measure_bound
+from mmjax.training.optim import StateBound, measure_bound
 from mmjax.training.state import StateFactory, TrainState, unknown_bound
 
 # Block on a step's result at least this often: bounds the work queued ahead of the host (and the
@@ -117,10 +117,7 @@ def guarded_update(state: TrainState, grads: Any, grad_norm: jax.Array, finite: 
         ok = all_finite(update(params, opt_state, grads))  # a dry run: reads the state, writes nothing
         return jax.lax.cond(ok, update, keep, params, opt_state, grads) + (ok,)
 
-    bounded = (bound_rule is not None and state.bound is not None and adam_moments(state.opt_state) is not None
-               and all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params)
-                       if jnp.issubdtype(x.dtype, jnp.floating)))
-    if not bounded:
+    if bound_rule is None or not state.bound_covers_state():
         params, opt_state, finite = jax.lax.cond(finite, checked_update, lambda *a: keep(*a) + (jnp.bool_(False),),
                                                  state.params, state.opt_state, grads)
         return params, opt_state, state.bound, finite
