@@ -223,15 +223,50 @@ def test_one_train_command_from_scratch_beats_the_per_position_per_class_nll(tmp
         final = [json.loads(line) for line in f][-1]
     assert final["gen/nll_bits_per_token"] < final["gen/nll_baseline_bits_per_token"], final
     assert final["gen/prompt_accuracy"] > 0.5, final
+    with open(os.path.join(run, "tokenizer", "metrics.jsonl")) as f:
+        tokenizer_final = [json.loads(line) for line in f][-1]
+    assert 0.0 <= tokenizer_final["vq/discriminator_accuracy"] <= 1.0, tokenizer_final
+
+    # benchmarks/generation_sweep.py: its floor for draw 0 is the figure the evaluation logged, and it judges
+    # re-ranked samples (here by a stand-in scorer preferring bright images) like the evaluation does.
+    bench = _load_benchmark("generation_sweep")
+    real_load = bench.mmjax.load
+    bench.mmjax.load = lambda w: Brightest() if w == "brightest" else real_load(w)
+    try:
+        assert bench.main(["--workdir", run, "--setting", "1,1,0,1", "--per-prompt", "2", "--draws", "2",
+                           "--rerank-with", "brightest", "--out", str(tmp_path / "sweep.json")]) == 0
+    finally:
+        bench.mmjax.load = real_load
+    floor, row = json.loads((tmp_path / "sweep.json").read_text())
+    assert floor["tokenizer_floor"][0] == pytest.approx(final["gen/discriminator_accuracy_reconstructed"])
+    assert len(floor["tokenizer_floor"]) == len(row["discriminator_accuracy"]) == 2
+    for key in ("prompt_accuracy", "prompt_accuracy_reranked", "discriminator_accuracy_reranked", "discriminator_mean"):
+        assert 0.0 <= row[key] <= 1.0, (key, row)
+
+
+def _load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (the folder is not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+class Brightest:
+    """A stand-in contrastive model: scores a candidate by its mean pixel value, whatever the prompt."""
+
+    def encode_image(self, x):
+        return np.stack([np.asarray(x, float).reshape(len(x), -1).mean(1), np.ones(len(x))], 1)
+
+    def encode_text(self, prompts):
+        return np.tile([1.0, 0.0], (len(prompts), 1))
 
 
 def test_sampling_benchmark_cached_and_recomputed_greedy_codes_agree(tmp_path):
     # benchmarks/sampling.py times the KV-cached sampler against recomputing every position; its figures mean
     # something only if both draw the same codes (greedy here), which the script checks and reports.
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("sampling_bench", os.path.join(ROOT, "benchmarks", "sampling.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_benchmark("sampling")
     out = tmp_path / "sampling.json"
     assert bench.main(["--batch", "2", "--width", "64", "--depth", "1", "--top-k", "1", "--repeats", "1",
                        "--out", str(out)]) == 0
@@ -246,14 +281,6 @@ def test_reranked_samples_are_judged_by_accuracy_realism_and_diversity(tiny, tmp
     config = config_lib.apply_overrides(config.copy_and_resolve_references(), [
         f"config.data.data_dir={tmp_path / 'tfds'}", "config.model.text_to_image.eval_samples=4",
         "config.model.text_to_image.eval_guidance=()", "config.eval.zeroshot_templates=('{}',)"])  # fits 10 ids
-
-    class Brightest:  # scores a candidate by its mean pixel value, whatever the prompt
-        def encode_image(self, x):
-            return np.stack([np.asarray(x, float).reshape(len(x), -1).mean(1), np.ones(len(x))], 1)
-
-        def encode_text(self, prompts):
-            return np.tile([1.0, 0.0], (len(prompts), 1))
-
     out = t2i.generation_eval(config, factory.model, params, factory.mesh, factory.rules, {}, rerank_with=Brightest())
     for key in ("gen/prompt_accuracy_reranked", "gen/discriminator_accuracy_reranked",
                 "gen/distinct_fraction_reranked"):

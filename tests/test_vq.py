@@ -21,7 +21,7 @@ from mmjax.losses import vq as vq_losses
 from mmjax.models.layers import strip_boxes
 from mmjax.models.vq import VectorQuantizer, VQAutoencoder, l2_normalize
 from mmjax.runtime import sharding as shd
-from mmjax.tasks.vq import real_eval_images, to_pixels
+from mmjax.tasks.vq import pixel_bounds, real_eval_images, to_pixels
 from mmjax.training.checkpoint import Checkpointer
 from mmjax.training.metrics import read_metrics
 from mmjax.training.state import StateFactory
@@ -171,6 +171,19 @@ def test_dead_code_loss_touches_only_unused_codes():
     grad = jax.grad(lambda b: vq_losses.dead_code_loss(z, b, counts)[0])(book)
     dead = np.asarray(counts == 0)
     assert np.all(np.abs(np.asarray(grad))[~dead] == 0) and np.all(np.abs(np.asarray(grad)[dead]).sum(-1) > 0)
+
+
+def test_clipped_reconstruction_loss_frees_outputs_beyond_the_pixel_range():
+    images = jnp.array([[-1.0, 0.2, 1.0]]).reshape(1, 1, 3, 1)  # blank, mid grey, full ink (normalised by 0.5)
+    output = jnp.array([[-1.4, 0.1, 1.3]]).reshape(1, 1, 3, 1)  # past both edges, a little off in the middle
+    clipped = jax.value_and_grad(lambda o: vq_losses.reconstruction_loss(o, images, "l2", (-1.0, 1.0)))
+    loss, grad = clipped(output)
+    assert abs(float(loss) - 0.01 / 3) < 1e-6  # only the mid-grey pixel's error counts
+    assert np.asarray(grad).ravel().tolist()[0] == 0.0 and np.asarray(grad).ravel().tolist()[2] == 0.0
+    plain = vq_losses.reconstruction_loss(output, images, "l2")
+    assert float(plain) > float(loss)  # without bounds the overshoot is paid for
+    config = config_lib.load_config_file(CONFIG)
+    assert pixel_bounds(config) == ((-1.0,), (1.0,))  # mean 0.5, std 0.5: pixels 0 and 1
 
 
 def test_usage_and_perplexity():

@@ -149,9 +149,11 @@ def _model_defaults(c: ml_collections.ConfigDict) -> None:
     # start at norm codebook_init_norm (the lookup normalises them: a smaller norm turns them faster under AdamW).
     # loss = recon_loss ('l2' | 'l1') + codebook_weight * |sg(z)-e|^2 + commitment_weight * |z-sg(e)|^2
     #        + restart_weight * (codes unused in the batch pulled onto distinct nearest latents; 0 disables).
+    # clip_loss: the reconstruction loss on the output clipped to the pixel range [0, 1] (normalised by
+    # data.image_mean / image_std), so blank background renders exactly blank instead of a little inside.
     m.vq = ml_collections.ConfigDict(
         dict(widths=(32, 64), res_blocks=1, code_dim=8, codebook_size=128, codebook_init_norm=0.1, recon_loss="l2",
-             codebook_weight=1.0, commitment_weight=0.25, restart_weight=1.0))
+             clip_loss=False, codebook_weight=1.0, commitment_weight=0.25, restart_weight=1.0))
     # task 'mdm' (BEiT-3, mmjax/models/multiway.py, mmjax/tasks/mdm.py): a multiway transformer (shared attention,
     # vision / language / vision-language FFN experts, 'vl' in the top vl_layers) on model.image patches and
     # model.text tokens; image targets: the codes of the image_tokenizer (`mmjax train` loads it into the model and

@@ -40,7 +40,7 @@ from mmjax.models.text_to_image import build_text_to_image_model, sample_codes
 from mmjax.models.vq import vq_flops_per_example
 from mmjax.runtime.flops import train_flops_per_example
 from mmjax.tasks.base import Sampler, Task
-from mmjax.tasks.vq import real_eval_images, to_pixels, use_image_tokenizer, vq_problems
+from mmjax.tasks.vq import real_eval_images, reconstruction_realism, to_pixels, use_image_tokenizer, vq_problems
 
 # The tokenizer's parameters in the model: init_from loads them from the tokenizer's workdir, freeze_rules freeze them.
 TOKENIZER_REGEX = r"(encoder|quantizer|decoder)/.*"
@@ -238,7 +238,8 @@ def generation_eval(config, model, params, mesh, rules, cache: dict, rerank_with
     """'gen/...' on the labelled dataset: classifier_accuracy_real (the independent classifier on real held-out
     images), prompt_accuracy (at model.text_to_image.guidance) and prompt_accuracy_guidance_<s> for each of
     eval_guidance, discriminator_accuracy (real held-out vs generated; and discriminator_accuracy_reconstructed,
-    real vs the tokenizer's own reconstructions), nll_bits_per_token and nll_baseline_bits_per_token,
+    `mmjax.tasks.vq.reconstruction_realism`: real held-out vs reconstructed training images, what a sampler of
+    exactly the training distribution scores through this tokenizer), nll_bits_per_token and nll_baseline_bits_per_token,
     distinct_fraction / training_copies / unique_fraction of eval_samples per prompt; with `rerank_with` (a
     loaded contrastive model) also prompt_accuracy_reranked, discriminator_accuracy_reranked and
     distinct_fraction_reranked of the kept samples. {} for caption corpora."""
@@ -266,11 +267,10 @@ def generation_eval(config, model, params, mesh, rules, cache: dict, rerank_with
         per_prompt = -(-len(data["test"]["label"]) // len(prompts))  # as many generated as real test images
         codes = gen.generate_codes(prompts, per_prompt, float(o.guidance), seed=1)
     pixels = gen_metrics.to_uint8(gen.decode(codes.reshape((-1,) + codes.shape[2:]))) / 255.0
-    recon = gen_metrics.to_uint8(gen.decode(data["test"]["codes"].reshape((-1, gen.grid, gen.grid)))) / 255.0
     out["gen/prompt_accuracy"] = out[f"gen/prompt_accuracy_guidance_{float(o.guidance):g}"]
     out["gen/discriminator_accuracy"] = gen_metrics.discriminator_accuracy(data["test"]["pixels"], pixels)
-    out["gen/discriminator_accuracy_reconstructed"] = gen_metrics.discriminator_accuracy(data["test"]["pixels"],
-                                                                                         recon)
+    out["gen/discriminator_accuracy_reconstructed"] = reconstruction_realism(data, lambda drawn: gen_metrics.to_uint8(
+        gen.decode(data["train"]["codes"][drawn].reshape((-1, gen.grid, gen.grid)))) / 255.0)
     unique = gen_metrics.uniqueness(codes[:, :n].reshape(len(prompts), n, -1), data["train"]["codes"])
     out.update({f"gen/{k}": v for k, v in unique.items()})
     if rerank_with is not None:  # judged as the others: accuracy, realism and diversity of the kept samples
