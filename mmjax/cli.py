@@ -1,5 +1,5 @@
 """`mmjax train --config C --workdir W [--config.KEY=VALUE ...]` (also `python -m mmjax`); also eval, bench,
-compile, convert and prepare (`mmjax --help`).
+compile, convert, prepare, generate and tokenize (`mmjax --help`).
 
 Errors of mmjax's own (`mmjax.errors.MmjaxError`) end as one `mmjax: error: ...` line and the error's exit code
 (2 for usage and config, 1 for faults while running), and so does an OSError of the storage (a full disk, a
@@ -23,6 +23,7 @@ from mmjax.commands import convert as convert_cmd
 from mmjax.commands import eval as eval_cmd
 from mmjax.commands import generate as generate_cmd
 from mmjax.commands import prepare as prepare_cmd
+from mmjax.commands import tokenize as tokenize_cmd
 from mmjax.commands import train as train_cmd
 from mmjax.errors import MmjaxError, StorageError, is_storage_fault
 from mmjax.runtime import cpu
@@ -94,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     prepare_cmd.add_arguments(sub.add_parser(
         "prepare", help="prepare a builder spec (webdataset, CSV, COCO) into data_dir as TFDS array_record, bad "
                         "samples left out; in this process or on Apache Beam (DirectRunner, DataflowRunner)"))
+    tokenize_cmd.add_arguments(sub.add_parser(
+        "tokenize", help="pre-tokenise the labelled dataset an image tokenizer (task 'vq') was trained on: its "
+                         "codes as a TFDS dataset that text-to-image training reads with data.codes_dir"))
     return p
 
 
@@ -123,7 +127,7 @@ def _announce_cpu_defaults(args) -> None:
 
 
 COMMANDS = {"train": train_cmd.main, "eval": eval_cmd.main, "bench": bench_cmd.main, "compile": compile_cmd.main,
-            "prepare": prepare_cmd.main, "generate": generate_cmd.main}
+            "prepare": prepare_cmd.main, "generate": generate_cmd.main, "tokenize": tokenize_cmd.main}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -41,7 +41,8 @@ from mmjax.training.step import MAX_STEPS_IN_FLIGHT, jit_train_step
 def synthetic_batch(config, batch_size: int, seed: int = 0, start: int = 0) -> dict[str, np.ndarray]:
     """Random host inputs of `config`'s train step (its task's `inputs`), shaped as its `step_batch`:
     'image' float32 [B, H, W, C] ~ N(0, 1); 'text' int32 [B, L], ids in [3, vocab) over a random length in
-    [2, L] and pad (0) after it; 'audio' float32 [B, T] ~ N(0, 0.1); 'label' int32 [B] in [0, classes).
+    [2, L] and pad (0) after it; 'audio' float32 [B, T] ~ N(0, 0.1); 'label' int32 [B] in [0, classes); 'codes'
+    int32 [B, N] in [0, model.vq.codebook_size) (pre-tokenised images).
 
     Examples start..start+B-1 of one endless synthetic data set: example i is drawn from its own generator
     (seed, i), so a process that builds only its slice of a global batch gets the same rows as one process
@@ -63,6 +64,8 @@ def synthetic_batch(config, batch_size: int, seed: int = 0, start: int = 0) -> d
                 column.append((0.1 * rng.normal(size=shapes[key])).astype(np.float32))
             elif key == "label":
                 column.append(np.int32(rng.integers(0, config.model.fusion.num_classes)))
+            elif key == "codes":  # pre-tokenised images (data.codes_dir): codes of the image tokenizer
+                column.append(rng.integers(0, config.model.vq.codebook_size, size=shapes[key]).astype(np.int32))
             else:
                 raise ValueError(f"mmjax bench: no synthetic input for the step's batch key {key!r}")
     return {key: np.stack(column) for key, column in rows.items()}

@@ -102,6 +102,9 @@ def _data_defaults(c: ml_collections.ConfigDict) -> None:
     c.data.image_mean = (0.5, 0.5, 0.5)
     c.data.image_std = (0.5, 0.5, 0.5)
     c.data.captions = "english"  # digits caption/prompt style: 'english' | 'french' (a fine-tuning task)
+    # Pre-tokenised images (mmjax/data/image_codes.py, written by `mmjax tokenize`): the training stream reads each
+    # image's codes from here instead of the image (task 'text_to_image'; labelled data); "" reads the images.
+    c.data.codes_dir = ""
 
 
 
@@ -147,10 +150,8 @@ def _model_defaults(c: ml_collections.ConfigDict) -> None:
     # task 'vq' (mmjax/models/vq.py): conv VQ autoencoder, one level per width, a stride-2 conv between levels
     # (codes on a grid of image_size / 2^(len(widths)-1)); cosine codebook of codebook_size x code_dim whose rows
     # start at norm codebook_init_norm (the lookup normalises them: a smaller norm turns them faster under AdamW).
-    # loss = recon_loss ('l2' | 'l1') + codebook_weight * |sg(z)-e|^2 + commitment_weight * |z-sg(e)|^2
-    #        + restart_weight * (codes unused in the batch pulled onto distinct nearest latents; 0 disables).
-    # clip_loss: the reconstruction loss on the output clipped to the pixel range [0, 1] (normalised by
-    # data.image_mean / image_std), so blank background renders exactly blank instead of a little inside.
+    # loss = recon_loss ('l2' | 'l1'; of the output clipped to the pixel range with clip_loss) + codebook_weight *
+    #   |sg(z)-e|^2 + commitment_weight * |z-sg(e)|^2 + restart_weight * (unused codes pulled onto latents; 0: off).
     m.vq = ml_collections.ConfigDict(
         dict(widths=(32, 64), res_blocks=1, code_dim=8, codebook_size=128, codebook_init_norm=0.1, recon_loss="l2",
              clip_loss=False, codebook_weight=1.0, commitment_weight=0.25, restart_weight=1.0))

@@ -40,7 +40,7 @@ from absl import flags
 from PIL import Image
 
 from mmjax import config as config_lib
-from mmjax.data import digit_captions, digits, sources, speech_triples, stream, wds
+from mmjax.data import digit_captions, digits, image_codes, sources, speech_triples, stream, wds
 from mmjax.data.decode import BAD_KINDS, DecodeCropTokenize, DecodeStats
 from mmjax.data.image import preprocess_images, random_affine
 from mmjax.data.iterators import InnerIteratorOwner
@@ -308,6 +308,8 @@ def train_data(config, split: str | None = None, progress: bool = True, examples
     if examples not in EXAMPLES:
         raise ValueError(f'examples={examples!r}; choose one of {EXAMPLES}')
     split = split or config.data.get('train_split', 'train') or 'train'
+    if config.data.get('codes_dir'):
+        return codes_data(config, split, examples)
     if not is_captioned(config):
         source = make_source(config, split)
         return TrainData(global_stream(config, source, examples), {config.data.name: len(source)}, {})
@@ -322,6 +324,19 @@ def train_data(config, split: str | None = None, progress: bool = True, examples
     return TrainData(captioned_stream(config, records, examples), {l: len(o.source) for l, o in zip(labels, opened)},
                      {l: o.stats for l, o in zip(labels, opened)},
                      records if isinstance(records, sources.MixtureDataset) else None)
+
+
+def codes_data(config, split: str, examples: str = 'captions') -> TrainData:
+    """The training stream of pre-tokenised images (data.codes_dir, `mmjax.data.image_codes`): {'codes', 'text',
+    'label'} per example, captions drawn per position as for the images; labelled data, image-caption examples."""
+    if is_captioned(config) or examples != 'captions':
+        raise ValueError(f'data.codes_dir: pre-tokenised codes serve image-caption examples of a labelled dataset, '
+                         f'not config.data.name={config.data.name!r} with examples={examples!r}')
+    source = image_codes.data_source(config.data.codes_dir, split)
+    _, map_seed = stream_seeds(config.seed)
+    transform = image_codes.CodesCaptionTokenize(caption_fn(config), get_tokenizer(config.model.text))
+    stream = shuffled_records(source, config.seed).random_map(transform, seed=map_seed)
+    return TrainData(stream, {f'{config.data.name} codes': len(source)}, {})
 
 
 def host_batches(stream: grain.MapDataset, start: int, global_batch: int, process_index: int,

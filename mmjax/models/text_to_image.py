@@ -29,7 +29,7 @@ from mmjax.config import PAD_ID
 from mmjax.models import decoding
 from mmjax.models.decoder import TextDecoder
 from mmjax.models.encoders import VOCAB_MULTIPLE
-from mmjax.models.vq import VectorQuantizer, VQDecoder, VQEncoder
+from mmjax.models.vq import VectorQuantizer, VQDecoder, VQEncoder, code_grid
 
 NEVER = -1  # an end-of-sequence id no token has: image sequences always run to N codes
 
@@ -160,7 +160,7 @@ def build_text_to_image_model(model_config) -> TextToImageModel:
     """The model of `config.model` (model.text: the caption side, model.vq: the tokenizer, model.text_to_image:
     the generator)."""
     t, v, img = model_config.text_to_image, model_config.vq, model_config.image
-    grid = int(img.image_size) // 2 ** (len(v.widths) - 1)
+    grid = code_grid(model_config)
     return TextToImageModel(
         text_vocab=int(model_config.text.vocab_size), text_len=int(model_config.text.max_len),
         image_vocab=int(t.image_vocab), image_tokens=grid * grid, width=int(t.width), depth=int(t.depth),

@@ -188,6 +188,11 @@ def build_vq_model(model_config) -> VQAutoencoder:
                          codebook_init_norm=float(v.codebook_init_norm), channels=int(model_config.image.channels))
 
 
+def code_grid(model_config) -> int:
+    """Codes per side of the grid the tokenizer of `model_config` (config.model) makes: image_size / 2^(levels-1)."""
+    return int(model_config.image.image_size) // 2 ** (len(model_config.vq.widths) - 1)
+
+
 def vq_flops_per_example(model_config) -> float:
     """Training FLOPs of one image of `model_config` (config.model): 3 x the forward's 2 x multiply-adds of the
     convs, the projections and the lookup (norms and activations left out)."""

@@ -52,7 +52,11 @@ def validate(config, num_devices: int, process_count: int = 1) -> tuple[int, ...
     except ConfigError as e:
         problems += e.problems
     try:
-        problems += get_task(config).config_problems(config)
+        task = get_task(config)
+        problems += task.config_problems(config)
+        if config.data.get("codes_dir") and "codes" not in task.inputs(config):
+            problems.append(f"data.codes_dir={config.data.codes_dir!r}: task {task.name!r} reads images, not "
+                            f"pre-tokenised codes (task 'text_to_image' does)")
     except ConfigError as e:
         problems += e.problems
     if problems:

@@ -31,7 +31,7 @@ from PIL import Image
 
 from mmjax import storage
 from mmjax.config import PAD_ID
-from mmjax.data import pipeline
+from mmjax.data import image_codes, pipeline
 from mmjax.data.tokenizers import get_tokenizer
 from mmjax.errors import ConfigError
 from mmjax.eval import generation as gen_metrics
@@ -72,14 +72,19 @@ def noisy_codes(codes: jax.Array, key: jax.Array, probability: float, vocab: int
 def text_to_image_objective(config):
     """objective(model, params, batch, step) -> (image-token CE, metrics): captions dropped per step, and with
     model.text_to_image.input_noise > 0 the codes the generator reads (teacher forcing) replaced at random while
-    the targets stay the true codes (a regulariser against memorising the few training images)."""
+    the targets stay the true codes (a regulariser against memorising the few training images). The codes are
+    batch['codes'] int [B, h*w] when the data is pre-tokenised (data.codes_dir), else the frozen tokenizer's
+    codes of batch['image']."""
     o, seed = config.model.text_to_image, int(config.seed)
     probability, noise, vocab = float(o.caption_dropout), float(o.input_noise), int(o.image_vocab)
 
     def objective(model, params, batch, step):
         key = jax.random.fold_in(jax.random.key(seed), step)
         text = blank_captions(batch["text"], key, probability) if probability > 0 else batch["text"]
-        codes = jax.lax.stop_gradient(model.apply({"params": params}, batch["image"], method="encode"))
+        if "codes" in batch:
+            codes = batch["codes"].astype(jnp.int32)
+        else:
+            codes = jax.lax.stop_gradient(model.apply({"params": params}, batch["image"], method="encode"))
         codes = codes.reshape(codes.shape[0], -1)
         inputs = noisy_codes(codes, jax.random.fold_in(key, 2), noise, vocab) if noise > 0 else codes
         return image_token_loss(model.apply({"params": params}, text, inputs, method="image_logits"), codes)
@@ -323,8 +328,35 @@ def prepare(config, workdir: str, train_fn: Callable, log: Callable = print):
                            f"{source.model.vq.codebook_size} codes but model.text_to_image.image_vocab="
                            f"{config.model.text_to_image.image_vocab}"])
     c.model.image.image_size = int(source.model.image.image_size)
+    if c.data.codes_dir:
+        check_codes(c, source)
     c.lock()
     return c
+
+
+def check_codes(config, tokenizer_config) -> None:
+    """ConfigError (one line) unless data.codes_dir holds codes of config.data.name written by exactly the
+    checkpoint of image_tokenizer.workdir the generator loads (I/O: reads codes.json and the checkpoint list)."""
+    where = f"data.codes_dir={config.data.codes_dir!r}"
+    try:
+        info = image_codes.read_info(config.data.codes_dir)
+    except image_codes.CodesError as error:
+        raise ConfigError([str(error)]) from None
+    tokenizer = config.image_tokenizer.workdir
+    steps = [int(n) for n in storage.listdir(storage.join(tokenizer, "checkpoints")) if n.isdigit()]
+    problems = []
+    if storage.absolute(info["tokenizer"]) != storage.absolute(tokenizer) or info["step"] != max(steps, default=-1):
+        problems.append(f"{where} holds the codes of tokenizer {info['tokenizer']!r} at step {info['step']}, but "
+                        f"the generator loads image_tokenizer.workdir={tokenizer!r} at step {max(steps, default=None)}"
+                        f"; write codes with this tokenizer (mmjax tokenize)")
+    elif info["dataset"] != config.data.name:
+        problems.append(f"{where} holds codes of data.name={info['dataset']!r}, not {config.data.name!r}")
+    elif (int(info["codebook_size"]), int(info["grid"]) ** 2) != (int(tokenizer_config.model.vq.codebook_size),
+                                                                build_text_to_image_model(config.model).image_tokens):
+        problems.append(f"{where}: codes of a {info['grid']}x{info['grid']} grid of {info['codebook_size']} codes "
+                        f"do not fit this generator")
+    if problems:
+        raise ConfigError(problems)
 
 
 class TextToImageTask(Task):
@@ -333,6 +365,18 @@ class TextToImageTask(Task):
 
     def build_model(self, model_config) -> nn.Module:
         return build_text_to_image_model(model_config)
+
+    def inputs(self, config) -> tuple[str, ...]:
+        return ("codes", "text") if config.data.codes_dir else ("image", "text")
+
+    def step_batch(self, config, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """The loader's batch: 'text' and 'label', with 'image', or 'codes' int32 [B, h*w] when pre-tokenised."""
+        shapes = super().step_batch(config, batch_size)
+        if config.data.codes_dir:
+            del shapes["image"]
+            shapes["codes"] = jax.ShapeDtypeStruct((batch_size, build_text_to_image_model(config.model).image_tokens),
+                                                   jnp.int32)
+        return shapes
 
     def objective(self, config, mesh: Mesh):
         return text_to_image_objective(config)
@@ -345,13 +389,14 @@ class TextToImageTask(Task):
 
     def flops_per_example(self, config) -> float:
         """The generator as a text tower over T + N tokens, plus the frozen tokenizer's forward (a third of a
-        training step's FLOPs)."""
+        training step's FLOPs) unless the data is pre-tokenised."""
         c = config.copy_and_resolve_references()
         o, model = c.model.text_to_image, build_text_to_image_model(config.model)
         c.model.text.update(width=o.width, depth=o.depth, num_heads=o.num_heads, mlp_dim=o.mlp_dim,
                             max_len=model.text_len + model.image_tokens)
         c.model.towers = ("text",)
-        return train_flops_per_example(c, pooled_only=False) + vq_flops_per_example(config.model) / 3.0
+        tokenizer = 0.0 if config.data.codes_dir else vq_flops_per_example(config.model) / 3.0  # forward only
+        return train_flops_per_example(c, pooled_only=False) + tokenizer
 
     def prepare(self, config, workdir: str, train_fn: Callable, log: Callable = print):
         return prepare(config, workdir, train_fn, log)

@@ -36,7 +36,7 @@ from mmjax.errors import ConfigError
 from mmjax.eval import generation as gen_metrics
 from mmjax.eval.encoder import batched_apply, round_batch
 from mmjax.losses import vq as vq_losses
-from mmjax.models.vq import build_vq_model, vq_flops_per_example
+from mmjax.models.vq import build_vq_model, code_grid, vq_flops_per_example
 from mmjax.tasks.base import Task
 
 
@@ -203,8 +203,7 @@ class VQTokenizer:
     def __init__(self, config, model: nn.Module, params, mesh: Mesh, rules, batch_size: int = 256):
         self.config, self.model, self.params, self.mesh, self.rules = config, model, params, mesh, rules
         self.batch_size = round_batch(batch_size, mesh)
-        size, levels = int(config.model.image.image_size), len(config.model.vq.widths)
-        self.grid = size // 2 ** (levels - 1)  # codes per side
+        self.grid = code_grid(config.model)  # codes per side
         self.codebook_size = int(config.model.vq.codebook_size)
         self._encode = jax.jit(lambda p, b: {"codes": model.apply({"params": p}, b["image"], method="encode")})
         self._decode = jax.jit(lambda p, b: {"image": model.apply({"params": p}, b["codes"], method="decode")})
