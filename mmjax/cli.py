@@ -96,8 +96,8 @@ def _parser() -> argparse.ArgumentParser:
         "prepare", help="prepare a builder spec (webdataset, CSV, COCO) into data_dir as TFDS array_record, bad "
                         "samples left out; in this process or on Apache Beam (DirectRunner, DataflowRunner)"))
     tokenize_cmd.add_arguments(sub.add_parser(
-        "tokenize", help="pre-tokenise the labelled dataset an image tokenizer (task 'vq') was trained on: its "
-                         "codes as a TFDS dataset that text-to-image training reads with data.codes_dir"))
+        "tokenize", help="pre-tokenise the dataset an image tokenizer (task 'vq') was trained on: its codes as a "
+                         "TFDS dataset that text-to-image training reads with data.codes_dir"))
     return p
 
 

@@ -13,7 +13,7 @@ import pytest
 import mmjax
 from mmjax import cli, tasks
 from mmjax import config as config_lib
-from mmjax.data import image_codes, pipeline
+from mmjax.data import image_codes, pipeline, sources, synthetic
 from mmjax.errors import ConfigError
 from mmjax.tasks import get_task
 from mmjax.tasks import text_to_image as t2i
@@ -108,6 +108,48 @@ def test_training_on_codes_equals_training_on_images(tokenized, tmp_path, capsys
         tasks.validate(contrastive, 1)
     config.image_tokenizer.workdir = vq
     config.data.data_dir, config.model.text_to_image.image_vocab = data, 32
-    with pytest.raises(ConfigError, match="holds codes of data.name"):
+    with pytest.raises(ConfigError, match="holds codes of 'digits', not of this config's data 'digits_speech'"):
         config.data.name = "digits_speech"
         t2i.check_codes(config, config_lib.load_workdir_config(vq))
+
+
+@pytest.fixture(scope="module")
+def corpus_codes(tmp_path_factory):
+    """(corpus overrides, tokenizer workdir, codes folder): a COCO-style caption corpus (2 captions per image), a
+    tiny tokenizer trained on it, and the codes `mmjax tokenize` wrote of its train split."""
+    root = tmp_path_factory.mktemp("corpus")
+    synthetic.write_coco(str(root / "coco"), 48, seed=0, min_side=24, max_side=48)
+    spec = synthetic.write_spec(str(root / "coco"), "coco_tiny", "coco", "captions.json")
+    data = [f"--config.data.data_dir={root / 'tfds'}", "--config.data.name=spec", f"--config.data.spec={spec}"]
+    vq, codes = str(root / "vq"), str(root / "codes")
+    assert cli.main(["train", "--config", VQ_CONFIG, "--workdir", vq, *data, *TINY_VQ,
+                     "--config.train.steps=10", "--config.train.batch_size=16"]) == 0
+    assert cli.main(["tokenize", "--workdir", vq, "--out", codes, "--batch-size", "20", "--quiet"]) == 0
+    return data, vq, codes
+
+
+@pytest.mark.slow
+def test_a_caption_corpus_keeps_its_captions_and_trains_as_from_images(corpus_codes, tmp_path):
+    data, vq, codes = corpus_codes
+    tokenizer = mmjax.load(vq)
+    info = image_codes.read_info(codes)
+    assert info["dataset"] == "spec:coco_tiny" and info["splits"] == {"train": 48}
+    config = tokenizer.config
+    opened = sources.open_member(sources.members(config)[0], config, "train", progress=False)
+    written = image_codes.data_source(codes, "train")
+    decode, rng = pipeline.decode_transform(config), np.random.default_rng(0)
+    for i in (0, 17, 47):
+        record = written[i]
+        original = opened.source[int(record["index"])]
+        assert sorted(record["captions"]) == sorted(original["captions"]) and len(record["captions"]) == 2
+        pixels = decode.random_map(original, rng)["image"] * 0.5 + 0.5  # the central crop, in [0, 1]
+        np.testing.assert_array_equal(np.asarray(record["codes"]), tokenizer.encode_tokens(pixels[None]).ravel())
+        assert record["label"] == -1
+
+    corpus = [*data, "--config.eval.zeroshot=False"]
+    assert _train_t2i(tmp_path / "images", data[0].split("=", 1)[1], vq, *corpus[1:]) == 0
+    assert _train_t2i(tmp_path / "codes", data[0].split("=", 1)[1], vq, *corpus[1:],
+                      f"--config.data.codes_dir={codes}") == 0
+    from_images, from_codes = _losses(tmp_path / "images"), _losses(tmp_path / "codes")
+    assert len(from_codes) == 4
+    np.testing.assert_allclose([v for _, v in from_codes], [v for _, v in from_images], rtol=1e-5)

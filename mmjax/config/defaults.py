@@ -103,7 +103,7 @@ def _data_defaults(c: ml_collections.ConfigDict) -> None:
     c.data.image_std = (0.5, 0.5, 0.5)
     c.data.captions = "english"  # digits caption/prompt style: 'english' | 'french' (a fine-tuning task)
     # Pre-tokenised images (mmjax/data/image_codes.py, written by `mmjax tokenize`): the training stream reads each
-    # image's codes from here instead of the image (task 'text_to_image'; labelled data); "" reads the images.
+    # image's codes from here instead of the image (task 'text_to_image'); "" reads the images.
     c.data.codes_dir = ""
 
 

@@ -1,12 +1,14 @@
-"""Pre-tokenised images: a labelled dataset's images replaced by an image tokenizer's codes, stored once as a TFDS
+"""Pre-tokenised images: a dataset's images replaced by an image tokenizer's codes, stored once as a TFDS
 array_record dataset (as dalle-mini pre-encodes its data), so a model that reads codes (task 'text_to_image') does
 not run the tokenizer in every training step.
 
 Layout under `codes_dir` (local or a bucket):
   mmjax_image_codes/1.0.0/...   the TFDS dataset: one record per image {'codes': int32 [h*w] (row-major grid),
-                                'label': int32, 'index': int32 (the source record's index)}, the source's splits
+                                'label': int32 (-1 for a caption corpus), 'index': int32 (the source record's
+                                position), 'captions': [bytes] (a caption corpus's captions; none for a labelled
+                                dataset, whose captions are drawn from the label)}, the source's splits
   codes.json                    where the codes come from: {'tokenizer': the task 'vq' workdir, 'step': its
-                                checkpoint, 'codebook_size', 'grid' (codes per side), 'dataset': config.data.name,
+                                checkpoint, 'codebook_size', 'grid' (codes per side), 'dataset': `dataset_name`,
                                 'splits': {split: records}}; written last, so its presence means complete
 
 Written by `mmjax tokenize` (`mmjax/commands/tokenize.py`); read by the training stream when `data.codes_dir` is
@@ -25,6 +27,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mmjax import storage
+from mmjax.data import sources
 from mmjax.data.tokenizers import Tokenizer
 from mmjax.errors import MmjaxError
 
@@ -42,7 +45,7 @@ class MmjaxImageCodes(tfds.core.GeneratorBasedBuilder):
     record) pairs), `num_codes` codes per image."""
 
     VERSION = tfds.core.Version(VERSION)
-    RELEASE_NOTES = {str(VERSION): 'codes int32 [h*w], label, index.'}
+    RELEASE_NOTES = {str(VERSION): 'codes int32 [h*w], label, index, captions.'}
 
     @tfds.core.utils.classproperty
     @classmethod
@@ -57,10 +60,12 @@ class MmjaxImageCodes(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description=__doc__,
+            disable_shuffling=True,  # records in the order written: record i is the source's record i
             features=tfds.features.FeaturesDict({
                 'codes': tfds.features.Tensor(shape=(self._num_codes,), dtype=np.int32),
                 'label': np.int32,
                 'index': np.int32,
+                'captions': tfds.features.Sequence(tfds.features.Text()),
             }),
         )
 
@@ -74,7 +79,9 @@ class MmjaxImageCodes(tfds.core.GeneratorBasedBuilder):
 def write(codes_dir: str, splits: dict[str, Callable[[], Iterable[dict[str, np.ndarray]]]], num_codes: int,
           info: dict) -> dict:
     """Builds the dataset under `codes_dir` from `splits` (split -> a function returning an iterable of records
-    {'codes': int [num_codes], 'label': int, 'index': int}), then writes `INFO_FILE` = `info` plus the record
+    {'codes': int [num_codes], 'label': int, 'index': int, 'captions': [bytes]}, in the source's order, which
+    the dataset keeps: a training stream over it then visits the records a stream over the source would), then
+    writes `INFO_FILE` = `info` plus the record
     count of each split. CodesError for a `codes_dir` that already holds codes. Returns the written info."""
     if storage.exists(storage.join(codes_dir, INFO_FILE)) or storage.exists(storage.join(codes_dir, NAME)):
         raise CodesError(f'{codes_dir} already holds pre-tokenised codes; give a new folder')
@@ -82,11 +89,12 @@ def write(codes_dir: str, splits: dict[str, Callable[[], Iterable[dict[str, np.n
 
     def keyed(split):
         def make():
-            for record in splits[split]():
+            for position, record in enumerate(splits[split]()):
                 counts[split] += 1
-                yield int(record['index']), {'codes': np.asarray(record['codes'], np.int32).reshape(num_codes),
+                yield position, {'codes': np.asarray(record['codes'], np.int32).reshape(num_codes),
                                              'label': np.int32(record['label']),
-                                             'index': np.int32(record['index'])}
+                                             'index': np.int32(record['index']),
+                                             'captions': list(record.get('captions', ()))}
         return make
 
     builder = MmjaxImageCodes(examples={s: keyed(s) for s in splits}, num_codes=num_codes, data_dir=codes_dir,
@@ -119,15 +127,33 @@ def data_source(codes_dir: str, split: str):
     return builder.as_data_source(split=split)
 
 
+def dataset_name(config) -> str:
+    """What codes.json records as the dataset: config.data.name for a labelled dataset, else 'spec:<name>' or
+    'tfds:<name>' of the one captioned dataset config.data names (a mixture: ValueError)."""
+    found = sources.members(config)
+    if not found:
+        return str(config.data.name)
+    if len(found) > 1:
+        raise ValueError(f'config.data.mixture names {len(found)} datasets; pre-tokenise one dataset at a time')
+    return f'{found[0].kind}:{found[0].label}'
+
+
 @dataclasses.dataclass(frozen=True)
 class CodesCaptionTokenize(grain.RandomMapTransform):
-    """A record {'codes', 'label', 'index'} -> {'codes': int32 [h*w], 'text': int32 [max_len] (a caption drawn for
-    the label, as `mmjax.data.pipeline.CaptionAugmentTokenize` draws it), 'label': int32}."""
+    """A record {'codes', 'label', 'index', 'captions'} -> {'codes': int32 [h*w], 'text': int32 [max_len],
+    'label': int32}: the caption is drawn uniformly from the record's captions (a caption corpus, as
+    `mmjax.data.decode.DecodeCropTokenize` draws it), else by `caption_fn` for the label (a labelled dataset, as
+    `mmjax.data.pipeline.CaptionAugmentTokenize` draws it)."""
 
-    caption_fn: Callable[[int, np.random.Generator], str]
+    caption_fn: Callable[[int, np.random.Generator], str] | None
     tokenizer: Tokenizer
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        label = int(element['label'])
-        text = self.tokenizer.encode([self.caption_fn(label, rng)])[0]
+        label, captions = int(element['label']), list(element.get('captions', ()))
+        if captions:
+            caption = captions[int(rng.integers(len(captions)))]
+            caption = caption.decode('utf-8') if isinstance(caption, (bytes, np.bytes_)) else str(caption)
+        else:
+            caption = self.caption_fn(label, rng)
+        text = self.tokenizer.encode([caption])[0]
         return {'codes': np.asarray(element['codes'], np.int32), 'text': text, 'label': np.int32(label)}

@@ -328,15 +328,15 @@ def train_data(config, split: str | None = None, progress: bool = True, examples
 
 def codes_data(config, split: str, examples: str = 'captions') -> TrainData:
     """The training stream of pre-tokenised images (data.codes_dir, `mmjax.data.image_codes`): {'codes', 'text',
-    'label'} per example, captions drawn per position as for the images; labelled data, image-caption examples."""
-    if is_captioned(config) or examples != 'captions':
-        raise ValueError(f'data.codes_dir: pre-tokenised codes serve image-caption examples of a labelled dataset, '
-                         f'not config.data.name={config.data.name!r} with examples={examples!r}')
+    'label'} per example, the caption drawn per position as for the images; image-caption examples only."""
+    if examples != 'captions':
+        raise ValueError(f'data.codes_dir: pre-tokenised codes serve image-caption examples, not {examples!r}')
     source = image_codes.data_source(config.data.codes_dir, split)
     _, map_seed = stream_seeds(config.seed)
-    transform = image_codes.CodesCaptionTokenize(caption_fn(config), get_tokenizer(config.model.text))
+    captions = None if is_captioned(config) else caption_fn(config)  # a corpus's records carry their captions
+    transform = image_codes.CodesCaptionTokenize(captions, get_tokenizer(config.model.text))
     stream = shuffled_records(source, config.seed).random_map(transform, seed=map_seed)
-    return TrainData(stream, {f'{config.data.name} codes': len(source)}, {})
+    return TrainData(stream, {f'{image_codes.dataset_name(config)} codes': len(source)}, {})
 
 
 def host_batches(stream: grain.MapDataset, start: int, global_batch: int, process_index: int,

@@ -335,7 +335,7 @@ def prepare(config, workdir: str, train_fn: Callable, log: Callable = print):
 
 
 def check_codes(config, tokenizer_config) -> None:
-    """ConfigError (one line) unless data.codes_dir holds codes of config.data.name written by exactly the
+    """ConfigError (one line) unless data.codes_dir holds codes of config.data's dataset written by exactly the
     checkpoint of image_tokenizer.workdir the generator loads (I/O: reads codes.json and the checkpoint list)."""
     where = f"data.codes_dir={config.data.codes_dir!r}"
     try:
@@ -349,8 +349,9 @@ def check_codes(config, tokenizer_config) -> None:
         problems.append(f"{where} holds the codes of tokenizer {info['tokenizer']!r} at step {info['step']}, but "
                         f"the generator loads image_tokenizer.workdir={tokenizer!r} at step {max(steps, default=None)}"
                         f"; write codes with this tokenizer (mmjax tokenize)")
-    elif info["dataset"] != config.data.name:
-        problems.append(f"{where} holds codes of data.name={info['dataset']!r}, not {config.data.name!r}")
+    elif info["dataset"] != image_codes.dataset_name(config):
+        problems.append(f"{where} holds codes of {info['dataset']!r}, not of this config's data "
+                        f"{image_codes.dataset_name(config)!r}")
     elif (int(info["codebook_size"]), int(info["grid"]) ** 2) != (int(tokenizer_config.model.vq.codebook_size),
                                                                 build_text_to_image_model(config.model).image_tokens):
         problems.append(f"{where}: codes of a {info['grid']}x{info['grid']} grid of {info['codebook_size']} codes "
