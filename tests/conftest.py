@@ -22,7 +22,10 @@ os.environ.setdefault("MMJAX_CACHE_DIR", os.path.join(os.environ.get("TMPDIR", "
 # times for mmjax.training.integrity's checksum program, 2026-12-05; once with one cache for both workers, once
 # with one per worker), and pytest-xdist then hung waiting for the dead worker. Not reproduced outside the suite
 # (reading 120 entries back in fresh processes, truncated entries included, worked), so the cause is not known;
-# every process compiles for itself.
+# every process compiles for itself. Without the cache the same program crashed twice more in XLA's compile
+# (backend_compile_and_load, 2026-12-05, during `mmjax train`'s checkpoint save in test_legacy_workdir and
+# test_img2dataset; once built with its own compiler options, once without), so the cache is not the cause
+# either; 200 compiles of it in one process (clear_caches between) did not crash. Open.
 os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 
 import jax  # noqa: E402  (after the flags above)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from typing import Any
 
@@ -186,17 +185,9 @@ _figures_cpu = jax.jit(_all_figures, static_argnums=(1, 2), compiler_options=_CP
 _cpu_options_work = [True]
 
 
-def _cpu_options_apply() -> bool:
-    """Whether the per-program option is wanted: not when XLA_FLAGS already sets it for the whole process (the
-    test suite sets it to the same value). The suite's three worker segfaults (2026-12-05) all came from this
-    program built with its own compiler options (twice reading it from the compilation cache, once compiling
-    it); without them in the suite, the program is built as every other one is."""
-    return "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", "")
-
-
 def _run(leaves: list, layouts: tuple, check_finite: bool) -> jax.Array:
     on_cpu = all(d.platform == "cpu" for x in leaves for d in getattr(x, "devices", lambda: ())())
-    if on_cpu and _cpu_options_work[0] and _cpu_options_apply():
+    if on_cpu and _cpu_options_work[0]:
         try:
             return _figures_cpu(leaves, layouts, check_finite)
         except Exception as e:  # an XLA that no longer has the option: its default emitters, only slower
