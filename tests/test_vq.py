@@ -176,7 +176,8 @@ def test_dead_code_loss_touches_only_unused_codes():
 def test_clipped_reconstruction_loss_frees_outputs_beyond_the_pixel_range():
     images = jnp.array([[-1.0, 0.2, 1.0]]).reshape(1, 1, 3, 1)  # blank, mid grey, full ink (normalised by 0.5)
     output = jnp.array([[-1.4, 0.1, 1.3]]).reshape(1, 1, 3, 1)  # past both edges, a little off in the middle
-    clipped = jax.value_and_grad(lambda o: vq_losses.reconstruction_loss(o, images, "l2", (-1.0, 1.0)))
+    clipped = jax.value_and_grad(
+        lambda o: vq_losses.reconstruction_loss(vq_losses.clip_to_bounds(o, (-1.0, 1.0)), images, "l2"))
     loss, grad = clipped(output)
     assert abs(float(loss) - 0.01 / 3) < 1e-6  # only the mid-grey pixel's error counts
     assert np.asarray(grad).ravel().tolist()[0] == 0.0 and np.asarray(grad).ravel().tolist()[2] == 0.0

@@ -26,6 +26,7 @@ from mmjax.data import image_codes, pipeline, sources
 from mmjax.errors import MmjaxError
 from mmjax.inference import load
 from mmjax.models.vq import code_grid
+from mmjax.tasks.vq import to_pixels
 
 
 class TokenizeError(MmjaxError, ValueError):
@@ -63,12 +64,11 @@ def corpus_records(tokenizer, config, split: str, batch_size: int, say):
     def make():
         opened = sources.open_member(sources.members(config)[0], config, split, progress=False)
         decode = pipeline.decode_transform(config)  # data.augment off (checked): the deterministic crop
-        mean, std = np.asarray(config.data.image_mean, np.float32), np.asarray(config.data.image_std, np.float32)
         rng = np.random.default_rng(0)  # draws only the caption, which is not kept
         for first, raw in batches(opened.source, batch_size):
             records = [opened.to_captioned.map(r) if opened.to_captioned else r for r in raw]
-            pixels = np.stack([decode.random_map(r, rng)["image"] for r in records]) * std + mean
-            codes = tokenizer.encode_tokens(np.clip(pixels, 0.0, 1.0))
+            codes = tokenizer.encode_tokens(to_pixels(np.stack([decode.random_map(r, rng)["image"] for r in records]),
+                                                      config))
             for position, (record, grid) in enumerate(zip(records, codes), start=first):
                 yield {"codes": grid.reshape(-1), "label": -1, "index": position,
                        "captions": [c if isinstance(c, bytes) else str(c).encode() for c in record["captions"]]}

@@ -28,6 +28,7 @@ import tensorflow_datasets as tfds
 
 from mmjax import storage
 from mmjax.data import sources
+from mmjax.data.builders import record_captions
 from mmjax.data.tokenizers import Tokenizer
 from mmjax.errors import MmjaxError
 
@@ -41,8 +42,8 @@ class CodesError(MmjaxError, ValueError):
 
 
 class MmjaxImageCodes(tfds.core.GeneratorBasedBuilder):
-    """The codes of a labelled dataset's images; built from `examples` (split -> a function yielding (key,
-    record) pairs), `num_codes` codes per image."""
+    """The codes of a dataset's images; built from `examples` (split -> a function yielding (key, record) pairs),
+    `num_codes` codes per image."""
 
     VERSION = tfds.core.Version(VERSION)
     RELEASE_NOTES = {str(VERSION): 'codes int32 [h*w], label, index, captions.'}
@@ -79,10 +80,10 @@ class MmjaxImageCodes(tfds.core.GeneratorBasedBuilder):
 def write(codes_dir: str, splits: dict[str, Callable[[], Iterable[dict[str, np.ndarray]]]], num_codes: int,
           info: dict) -> dict:
     """Builds the dataset under `codes_dir` from `splits` (split -> a function returning an iterable of records
-    {'codes': int [num_codes], 'label': int, 'index': int, 'captions': [bytes]}, in the source's order, which
-    the dataset keeps: a training stream over it then visits the records a stream over the source would), then
-    writes `INFO_FILE` = `info` plus the record
-    count of each split. CodesError for a `codes_dir` that already holds codes. Returns the written info."""
+    {'codes': int [num_codes], 'label': int, 'index': int, 'captions': [bytes] (optional)}, in the source's order,
+    which the dataset keeps: a training stream over it then visits the records a stream over the source would),
+    then writes `INFO_FILE` = `info` plus the record count of each split. CodesError for a `codes_dir` that
+    already holds codes. Returns the written info."""
     if storage.exists(storage.join(codes_dir, INFO_FILE)) or storage.exists(storage.join(codes_dir, NAME)):
         raise CodesError(f'{codes_dir} already holds pre-tokenised codes; give a new folder')
     counts = {split: 0 for split in splits}
@@ -92,9 +93,8 @@ def write(codes_dir: str, splits: dict[str, Callable[[], Iterable[dict[str, np.n
             for position, record in enumerate(splits[split]()):
                 counts[split] += 1
                 yield position, {'codes': np.asarray(record['codes'], np.int32).reshape(num_codes),
-                                             'label': np.int32(record['label']),
-                                             'index': np.int32(record['index']),
-                                             'captions': list(record.get('captions', ()))}
+                                 'label': np.int32(record['label']), 'index': np.int32(record['index']),
+                                 'captions': list(record.get('captions', ()))}
         return make
 
     builder = MmjaxImageCodes(examples={s: keyed(s) for s in splits}, num_codes=num_codes, data_dir=codes_dir,
@@ -114,12 +114,12 @@ def read_info(codes_dir: str) -> dict:
     path = storage.join(codes_dir, INFO_FILE)
     if not storage.exists(path):
         raise CodesError(f'data.codes_dir={codes_dir!r} holds no pre-tokenised codes (no {INFO_FILE}); '
-                                f'write them with `mmjax tokenize --workdir <tokenizer> --out {codes_dir}`')
+                         f'write them with `mmjax tokenize --workdir <tokenizer> --out {codes_dir}`')
     return json.loads(storage.read_text(path))
 
 
 def data_source(codes_dir: str, split: str):
-    """Random-access source of `split`'s records {'codes': int32 [h*w], 'label', 'index'}."""
+    """Random-access source of `split`'s records {'codes': int32 [h*w], 'label', 'index', 'captions'}."""
     splits = read_info(codes_dir)['splits']
     if split not in splits:
         raise CodesError(f'data.codes_dir={codes_dir!r} has no split {split!r}; it has {sorted(splits)}')
@@ -149,11 +149,7 @@ class CodesCaptionTokenize(grain.RandomMapTransform):
     tokenizer: Tokenizer
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        label, captions = int(element['label']), list(element.get('captions', ()))
-        if captions:
-            caption = captions[int(rng.integers(len(captions)))]
-            caption = caption.decode('utf-8') if isinstance(caption, (bytes, np.bytes_)) else str(caption)
-        else:
-            caption = self.caption_fn(label, rng)
+        label, captions = int(element['label']), record_captions(element)
+        caption = captions[int(rng.integers(len(captions)))] if captions else self.caption_fn(label, rng)
         text = self.tokenizer.encode([caption])[0]
         return {'codes': np.asarray(element['codes'], np.int32), 'text': text, 'label': np.int32(label)}

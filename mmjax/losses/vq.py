@@ -2,9 +2,10 @@
 
 All latents and code vectors here are L2-normalised (the cosine codebook), so squared distances lie in [0, 4].
 
-- `reconstruction_loss`: mean squared ('l2') or absolute ('l1') error per pixel value; with `bounds`, of the
-  output clipped to the images' value range, so a pixel at the range's edge (a digit's blank background) costs
-  nothing once the output passes the edge, and renders exactly at it instead of a little inside.
+- `reconstruction_loss`: mean squared ('l2') or absolute ('l1') error per pixel value.
+- `clip_to_bounds`: the output clipped to the images' value range; the loss of the clipped output costs nothing
+  for a pixel at the range's edge (a digit's blank background) once the output passes the edge, so it renders
+  exactly at the edge instead of a little inside.
 - `codebook_losses`: the VQ-VAE codebook loss |sg(z) - e|^2 (moves the chosen codes) and commitment loss
   |z - sg(e)|^2 (keeps the encoder near its codes), each summed over the code dimension, averaged over latents.
 - `dead_code_loss`: the dead-code restart, done by gradient inside the objective: every code no latent of the batch
@@ -22,18 +23,21 @@ import jax.numpy as jnp
 RECON_LOSSES = ("l2", "l1")
 
 
-def reconstruction_loss(reconstruction: jax.Array, images: jax.Array, kind: str = "l2",
-                        bounds: tuple | None = None) -> jax.Array:
+def reconstruction_loss(reconstruction: jax.Array, images: jax.Array, kind: str = "l2") -> jax.Array:
     """reconstruction, images [B, H, W, C] -> scalar: mean over all values of the squared ('l2') or absolute
-    ('l1') error; with bounds (low, high), each a scalar or one value per channel, of clip(reconstruction, low,
-    high) (no gradient beyond them)."""
+    ('l1') error."""
     if kind not in RECON_LOSSES:
         raise ValueError(f"model.vq.recon_loss: {kind!r}; choose one of {RECON_LOSSES}")
-    reconstruction = reconstruction.astype(jnp.float32)
-    if bounds is not None:
-        reconstruction = jnp.clip(reconstruction, jnp.asarray(bounds[0]), jnp.asarray(bounds[1]))
-    err = reconstruction - images.astype(jnp.float32)
+    err = reconstruction.astype(jnp.float32) - images.astype(jnp.float32)
     return jnp.mean(jnp.square(err)) if kind == "l2" else jnp.mean(jnp.abs(err))
+
+
+def clip_to_bounds(reconstruction: jax.Array, bounds: tuple | None) -> jax.Array:
+    """reconstruction [B, H, W, C] clipped to bounds (low, high), each a scalar or one value per channel (no
+    gradient beyond them); unchanged when bounds is None."""
+    if bounds is None:
+        return reconstruction
+    return jnp.clip(reconstruction, jnp.asarray(bounds[0]), jnp.asarray(bounds[1]))
 
 
 def codebook_losses(z: jax.Array, quantized: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -86,24 +90,21 @@ def dead_code_loss(z: jax.Array, codebook: jax.Array, counts: jax.Array) -> tupl
 
 def vq_loss(outputs: dict[str, jax.Array], images: jax.Array, weights: dict[str, float],
             recon: str = "l2", bounds: tuple | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The tokenizer's objective on a `VQAutoencoder` output (images [B, H, W, C]): reconstruction (`bounds`:
-    see `reconstruction_loss`) +
-    weights['codebook'] * codebook + weights['commitment'] * commitment + weights['restart'] * dead-code loss.
+    """The tokenizer's objective on a `VQAutoencoder` output (images [B, H, W, C]): reconstruction (of the output
+    clipped to `bounds` when given: `clip_to_bounds`) + weights['codebook'] * codebook + weights['commitment'] * commitment + weights['restart'] * dead-code loss.
 
     Metrics (scalars): 'recon_loss', 'mse' (mean squared error, whatever the loss), 'baseline_mse' (of predicting
     every image by the batch's per-pixel mean: the trivial baseline), 'codebook_loss', 'commitment_loss',
     'dead_code_loss', 'dead_codes', 'usage' (fraction of codes used in the batch), 'perplexity'."""
     x = images.astype(jnp.float32)
-    rec = reconstruction_loss(outputs["reconstruction"], x, recon, bounds)
+    shown = clip_to_bounds(outputs["reconstruction"], bounds)  # what the pixels will show
+    rec = reconstruction_loss(shown, x, recon)
     codebook, commitment = codebook_losses(outputs["z"], outputs["quantized"])
     counts = code_counts(outputs["codes"], outputs["codebook"].shape[0])
     restart, dead = dead_code_loss(outputs["z"], outputs["codebook"], counts)
     usage, perplexity = usage_and_perplexity(counts)
     loss = (rec + weights["codebook"] * codebook + weights["commitment"] * commitment
             + weights["restart"] * restart)
-    shown = outputs["reconstruction"]
-    if bounds is not None:  # what the pixels will show
-        shown = jnp.clip(shown, jnp.asarray(bounds[0]), jnp.asarray(bounds[1]))
     metrics = {"recon_loss": rec, "mse": jnp.mean(jnp.square(shown - x)),
                "baseline_mse": jnp.mean(jnp.square(x - jnp.mean(x, axis=0, keepdims=True))),
                "codebook_loss": codebook, "commitment_loss": commitment, "dead_code_loss": restart,

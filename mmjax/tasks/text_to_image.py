@@ -37,7 +37,7 @@ from mmjax.errors import ConfigError
 from mmjax.eval import generation as gen_metrics
 from mmjax.eval.encoder import batched_apply, round_batch
 from mmjax.models.text_to_image import build_text_to_image_model, sample_codes
-from mmjax.models.vq import vq_flops_per_example
+from mmjax.models.vq import code_grid, vq_flops_per_example
 from mmjax.runtime.flops import train_flops_per_example
 from mmjax.tasks.base import Sampler, Task
 from mmjax.tasks.vq import real_eval_images, reconstruction_realism, to_pixels, use_image_tokenizer, vq_problems
@@ -342,18 +342,17 @@ def check_codes(config, tokenizer_config) -> None:
         info = image_codes.read_info(config.data.codes_dir)
     except image_codes.CodesError as error:
         raise ConfigError([str(error)]) from None
-    tokenizer = config.image_tokenizer.workdir
-    steps = [int(n) for n in storage.listdir(storage.join(tokenizer, "checkpoints")) if n.isdigit()]
+    tokenizer, dataset = config.image_tokenizer.workdir, image_codes.dataset_name(config)
+    step = max((int(n) for n in storage.listdir(storage.join(tokenizer, "checkpoints")) if n.isdigit()), default=None)
     problems = []
-    if storage.absolute(info["tokenizer"]) != storage.absolute(tokenizer) or info["step"] != max(steps, default=-1):
+    if storage.absolute(info["tokenizer"]) != storage.absolute(tokenizer) or info["step"] != step:
         problems.append(f"{where} holds the codes of tokenizer {info['tokenizer']!r} at step {info['step']}, but "
-                        f"the generator loads image_tokenizer.workdir={tokenizer!r} at step {max(steps, default=None)}"
+                        f"the generator loads image_tokenizer.workdir={tokenizer!r} at step {step}"
                         f"; write codes with this tokenizer (mmjax tokenize)")
-    elif info["dataset"] != image_codes.dataset_name(config):
-        problems.append(f"{where} holds codes of {info['dataset']!r}, not of this config's data "
-                        f"{image_codes.dataset_name(config)!r}")
-    elif (int(info["codebook_size"]), int(info["grid"]) ** 2) != (int(tokenizer_config.model.vq.codebook_size),
-                                                                build_text_to_image_model(config.model).image_tokens):
+    elif info["dataset"] != dataset:
+        problems.append(f"{where} holds codes of {info['dataset']!r}, not of this config's data {dataset!r}")
+    elif (int(info["codebook_size"]), int(info["grid"])) != (int(tokenizer_config.model.vq.codebook_size),
+                                                           code_grid(config.model)):
         problems.append(f"{where}: codes of a {info['grid']}x{info['grid']} grid of {info['codebook_size']} codes "
                         f"do not fit this generator")
     if problems:
@@ -375,8 +374,7 @@ class TextToImageTask(Task):
         shapes = super().step_batch(config, batch_size)
         if config.data.codes_dir:
             del shapes["image"]
-            shapes["codes"] = jax.ShapeDtypeStruct((batch_size, build_text_to_image_model(config.model).image_tokens),
-                                                   jnp.int32)
+            shapes["codes"] = jax.ShapeDtypeStruct((batch_size, code_grid(config.model) ** 2), jnp.int32)
         return shapes
 
     def objective(self, config, mesh: Mesh):

@@ -47,10 +47,11 @@ def pixel_bounds(config) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(-m / s for m, s in zip(mean, std)), tuple((1.0 - m) / s for m, s in zip(mean, std))
 
 
-def vq_objective(vq_config, bounds: tuple[float, float] | None = None):
-    """objective(model, params, batch, step) -> (loss, metrics) of `config.model.vq` on batch['image'];
-    `bounds` (`pixel_bounds`) are used when model.vq.clip_loss is set."""
-    bounds = bounds if bool(vq_config.clip_loss) else None
+def vq_objective(config):
+    """objective(model, params, batch, step) -> (loss, metrics) of `config.model.vq` on batch['image'], the
+    reconstruction clipped to `pixel_bounds` when model.vq.clip_loss is set."""
+    vq_config = config.model.vq
+    bounds = pixel_bounds(config) if bool(vq_config.clip_loss) else None
     weights = {"codebook": float(vq_config.codebook_weight), "commitment": float(vq_config.commitment_weight),
                "restart": float(vq_config.restart_weight)}
     recon = str(vq_config.recon_loss)
@@ -285,7 +286,7 @@ class VQTask(Task):
         return {"image": super().dummy_batch(config, batch_size)["image"]}
 
     def objective(self, config, mesh: Mesh):
-        return vq_objective(config.model.vq, pixel_bounds(config))
+        return vq_objective(config)
 
     def evaluate(self, config, model, params, mesh, rules, cache):
         return vq_eval(config, model, params, mesh, rules, cache)
