@@ -252,6 +252,12 @@ def listdir(p: Any) -> list[str]:
     return sorted(os.listdir(p))
 
 
+def newest_numbered(p: Any) -> int | None:
+    """The largest name under folder `p` that is a number (an Orbax checkpoint directory's newest step), None when
+    there is none or `p` does not exist."""
+    return max((int(n) for n in listdir(p) if n.isdigit()), default=None)
+
+
 def _filesystem(url: str):
     fs, _ = fsspec.core.url_to_fs(url)
     return fs

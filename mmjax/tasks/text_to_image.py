@@ -343,7 +343,7 @@ def check_codes(config, tokenizer_config) -> None:
     except image_codes.CodesError as error:
         raise ConfigError([str(error)]) from None
     tokenizer, dataset = config.image_tokenizer.workdir, image_codes.dataset_name(config)
-    step = max((int(n) for n in storage.listdir(storage.join(tokenizer, "checkpoints")) if n.isdigit()), default=None)
+    step = storage.newest_numbered(storage.join(tokenizer, "checkpoints"))
     problems = []
     if storage.absolute(info["tokenizer"]) != storage.absolute(tokenizer) or info["step"] != step:
         problems.append(f"{where} holds the codes of tokenizer {info['tokenizer']!r} at step {info['step']}, but "

@@ -121,7 +121,7 @@ def newest_complete_checkpoint(directory: str) -> int | None:
     """The newest step folder in an Orbax checkpoint directory (None: there is none yet; OSError: it cannot be
     listed). Orbax writes a checkpoint into a temporary folder and renames it to its step when complete, so a
     folder named by a number is a whole checkpoint."""
-    return max((int(name) for name in storage.listdir(directory) if name.isdigit()), default=None)
+    return storage.newest_numbered(directory)
 
 
 class HealthMonitor:
