@@ -41,10 +41,11 @@ setup(
     ],
     extras_require={
         # librosa: reference for the JAX log-mel; sentencepiece/tokenizers: the file tokenizers; pytest-xdist: the
-        # suite runs in 2 processes (pytest.ini), since XLA compiles on one core; import-linter and ruff: the
+        # suite runs in 2 processes (pytest.ini), since XLA compiles on one core; pytest-timeout: a test that hangs
+        # fails (pytest.ini) instead of holding the run until CI's cap; import-linter and ruff: the
         # layering contracts (.importlinter) and lint rules (ruff.toml) that tests/test_layout.py runs
-        "test": ["pytest>=8", "pytest-xdist>=3", "librosa>=0.10", "sentencepiece>=0.2", "tokenizers>=0.19",
-                 "import-linter>=2.1", "ruff>=0.6",
+        "test": ["pytest>=8", "pytest-xdist>=3", "pytest-timeout>=2.3", "librosa>=0.10", "sentencepiece>=0.2",
+                 "tokenizers>=0.19", "import-linter>=2.1", "ruff>=0.6",
                  # object-store servers the tests start on 127.0.0.1 (tests/storage_servers.py): the emulator is
                  # pinned exactly because the tests' wrapper adds behaviours Orbax needs to its request handlers
                  "gcp-storage-emulator==2026.7.19", "moto[server]>=5.2.1,<6", "boto3", "google-cloud-storage>=3.14",
