@@ -17,16 +17,19 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The CPU peak probe (mmjax.runtime.flops) caches its result; a probe taken under test load must not become the
 # user's cached peak.
 os.environ.setdefault("MMJAX_CACHE_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), "mmjax-test-cache"))
-# No JAX persistent compilation cache in the tests. It saved ~20 % of the time of the tests that start processes,
-# but a worker segfaulted twice in JAX's compilation_cache.get_executable_and_time while reading an entry (both
-# times for mmjax.training.integrity's checksum program, 2026-12-05; once with one cache for both workers, once
-# with one per worker), and pytest-xdist then hung waiting for the dead worker. Not reproduced outside the suite
-# (reading 120 entries back in fresh processes, truncated entries included, worked), so the cause is not known;
-# every process compiles for itself. Without the cache the same program crashed twice more in XLA's compile
-# (backend_compile_and_load, 2026-12-05, during `mmjax train`'s checkpoint save in test_legacy_workdir and
-# test_img2dataset; once built with its own compiler options, once without), so the cache is not the cause
-# either; 200 compiles of it in one process (clear_caches between) did not crash. Open.
-os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+# Many tests (and the processes they start: resumes, kills, the multi-process run) compile the same steps;
+# JAX's persistent compilation cache compiles each once per machine. The env vars reach the subprocesses.
+# Every program is cached, however quick its compile: at -O0 most take under the 0.5 s this used to require.
+# One cache per pytest-xdist worker (shared by the processes that worker starts).
+# History: four times (2026-12-05) a worker crashed inside XLA while building mmjax.training.integrity's checksum
+# program, then one program over every leaf of the state: twice reading it from this cache, twice compiling it
+# with the cache off, so the cache was not the cause. The checksums are now one small program per kind of leaf
+# (one fifth of the compile time). Should a worker crash again, pytest-timeout (pytest.ini) ends the hang that
+# used to follow.
+_JAX_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["MMJAX_CACHE_DIR"], "jax"))
+if os.environ.get("PYTEST_XDIST_WORKER") and not _JAX_CACHE.endswith(os.environ["PYTEST_XDIST_WORKER"]):
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_JAX_CACHE, os.environ["PYTEST_XDIST_WORKER"])
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402  (after the flags above)
 
