@@ -24,8 +24,8 @@ os.environ.setdefault("MMJAX_CACHE_DIR", os.path.join(os.environ.get("TMPDIR", "
 # History: four times (2026-12-05) a worker crashed inside XLA while building mmjax.training.integrity's checksum
 # program, then one program over every leaf of the state: twice reading it from this cache, twice compiling it
 # with the cache off, so the cache was not the cause. The checksums are now one small program per kind of leaf
-# (the demo state's first checksums: 0.8-1.0 s instead of 5.5-7.3). Should a worker crash again, pytest-timeout (pytest.ini) ends the hang that
-# used to follow.
+# (the demo state's first checksums: 0.8-1.0 s instead of 5.5-7.3). Should a worker crash again, pytest-timeout
+# (pytest.ini) ends the hang that used to follow.
 _JAX_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["MMJAX_CACHE_DIR"], "jax"))
 if os.environ.get("PYTEST_XDIST_WORKER") and not _JAX_CACHE.endswith(os.environ["PYTEST_XDIST_WORKER"]):
     os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_JAX_CACHE, os.environ["PYTEST_XDIST_WORKER"])
