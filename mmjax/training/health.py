@@ -84,7 +84,9 @@ class PreemptionGuard:
     def _abort(self) -> None:
         folder = self.checkpoint_dir or ""
         try:
-            newest = newest_complete_checkpoint(folder)
+            # Orbax writes a checkpoint into a temporary folder and renames it to its step when complete, so the
+            # newest folder named by a number is the newest whole checkpoint.
+            newest = storage.newest_numbered(folder)
             where = ("no checkpoint is complete yet" if newest is None else
                      f"checkpoint {newest} ({storage.join(folder, str(newest))}) is the newest complete one")
         except Exception:  # noqa: BLE001 - unreadable (a disk or bucket fault): say where to look
@@ -115,13 +117,6 @@ class PreemptionGuard:
     def __exit__(self, *exc):
         self.uninstall()
         return False
-
-
-def newest_complete_checkpoint(directory: str) -> int | None:
-    """The newest step folder in an Orbax checkpoint directory (None: there is none yet; OSError: it cannot be
-    listed). Orbax writes a checkpoint into a temporary folder and renames it to its step when complete, so a
-    folder named by a number is a whole checkpoint."""
-    return storage.newest_numbered(directory)
 
 
 class HealthMonitor:

@@ -204,10 +204,10 @@ def _run(leaves: list, layouts: tuple, check_finite: bool) -> np.ndarray:
     on_cpu = all(d.platform == "cpu" for x in leaves for d in getattr(x, "devices", lambda: ())())
     figures = []
     for x, layout in zip(leaves, layouts):
-        figures.append(_leaf_run(x, layout, check_finite, on_cpu))
+        leaf = _leaf_run(x, layout, check_finite, on_cpu)
         sharding = getattr(x, "sharding", None)
-        if on_cpu and sharding is not None and not sharding.is_fully_replicated:
-            figures[-1] = _host(figures[-1])
+        wait = on_cpu and sharding is not None and not sharding.is_fully_replicated
+        figures.append(_host(leaf) if wait else leaf)
     return np.stack([_host(f) for f in figures])
 
 
