@@ -91,7 +91,8 @@ def dead_code_loss(z: jax.Array, codebook: jax.Array, counts: jax.Array) -> tupl
 def vq_loss(outputs: dict[str, jax.Array], images: jax.Array, weights: dict[str, float],
             recon: str = "l2", bounds: tuple | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The tokenizer's objective on a `VQAutoencoder` output (images [B, H, W, C]): reconstruction (of the output
-    clipped to `bounds` when given: `clip_to_bounds`) + weights['codebook'] * codebook + weights['commitment'] * commitment + weights['restart'] * dead-code loss.
+    clipped to `bounds` when given: `clip_to_bounds`) + weights['codebook'] * codebook + weights['commitment'] *
+    commitment + weights['restart'] * dead-code loss.
 
     Metrics (scalars): 'recon_loss', 'mse' (mean squared error, whatever the loss), 'baseline_mse' (of predicting
     every image by the batch's per-pixel mean: the trivial baseline), 'codebook_loss', 'commitment_loss',

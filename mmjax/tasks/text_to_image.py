@@ -244,10 +244,10 @@ def generation_eval(config, model, params, mesh, rules, cache: dict, rerank_with
     images), prompt_accuracy (at model.text_to_image.guidance) and prompt_accuracy_guidance_<s> for each of
     eval_guidance, discriminator_accuracy (real held-out vs generated; and discriminator_accuracy_reconstructed,
     `mmjax.tasks.vq.reconstruction_realism`: real held-out vs reconstructed training images, what a sampler of
-    exactly the training distribution scores through this tokenizer), nll_bits_per_token and nll_baseline_bits_per_token,
-    distinct_fraction / training_copies / unique_fraction of eval_samples per prompt; with `rerank_with` (a
-    loaded contrastive model) also prompt_accuracy_reranked, discriminator_accuracy_reranked and
-    distinct_fraction_reranked of the kept samples. {} for caption corpora."""
+    exactly the training distribution scores through this tokenizer), nll_bits_per_token and
+    nll_baseline_bits_per_token, distinct_fraction / training_copies / unique_fraction of eval_samples per
+    prompt; with `rerank_with` (a loaded contrastive model) also prompt_accuracy_reranked,
+    discriminator_accuracy_reranked and distinct_fraction_reranked of the kept samples. {} for caption corpora."""
     if pipeline.is_captioned(config):
         return {}
     o, data = config.model.text_to_image, _eval_data(config, model, params, mesh, rules, cache)
