@@ -112,6 +112,25 @@ def test_captioning_metrics_on_hand_made_examples():
     assert captioning.reference_match(["a thick seven leaning left", *perfect[1:]], refs) == pytest.approx(2 / 3)
 
 
+def test_paired_cider_tells_a_real_difference_from_noise():
+    refs = [[f"a thin {w} leaning left", f"this thin wide {w} is leaning left"] for w in digits.CLASS_NAMES] * 4
+    right = [r[0] for r in refs]
+    same = captioning.paired_cider(right, right, refs)
+    assert same == {"cider_diff": 0.0, "cider_diff_low": 0.0, "cider_diff_high": 0.0, "better": 0.0, "worse": 0.0}
+    one_word_wrong = [c.replace("thin", "thick") for c in right]
+    diff = captioning.paired_cider(right, one_word_wrong, refs)
+    assert diff["cider_diff_low"] > 0 and diff["better"] == 1.0 and diff["worse"] == 0.0
+    corpus = [captioning.caption_scores(h, refs)["cider"] for h in (right, one_word_wrong)]
+    assert diff["cider_diff"] == pytest.approx(corpus[0] - corpus[1], rel=1e-9)  # the mean of the per-image scores
+    # Two captioners that differ on one image in 40: the interval straddles 0 (noise), whichever is ahead.
+    mixed = [one_word_wrong[0], *right[1:]]
+    mixed_other = [right[0], one_word_wrong[1], *right[2:]]
+    tie = captioning.paired_cider(mixed, mixed_other, refs)
+    assert tie["cider_diff_low"] < 0 < tie["cider_diff_high"] and tie["better"] == tie["worse"] == 1 / 40
+    with pytest.raises(ValueError, match="same images"):
+        captioning.paired_cider(right, right[:3], refs)
+
+
 def test_digit_references_follow_the_pixels():
     from sklearn.datasets import load_digits
     data = load_digits()
@@ -123,6 +142,30 @@ def test_digit_references_follow_the_pixels():
     assert digit_captions.attributes(7, (image // 4).astype(np.uint8)).stroke == "thin"
     mirrored = digit_captions.attributes(7, image[:, ::-1]).slant
     assert mirrored != digit_captions.attributes(7, image).slant or abs(digit_captions.measures(image)[1]) < 0.02
+
+
+def test_every_correct_caption_scores_alike():
+    """CIDEr-D on the digits ranks captioners by what their captions say, not by which template they prefer:
+    on the held-out digits, captioning every image with its correct reference of template i gives the same score
+    for every i, and one wrong attribute word costs the same whatever the template."""
+    from sklearn.datasets import load_digits
+    data = load_digits()
+    held_out = np.arange(len(data.target))[np.arange(len(data.target)) % 5 == 0][:120]
+    images = [np.asarray(digits.upsample(data.images[i])) for i in held_out]
+    labels = [int(data.target[i]) for i in held_out]
+    refs = [digit_captions.references(y, im) for y, im in zip(labels, images)]
+    flip = {"thick": "thin", "thin": "thick"}
+    correct, one_wrong = [], []
+    for t, template in enumerate(digit_captions.TEMPLATES):
+        correct.append(captioning.caption_scores([r[t] for r in refs], refs)["cider"])
+        wrong = []
+        for y, im in zip(labels, images):
+            a = digit_captions.attributes(y, im)
+            wrong.append(template.format(word=digits.CLASS_NAMES[y], **a._replace(stroke=flip[a.stroke])._asdict()))
+        one_wrong.append(captioning.caption_scores(wrong, refs)["cider"])
+    assert max(correct) - min(correct) < 1e-6 * max(correct), correct
+    assert max(one_wrong) - min(one_wrong) < 1e-6 * max(one_wrong), one_wrong
+    assert max(one_wrong) < 0.8 * min(correct), (one_wrong, correct)
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +194,9 @@ def test_training_improves_captions_over_init(trained):
     final = [r for r in rows if "caption/cider" in r][-1]
     assert final["caption/greedy/logprob"] <= final["caption/logprob"] + 1e-3  # beam >= greedy, on average
     assert "caption/baseline/cider" in final and "caption/digit_accuracy" in final
+    low, diff, high = (final[f"caption/beam_vs_greedy/cider_diff{s}"] for s in ("_low", "", "_high"))
+    assert low <= diff <= high
+    assert diff == pytest.approx(final["caption/cider"] - final["caption/greedy/cider"], abs=1e-6)
 
 
 @pytest.mark.slow

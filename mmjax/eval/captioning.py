@@ -58,6 +58,28 @@ def caption_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]
     return {"bleu4": float(bleu[3]), "cider": float(cider), "rouge_l": float(rouge)}
 
 
+def paired_cider(first: Sequence[str], second: Sequence[str], references: Sequence[Sequence[str]],
+                 draws: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Two captioners' captions of the same images, scored image by image against the same references (one
+    CIDEr-D document frequency table) -> {'cider_diff': mean of first - second, 'cider_diff_low' / '_high': its
+    95 % bootstrap interval over the images (`draws` resamples, seeded), 'better' / 'worse': the share of images
+    whose first caption scores higher / lower}. Two decoders of one model differ on a few images only, so their
+    corpus scores differ by noise unless the interval excludes 0."""
+    if not len(first) == len(second) == len(references) or not first:
+        raise ValueError(f"paired_cider needs the same images for both: got {len(first)} and {len(second)} "
+                         f"captions for {len(references)} reference sets")
+    gts = {i: [normalize(r) or EMPTY for r in refs] for i, refs in enumerate(references)}
+    per_image = []
+    for hyps in (first, second):
+        _, scores = Cider().compute_score(gts, {i: [normalize(h) or EMPTY] for i, h in enumerate(hyps)})
+        per_image.append(np.asarray(scores, np.float64))
+    diff = per_image[0] - per_image[1]
+    picks = np.random.default_rng(seed).integers(len(diff), size=(int(draws), len(diff)))
+    low, high = np.percentile(diff[picks].mean(axis=1), [2.5, 97.5])
+    return {"cider_diff": float(diff.mean()), "cider_diff_low": float(low), "cider_diff_high": float(high),
+            "better": float(np.mean(diff > 1e-9)), "worse": float(np.mean(diff < -1e-9))}
+
+
 def digit_accuracy(hypotheses: Sequence[str], labels: Sequence[int]) -> float:
     """Share of captions that name exactly one number, the label (`digit_captions.named_numbers`)."""
     hits = [digit_captions.named_numbers(h) == {int(y)} for h, y in zip(hypotheses, labels, strict=True)]
@@ -67,8 +89,9 @@ def digit_accuracy(hypotheses: Sequence[str], labels: Sequence[int]) -> float:
 def reference_match(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
     """Share of captions equal to one of their image's references after `normalize`. On the digits, whose
     references are every correct caption of the image (each template with the image's attributes), it is the
-    share of captions that are entirely right: a measure that does not depend on which template a caption uses,
-    as CIDEr-D does (its tf-idf weights score a perfect caption 3.73-4.46 by template, docs/generative.md)."""
+    share of captions that are entirely right: a measure that cannot depend on which template a caption uses, as
+    CIDEr-D can (templates of different shapes made it score a perfect caption 3.73-4.46 by template,
+    docs/generative.md)."""
     hits = [normalize(h) in {normalize(r) for r in refs} for h, refs in zip(hypotheses, references, strict=True)]
     return float(np.mean(hits)) if hits else 0.0
 
