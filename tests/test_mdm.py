@@ -291,6 +291,7 @@ def test_a_tokenizer_workdir_must_be_wired_in_and_frozen():
     tasks.validate(config, 1)
 
 
+@pytest.mark.slow
 def test_masked_data_modelling_trains_beats_the_baselines_and_resumes(tmp_path, data_dir):
     workdir = tmp_path / "beit3"
     assert _train(CONFIG, workdir, data_dir, *TINY_MDM, f"--stop-at-step={HALF}") == 0  # trains the tokenizer first

@@ -39,6 +39,7 @@ def _params(workdir, devices=None):
     return jax.device_get(mmjax.load(str(workdir), devices=devices).encoder.params)
 
 
+@pytest.mark.slow
 def test_resume_in_fresh_process_equals_uninterrupted(tmp_path, data_dir):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     r = _cli(straight, data_dir=data_dir)

@@ -326,6 +326,7 @@ def _params(workdir):
     return jax.tree.leaves(jax.device_get(mmjax.load(str(workdir)).encoder.params))
 
 
+@pytest.mark.slow
 def test_second_run_exits_2_at_once_and_the_first_is_unaffected(tmp_path, data_dir):
     solo, shared = tmp_path / "solo", tmp_path / "shared"
     r = _cli(solo, data_dir, "--quiet")
