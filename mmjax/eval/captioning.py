@@ -42,16 +42,22 @@ def normalize(text: str) -> str:
     return " ".join(_PUNCT.sub(" ", str(text).lower()).split())
 
 
+def _scorer_inputs(hypotheses: Sequence[str], references: Sequence[Sequence[str]], caller: str) -> tuple[dict, dict]:
+    """pycocoevalcap's inputs, `normalize`d: ({image: [references]}, {image: [caption]}). Raises ValueError (naming
+    `caller`) unless there is one caption per image, some images, and a reference for each."""
+    if len(hypotheses) != len(references) or not hypotheses:
+        raise ValueError(f"{caller} needs one caption per image and some images; got {len(hypotheses)} "
+                         f"captions for {len(references)} reference sets")
+    gts = {i: [normalize(r) or EMPTY for r in refs] for i, refs in enumerate(references)}
+    if any(not refs for refs in gts.values()):
+        raise ValueError(f"{caller}: every image needs at least one reference caption")
+    return gts, {i: [normalize(h) or EMPTY] for i, h in enumerate(hypotheses)}
+
+
 def caption_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
     """One caption per image and its references (at least one each) -> {'bleu4', 'cider', 'rouge_l'} (corpus
     BLEU-4, CIDEr-D and ROUGE-L of pycocoevalcap, on `normalize`d text)."""
-    if len(hypotheses) != len(references) or not hypotheses:
-        raise ValueError(f"caption_scores needs one caption per image and some images; got {len(hypotheses)} "
-                         f"captions for {len(references)} reference sets")
-    res = {i: [normalize(h) or EMPTY] for i, h in enumerate(hypotheses)}
-    gts = {i: [normalize(r) or EMPTY for r in refs] for i, refs in enumerate(references)}
-    if any(not refs for refs in gts.values()):
-        raise ValueError("caption_scores: every image needs at least one reference caption")
+    gts, res = _scorer_inputs(hypotheses, references, "caption_scores")
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     cider, _ = Cider().compute_score(gts, res)
     rouge, _ = Rouge().compute_score(gts, res)
@@ -68,10 +74,9 @@ def paired_cider(first: Sequence[str], second: Sequence[str], references: Sequen
     if not len(first) == len(second) == len(references) or not first:
         raise ValueError(f"paired_cider needs the same images for both: got {len(first)} and {len(second)} "
                          f"captions for {len(references)} reference sets")
-    gts = {i: [normalize(r) or EMPTY for r in refs] for i, refs in enumerate(references)}
     per_image = []
     for hyps in (first, second):
-        _, scores = Cider().compute_score(gts, {i: [normalize(h) or EMPTY] for i, h in enumerate(hyps)})
+        _, scores = Cider().compute_score(*_scorer_inputs(hyps, references, "paired_cider"))
         per_image.append(np.asarray(scores, np.float64))
     diff = per_image[0] - per_image[1]
     picks = np.random.default_rng(seed).integers(len(diff), size=(int(draws), len(diff)))
