@@ -135,6 +135,14 @@ def test_reader_skips_and_reports_a_torn_last_line(tmp_path):
     assert len(reports) == 1 and str(path) in reports[0] and 'torn last line (3)' in reports[0]
 
 
+def test_reader_of_a_run_that_has_not_logged_yet_returns_no_records(tmp_path):
+    # The writer creates metrics.jsonl before the first step ends: a reader polling a starting run meets it empty.
+    for text in ('', '\n', '  \n\n'):
+        (tmp_path / 'metrics.jsonl').write_text(text)
+        reports = []
+        assert read_metrics(str(tmp_path), log=reports.append) == [] and reports == []
+
+
 def test_writer_starts_a_new_line_after_a_torn_one(tmp_path):
     path = _torn_workdir(tmp_path)
     reports = []

@@ -261,7 +261,7 @@ def _read_lines(path: str, data: bytes, log: Callable[[str], None]) -> list[dict
             skipped.append(number)
         else:
             records.append(record)
-    if skipped == [lines[-1][0]]:
+    if lines and skipped == [lines[-1][0]]:
         log(f"mmjax: skipped the torn last line ({skipped[0]}) of {path}: a crash while it was written")
     elif skipped:
         log(f"mmjax: skipped {len(skipped)} unreadable line(s) of {path} (lines {', '.join(map(str, skipped[:10]))}"
