@@ -7,10 +7,11 @@ prompts of `--prompt` tokens, `--new` new tokens (EOS never stops a row early: a
   recompute   the same decoder without a cache: at step t the whole sequence so far (padded to a fixed length,
               causal mask) is run again and token t read off (what decoding costs without a cache)
   open_clip   open_clip's CoCa `generate` (greedy: top-k 1) on the same shapes, when open_clip is installed
-each jitted / warmed up once, then alternating `--repeats` times. Prints tokens/s (batch x new tokens / wall
-seconds, medians) and the cached speed-up; `--out` writes them as JSON.
+each jitted / warmed up once, then alternating `--repeats` times, at each of the `--batch` sizes (open_clip at
+the `--open-clip-batch` ones). Prints one row per batch: tokens/s (batch x new tokens / wall seconds, medians) and
+the cached speed-ups; `--out` writes them as JSON ({"shape": flags, "by_batch": {B: runs}}).
 
-    python benchmarks/decoding.py --repeats 5
+    python benchmarks/decoding.py --repeats 5                    # batches 1, 4 and 16; open_clip at 4
 """
 
 from __future__ import annotations
@@ -104,21 +105,14 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--prompt", type=int, default=8)
-    p.add_argument("--new", type=int, default=32)
-    p.add_argument("--depth", type=int, default=12)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--no-open-clip", action="store_true")
-    p.add_argument("--out", default="")
-    args = p.parse_args(argv)
+def measure(args, batch: int, with_open_clip: bool) -> dict:
+    """The runs at one batch size, alternating: {name: {median_s, tokens_per_s}} and the cached speed-ups."""
+    args = argparse.Namespace(**{**vars(args), "batch": batch})
     decoder, variables, prompts, media = build(args)
     runs = {"cached": functools.partial(cached_fn(decoder, args), variables, prompts, media),
             "recompute": functools.partial(recompute_fn(decoder, args), variables, prompts, media)}
     np.testing.assert_array_equal(np.asarray(runs["cached"]()), np.asarray(runs["recompute"]()))  # same tokens
-    theirs = None if args.no_open_clip else open_clip_fn(args)
+    theirs = open_clip_fn(args) if with_open_clip else None
     if theirs is not None:
         runs["open_clip"] = theirs
         theirs()  # warm-up
@@ -127,21 +121,42 @@ def main(argv=None) -> int:
         order = list(runs)[r % len(runs):] + list(runs)[:r % len(runs)]
         for name in order:
             times[name].append(timed(runs[name]))
-    tokens = args.batch * args.new
+    tokens = batch * args.new
     result = {name: {"median_s": statistics.median(t), "tokens_per_s": tokens / statistics.median(t)}
               for name, t in times.items()}
     result["cached_speedup_vs_recompute"] = result["recompute"]["median_s"] / result["cached"]["median_s"]
     if "open_clip" in result:
         result["cached_speedup_vs_open_clip"] = result["open_clip"]["median_s"] / result["cached"]["median_s"]
-    result["shape"] = vars(args)
-    for name in runs:
-        print(f"{name:>10}: {result[name]['tokens_per_s']:8.1f} tokens/s ({result[name]['median_s']:.3f} s for "
-              f"{args.batch} x {args.new} tokens, median of {args.repeats})")
-    print(f"cached is {result['cached_speedup_vs_recompute']:.1f}x faster than recomputation"
-          + (f", {result['cached_speedup_vs_open_clip']:.1f}x open_clip CoCa's generate" if theirs else ""))
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16], help="batch sizes, one measurement each")
+    p.add_argument("--prompt", type=int, default=8)
+    p.add_argument("--new", type=int, default=32)
+    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--open-clip-batch", type=int, nargs="*", default=[4],
+                   help="the batch sizes at which open_clip's generate joins (it is ~40x slower)")
+    p.add_argument("--no-open-clip", action="store_true")
+    p.add_argument("--out", default="")
+    args = p.parse_args(argv)
+    if min(args.batch) < 1 or args.repeats < 1:
+        p.error(f"--batch and --repeats must be >= 1; got --batch {args.batch} --repeats {args.repeats}")
+    results = {}
+    print(f"{args.new} new tokens after a {args.prompt}-token prompt, depth {args.depth}, medians of {args.repeats}:")
+    print(f"{'batch':>5} {'cached tok/s':>13} {'recompute tok/s':>16} {'cached/recompute':>17} "
+          f"{'open_clip tok/s':>16} {'cached/open_clip':>17}", flush=True)
+    for batch in args.batch:
+        r = results[batch] = measure(args, batch, not args.no_open_clip and batch in args.open_clip_batch)
+        theirs = (f"{r['open_clip']['tokens_per_s']:16.1f} {r['cached_speedup_vs_open_clip']:16.1f}x"
+                  if "open_clip" in r else f"{'-':>16} {'-':>17}")
+        print(f"{batch:5d} {r['cached']['tokens_per_s']:13.1f} {r['recompute']['tokens_per_s']:16.1f} "
+              f"{r['cached_speedup_vs_recompute']:16.1f}x {theirs}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+            json.dump({"shape": vars(args), "by_batch": {str(b): r for b, r in results.items()}}, f, indent=1)
     return 0
 
 

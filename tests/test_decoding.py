@@ -5,6 +5,7 @@ hold, and the sharded decoder on 8 devices gives the tokens of one device."""
 
 import functools
 import itertools
+import time
 
 import flax.linen as nn
 import jax
@@ -365,3 +366,33 @@ def test_sharded_decoding_on_8_devices_equals_one_device(model, greedy_run, beam
     np.testing.assert_array_equal(sharded_greedy.tokens, greedy.tokens)
     np.testing.assert_array_equal(sharded_beam.tokens, plain_beam.tokens)
     np.testing.assert_allclose(sharded_beam.scores, plain_beam.scores, atol=1e-5, rtol=0)
+
+
+def test_decoding_benchmark_reports_every_batch_and_the_open_clip_row_where_asked(tmp_path, capsys, monkeypatch):
+    # benchmarks/decoding.py at a small shape: one row per batch size, speed-ups that are the ratios of its own
+    # medians, open_clip's generate only at the batch sizes named (here a stand-in that records its batch: the
+    # real one takes ~10 s to build); the script checks cached == recomputed tokens itself.
+    import importlib.util
+    import os
+    spec = importlib.util.spec_from_file_location(
+        'decoding_bench', os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'decoding.py'))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / 'd.json'
+    asked = []
+    monkeypatch.setattr(bench, 'open_clip_fn', lambda args: asked.append(args.batch) or (lambda: time.sleep(0.01)))
+    assert bench.main(['--batch', '1', '2', '--depth', '1', '--new', '3', '--repeats', '1',
+                       '--open-clip-batch', '2', '--out', str(out)]) == 0
+    import json
+    report = json.loads(out.read_text())
+    assert list(report['by_batch']) == ['1', '2'] and report['shape']['new'] == 3
+    for batch, runs in report['by_batch'].items():
+        for name in ('cached', 'recompute'):
+            assert runs[name]['tokens_per_s'] == pytest.approx(int(batch) * 3 / runs[name]['median_s'])
+        assert runs['cached_speedup_vs_recompute'] == pytest.approx(
+            runs['recompute']['median_s'] / runs['cached']['median_s'])
+    assert 'open_clip' not in report['by_batch']['1']
+    assert asked == [2] and report['by_batch']['2']['cached_speedup_vs_open_clip'] == pytest.approx(
+        report['by_batch']['2']['open_clip']['median_s'] / report['by_batch']['2']['cached']['median_s'])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] in (['1'], ['2'])]
+    assert [r[0] for r in rows] == ['1', '2'] and rows[0][-1] == '-'
