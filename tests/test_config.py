@@ -17,11 +17,28 @@ def tiny():
     return config_lib.load_config_file(TINY)
 
 
-def test_every_shipped_config_loads_and_validates_on_8_devices():
+def test_every_shipped_config_loads_and_validates_on_8_devices(tmp_path):
+    # pali_digits.py and flamingo_digits.py start from the workdirs of earlier runs (their argument names them):
+    # here folders that exist, since a workdir to start from that does not exist is an error (next test).
+    (tmp_path / "lm").mkdir(), (tmp_path / "vision").mkdir()
+    args = {"flamingo_digits.py": f":{tmp_path / 'lm'},{tmp_path / 'vision'}", "pali_digits.py": f":{tmp_path / 'vision'}"}
+    checked = set()
     for name in os.listdir(os.path.join(ROOT, "configs")):
         if name.endswith(".py"):
-            c = config_lib.load_config_file(os.path.join(ROOT, "configs", name))
+            c = config_lib.load_config_file(os.path.join(ROOT, "configs", name) + args.get(name, ""))
             preflight.check(c, num_devices=8)
+            checked.add(name)
+    assert set(args) <= checked
+
+
+def test_init_from_workdirs_that_do_not_exist_are_named_unless_nothing_is_loaded(tmp_path):
+    c = config_lib.load_config_file(os.path.join(ROOT, "configs", "flamingo_digits.py")
+                                    + f":{tmp_path / 'no_lm'},{tmp_path / 'no_vision'}")
+    with pytest.raises(ConfigError) as e:
+        preflight.check(c, num_devices=8)
+    assert [p.split(":")[0] for p in e.value.problems] == ["init_from.path", "init_from.more[0].path"]
+    assert "no_lm" in e.value.problems[0] and "no_vision" in e.value.problems[1]
+    preflight.check(c, num_devices=8, reads_init_from=False)  # what `mmjax compile` asks: shapes, no weights
 
 
 def test_overrides_are_typed():

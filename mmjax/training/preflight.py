@@ -23,11 +23,14 @@ from mmjax.training import finetune
 from mmjax.training.state import build_task_model
 
 
-def check(config, num_devices: int, process_count: int = 1) -> tuple[int, ...]:
+def check(config, num_devices: int, process_count: int = 1, reads_init_from: bool = True) -> tuple[int, ...]:
     """`mmjax.tasks.validate` (the config's and the task's own checks), then the checks that need files. Raises
-    one ConfigError listing every problem, each naming its key. Returns the resolved mesh shape."""
+    one ConfigError listing every problem, each naming its key. Returns the resolved mesh shape.
+
+    reads_init_from=False (`mmjax compile`, which builds shapes and loads no weights): the `init_from` workdirs
+    need not exist yet, e.g. a Flamingo config compiled before its language model is trained."""
     problems, mesh_shape = [], None
-    unreachable = storage_problems(config)
+    unreachable = storage_problems(config, init_from=reads_init_from)
     if unreachable:  # the file checks below would only repeat these
         raise StorageError("; ".join(unreachable))
     try:
@@ -35,7 +38,7 @@ def check(config, num_devices: int, process_count: int = 1) -> tuple[int, ...]:
     except ConfigError as e:
         problems += e.problems
     problems += _tokenizer_problems(config.model.text) + _data_problems(config) + _audio_rate_problems(config)
-    problems += _init_from_problems(config)
+    problems += _init_from_problems(config) if reads_init_from else []
     if not problems and (config.finetune.mode != "none" or config.optim.freeze_rules):
         try:
             problems += trainable_problems(config)
@@ -46,14 +49,15 @@ def check(config, num_devices: int, process_count: int = 1) -> tuple[int, ...]:
     return mesh_shape
 
 
-def storage_problems(config, workdir: str = "") -> list[str]:
+def storage_problems(config, workdir: str = "", init_from: bool = True) -> list[str]:
     """One line for each bucket the run would read or write that cannot be reached (no such bucket, no
-    credentials, no network): the workdir, data.data_dir, the tokenizer file and init_from.path."""
+    credentials, no network): the workdir, data.data_dir, the tokenizer file and (`init_from`) init_from's paths."""
     paths = {"workdir": workdir, "data.data_dir": config.data.data_dir,
-             "model.text.tokenizer_path": config.model.text.get("tokenizer_path", ""),
-             "init_from.path": config.init_from.path,
-             **{f"init_from.more[{i}].path": dict(m).get("path", "")
-                for i, m in enumerate(config.init_from.get("more", ()))}}
+             "model.text.tokenizer_path": config.model.text.get("tokenizer_path", "")}
+    if init_from:
+        paths.update({"init_from.path": config.init_from.path,
+                      **{f"init_from.more[{i}].path": dict(m).get("path", "")
+                         for i, m in enumerate(config.init_from.get("more", ()))}})
     problems = []
     for key, path in paths.items():
         try:
