@@ -53,11 +53,8 @@ def storage_problems(config, workdir: str = "", init_from: bool = True) -> list[
     """One line for each bucket the run would read or write that cannot be reached (no such bucket, no
     credentials, no network): the workdir, data.data_dir, the tokenizer file and (`init_from`) init_from's paths."""
     paths = {"workdir": workdir, "data.data_dir": config.data.data_dir,
-             "model.text.tokenizer_path": config.model.text.get("tokenizer_path", "")}
-    if init_from:
-        paths.update({"init_from.path": config.init_from.path,
-                      **{f"init_from.more[{i}].path": dict(m).get("path", "")
-                         for i, m in enumerate(config.init_from.get("more", ()))}})
+             "model.text.tokenizer_path": config.model.text.get("tokenizer_path", ""),
+             **(_init_from_paths(config) if init_from else {})}
     problems = []
     for key, path in paths.items():
         try:
@@ -80,10 +77,15 @@ def _audio_rate_problems(config) -> list[str]:
     return []
 
 
+def _init_from_paths(config) -> dict[str, str]:
+    """{config key: path} of every workdir `init_from` loads: init_from.path, then init_from.more[i].path."""
+    more = config.init_from.get("more", ())
+    return {"init_from.path": config.init_from.path,
+            **{f"init_from.more[{i}].path": dict(m).get("path", "") for i, m in enumerate(more)}}
+
+
 def _init_from_problems(config) -> list[str]:
-    keys = ["init_from.path"] + [f"init_from.more[{i}].path" for i in range(len(config.init_from.get("more", ())))]
-    paths = [config.init_from.path] + [dict(m).get("path", "") for m in config.init_from.get("more", ())]
-    return [f"{key}: {path!r} does not exist" for key, path in zip(keys, paths)
+    return [f"{key}: {path!r} does not exist" for key, path in _init_from_paths(config).items()
             if path and not storage.exists(storage.absolute(path))]
 
 
